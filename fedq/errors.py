@@ -1,0 +1,55 @@
+"""One hierarchy of typed errors.
+
+Every error carries a short machine-readable ``reason`` (a slug such as ``checksum`` or ``stale``). Workers use it
+as the ``reason`` label of the rejection metric and as the ``x-fedq-reason`` header of the dead-lettered message,
+so an operator can count and grep failures without parsing prose.
+"""
+
+from __future__ import annotations
+
+
+class FedqError(Exception):
+    """Base of every error fedq raises on purpose."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class ConfigError(FedqError):
+    """A setting or argument is invalid; the message names it and what is accepted."""
+
+    reason = "config"
+
+
+class CodecError(FedqError):
+    """A tensor cannot be encoded or a payload cannot be decoded by its codec."""
+
+    reason = "codec"
+
+
+class WireError(FedqError):
+    """A message does not follow the wire format (bad magic, version, checksum, header or sizes)."""
+
+    reason = "wire"
+
+
+class TransportError(FedqError):
+    """The broker refused, returned or lost a message, or the connection could not be (re)established."""
+
+    reason = "transport"
+
+
+class StreamError(FedqError):
+    """A container stream is inconsistent or incomplete (missing chunks, manifest mismatch, timeout)."""
+
+    reason = "stream"
+
+
+class RejectedUpdate(FedqError):
+    """The aggregator refuses an update: stale, unauthorised, unknown tensor, wrong shape, norm out of bounds."""
+
+    reason = "rejected"

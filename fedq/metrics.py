@@ -1,0 +1,105 @@
+"""Every Prometheus metric fedq exports, in one place.
+
+Names follow Prometheus conventions (``fedq_`` prefix, base units, ``_total`` for counters). Labels are bounded:
+role, codec, reason, queue, shard, client name (one per enrolled client) - never update ids or tensor names.
+Workers serve them with ``serve(port)``; port 0 means off.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+ROLES = ("client", "aggregator", "demo", "bench")
+
+# Bandwidth and compression -------------------------------------------------------------------------------------
+WIRE_BYTES = Counter("fedq_wire_bytes", "Bytes of fedq messages on the wire.", ["role", "direction", "codec"])
+FP32_BYTES = Counter(
+    "fedq_fp32_equivalent_bytes",
+    "Bytes the same tensors would take as raw float32 (the uncompressed reference).",
+    ["role", "direction", "codec"],
+)
+COMPRESSION_RATIO = Gauge(
+    "fedq_compression_ratio", "fp32-equivalent bytes / wire bytes of the last update or model sent.", ["role", "codec"]
+)
+
+# Messages ------------------------------------------------------------------------------------------------------
+CHUNKS = Counter("fedq_chunks", "Chunk messages by what happened to them.", ["role", "event"])
+# event: published | confirmed | received | folded | duplicate | staged
+UPDATES = Counter("fedq_updates", "Updates by what happened to them.", ["role", "event"])
+# event: published | committed | folded | dropped_incomplete
+REJECTED = Counter("fedq_rejected", "Messages or updates refused, by reason.", ["role", "reason"])
+DEAD_LETTERED = Counter("fedq_dead_lettered", "Messages moved to the dead-letter exchange.", ["role", "reason"])
+
+# Flow control --------------------------------------------------------------------------------------------------
+CONFIRM_LATENCY = Histogram(
+    "fedq_publish_confirm_seconds",
+    "Time from publish to broker confirm.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BLOCKED_SECONDS = Counter(
+    "fedq_publisher_blocked_seconds", "Time publishers spent waiting, by cause.", ["cause"]
+)  # cause: window_full | queue_full | broker_alarm
+BROKER_BLOCKED = Counter("fedq_broker_blocked", "connection.blocked notifications received (broker alarms).")
+IN_FLIGHT = Gauge("fedq_publish_in_flight_messages", "Published messages awaiting a confirm.")
+PREFETCH_IN_USE = Gauge("fedq_consumer_unacked_messages", "Deliveries held and not yet acknowledged.", ["queue"])
+RECONNECTS = Counter("fedq_reconnects", "Broker connections re-established after a loss.", ["role"])
+
+# Aggregation ---------------------------------------------------------------------------------------------------
+FOLDED_PARAMS = Counter("fedq_folded_parameters", "Parameters decoded and folded into the accumulator.", ["device"])
+FOLD_SECONDS = Counter("fedq_fold_seconds", "Time spent decoding and folding chunks.", ["device"])
+MODEL_VERSION = Gauge("fedq_model_version", "Current global model version.", ["shard"])
+MODEL_VERSION_TIME = Gauge("fedq_model_version_timestamp_seconds", "Unix time the current version was made.", ["shard"])
+UPDATES_PER_VERSION = Gauge("fedq_updates_per_version", "Updates folded into the last version step.", ["shard"])
+VERSION_SECONDS = Histogram(
+    "fedq_version_duration_seconds",
+    "Time between consecutive model versions.",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+STALENESS = Histogram(
+    "fedq_update_staleness_versions", "Staleness (versions) of folded updates.", buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+)
+STAGED_BYTES = Gauge("fedq_staged_bytes", "Bytes of committed-pending update chunks staged (memory + disk).", ["where"])
+
+# Processes -----------------------------------------------------------------------------------------------------
+PEAK_RSS = Gauge("fedq_process_peak_rss_bytes", "Peak resident set size of this process.", ["role"])
+MEMORY_BUDGET = Gauge("fedq_process_memory_budget_bytes", "Memory budget this process was given (0 = none).", ["role"])
+PEAK_GPU = Gauge("fedq_process_peak_gpu_bytes", "Peak CUDA memory allocated by this process.", ["role"])
+
+# Clients -------------------------------------------------------------------------------------------------------
+CLIENT_METRIC = Gauge("fedq_client_metric", "Training metrics clients report with their updates.", ["client", "metric"])
+CLIENT_LAST_UPDATE = Gauge("fedq_client_last_update_timestamp_seconds", "When a client's last update was folded.", ["client"])
+VALIDATION_LOSS = Gauge("fedq_validation_loss", "Validation loss of the global model (demo).", ["role"])
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def current_rss_bytes() -> int:
+    """This process's current RSS, read from /proc (0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return 0
+    return pages * resource.getpagesize()
+
+
+def record_process(role: str) -> None:
+    """Refresh the process gauges (peak RSS, peak GPU memory where CUDA is present)."""
+    PEAK_RSS.labels(role).set(peak_rss_bytes())
+    import torch
+
+    if torch.cuda.is_available():
+        PEAK_GPU.labels(role).set(torch.cuda.max_memory_allocated())
+
+
+def serve(port: int) -> None:
+    """Serve /metrics on ``port`` (0 = off)."""
+    if port:
+        start_http_server(port)

@@ -1,0 +1,83 @@
+"""The transport interface: opaque bytes with headers, published with confirms and consumed with acks.
+
+The rest of fedq depends on this interface only; ``rabbitmq.py`` (pika) and ``memory.py`` (an in-process double with
+the same ack / dead-letter semantics, for unit tests of other layers) implement it. The transport knows nothing of
+tensors or of the wire format.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+REASON_HEADER = "x-fedq-reason"
+DETAIL_HEADER = "x-fedq-detail"
+QUEUE_HEADER = "x-fedq-queue"
+
+
+@dataclass
+class Delivery:
+    """One message handed to a consumer; ``ack`` or ``dead_letter`` it exactly once when its work is done."""
+
+    queue: str
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    routing_key: str = ""
+    user_id: str | None = None
+    redelivered: bool = False
+    tag: Any = None  # opaque to callers: (connection generation, delivery tag) for RabbitMQ
+
+
+class Transport(abc.ABC):
+    """A connection to the broker as the rest of fedq sees it."""
+
+    @abc.abstractmethod
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        persistent: bool = True,
+    ) -> None:
+        """Queue a message for publishing; block while the in-flight window (messages, bytes) is full.
+
+        Returns once the message is inside the window, not when it is confirmed. Failures of earlier messages
+        (broker nack after the retries, unroutable message returned) are raised here or by ``flush``.
+        """
+
+    @abc.abstractmethod
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every published message is confirmed; raise ``TransportError`` on failure or timeout."""
+
+    @abc.abstractmethod
+    def consume(self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None) -> str:
+        """Start consuming ``queue`` with at most ``prefetch`` unacknowledged deliveries; return a consumer tag."""
+
+    @abc.abstractmethod
+    def cancel(self, consumer_tag: str) -> None:
+        """Stop a consumer started by ``consume``; its unacknowledged deliveries return to the queue."""
+
+    @abc.abstractmethod
+    def get(self, timeout: float | None = None) -> Delivery | None:
+        """Next delivery from any consumer, or None after ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
+        """Acknowledge a delivery (and, with ``multiple``, every earlier one of the same consumer channel)."""
+
+    @abc.abstractmethod
+    def dead_letter(self, delivery: Delivery, reason: str, detail: str = "") -> None:
+        """Move a delivery to the dead-letter exchange with ``reason`` and ``detail`` headers, then drop it."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush what is in flight and close the connection."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
