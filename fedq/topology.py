@@ -1,17 +1,30 @@
 """Exchange and queue names, and the arguments every fedq queue is declared with.
 
-One function (``definitions``) describes the topology; ``fedq broker apply`` sends it to the broker's management
-API, ``broker_config/definitions.json`` is generated from it, and workers declare exactly the same at start-up, so a
-broker set up either way works. A ``namespace`` prefixes every name so tests (and several federations) can share a
-broker without seeing each other.
+One function (``definitions``) describes the topology; ``fedq broker apply`` sends it to the broker's
+management API, ``broker_config/definitions.json`` is generated from it, and workers declare exactly the same
+at start-up, so a broker set up either way works. A ``namespace`` prefixes every name so tests (and several
+federations) can share a broker without seeing each other.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
+
+from fedq.errors import ConfigError
 
 DEFAULT_NAMESPACE = "fedq"
 DEFAULT_CHUNK_BYTES = 4 << 20
+# An update queue this full makes publishers wait (reject-publish): it bounds broker memory and disk.
+DEFAULT_MAX_QUEUE_BYTES = 512 << 20
+# A few versions of a 1 B-parameter model in a 4-bit codec; a client older than that reads a newer one.
+DEFAULT_MODELS_RETENTION_BYTES = 4 << 30
+VERSIONS_RETENTION_BYTES = 16 << 20
+# Streams are trimmed a whole segment at a time, so segments are kept small relative to the retention.
+MODELS_SEGMENT_BYTES = 64 << 20
+VERSIONS_SEGMENT_BYTES = 1 << 20
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True)
@@ -65,3 +78,109 @@ def versions_names(names: Names) -> tuple[str, str]:
     where its chunks begin) without scanning the large models stream.
     """
     return f"{names.namespace}.versions", f"{names.namespace}.versions"
+
+
+def namespace_of(queue: str) -> str:
+    """The namespace of a fedq queue: the transport finds ``{ns}.dlx`` for any queue it reads with it."""
+    match = re.match(r"^(.+)\.(updates\.shard\.\d+|control\.shard\.\d+|models|versions|dead-letter)$", queue)
+    if match is None:
+        raise ConfigError(f"{queue!r} is not a fedq queue name", reason="queue_name")
+    return match.group(1)
+
+
+def definitions(
+    names: Names,
+    shards: int,
+    *,
+    quorum: bool = False,
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+    models_retention_bytes: int = DEFAULT_MODELS_RETENTION_BYTES,
+    vhost: str = "/",
+) -> dict[str, Any]:
+    """The whole topology in RabbitMQ's definitions.json format (what ``POST /api/definitions`` accepts).
+
+    ``quorum`` makes the update, control and dead-letter queues quorum queues (replicated; for clusters);
+    streams are replicated anyway. Every queue names its type explicitly so that a declaration and an import
+    compare equal.
+    """
+    if shards < 1:
+        raise ConfigError(f"shards must be >= 1, got {shards}", reason="shards")
+    if not _NAMESPACE_RE.match(names.namespace):
+        raise ConfigError(
+            f"namespace must match {_NAMESPACE_RE.pattern}, got {names.namespace!r}", reason="namespace"
+        )
+    queue_type = "quorum" if quorum else "classic"
+    dlx = names.dead_letter_exchange
+    versions_exchange, versions_stream = versions_names(names)
+    exchanges = [
+        _exchange(names.updates_exchange, "direct", vhost),
+        _exchange(names.control_exchange, "direct", vhost),
+        _exchange(names.models_exchange, "fanout", vhost),
+        _exchange(versions_exchange, "fanout", vhost),
+        _exchange(dlx, "fanout", vhost),
+    ]
+    bounded = {
+        "x-queue-type": queue_type,
+        "x-max-length-bytes": max_queue_bytes,
+        "x-overflow": "reject-publish",
+        "x-dead-letter-exchange": dlx,
+    }
+    queues = []
+    bindings = []
+    for shard in range(shards):
+        queues.append(_queue(names.updates_queue(shard), bounded, vhost))
+        bindings.append(
+            _binding(names.updates_exchange, names.updates_queue(shard), names.shard_key(shard), vhost)
+        )
+        queues.append(
+            _queue(
+                names.control_queue(shard), {"x-queue-type": queue_type, "x-dead-letter-exchange": dlx}, vhost
+            )
+        )
+        bindings.append(
+            _binding(names.control_exchange, names.control_queue(shard), names.shard_key(shard), vhost)
+        )
+    queues.append(_queue(names.models_stream, _stream(models_retention_bytes, MODELS_SEGMENT_BYTES), vhost))
+    bindings.append(_binding(names.models_exchange, names.models_stream, "", vhost))
+    queues.append(_queue(versions_stream, _stream(VERSIONS_RETENTION_BYTES, VERSIONS_SEGMENT_BYTES), vhost))
+    bindings.append(_binding(versions_exchange, versions_stream, "", vhost))
+    # The dead-letter queue drops its oldest entries when full: a flood of bad messages must not stop it.
+    dead = {"x-queue-type": queue_type, "x-max-length-bytes": max_queue_bytes}
+    queues.append(_queue(names.dead_letter_queue, dead, vhost))
+    bindings.append(_binding(dlx, names.dead_letter_queue, "", vhost))
+    return {"vhosts": [{"name": vhost}], "exchanges": exchanges, "queues": queues, "bindings": bindings}
+
+
+def _exchange(name: str, kind: str, vhost: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "vhost": vhost,
+        "type": kind,
+        "durable": True,
+        "auto_delete": False,
+        "internal": False,
+        "arguments": {},
+    }
+
+
+def _queue(name: str, arguments: dict[str, Any], vhost: str) -> dict[str, Any]:
+    return {"name": name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(arguments)}
+
+
+def _stream(max_bytes: int, segment_bytes: int) -> dict[str, Any]:
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": max_bytes,
+        "x-stream-max-segment-size-bytes": segment_bytes,
+    }
+
+
+def _binding(source: str, queue: str, routing_key: str, vhost: str) -> dict[str, Any]:
+    return {
+        "source": source,
+        "vhost": vhost,
+        "destination": queue,
+        "destination_type": "queue",
+        "routing_key": routing_key,
+        "arguments": {},
+    }

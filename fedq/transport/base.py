@@ -1,15 +1,18 @@
 """The transport interface: opaque bytes with headers, published with confirms and consumed with acks.
 
-The rest of fedq depends on this interface only; ``rabbitmq.py`` (pika) and ``memory.py`` (an in-process double with
-the same ack / dead-letter semantics, for unit tests of other layers) implement it. The transport knows nothing of
-tensors or of the wire format.
+The rest of fedq depends on this interface only; ``rabbitmq.py`` (pika) and ``memory.py`` (an in-process
+double with the same ack / dead-letter semantics, for unit tests of other layers) implement it. The transport
+knows nothing of tensors or of the wire format.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedq.topology import Names
 
 REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
@@ -54,7 +57,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def consume(self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None) -> str:
-        """Start consuming ``queue`` with at most ``prefetch`` unacknowledged deliveries; return a consumer tag."""
+        """Start consuming ``queue`` with at most ``prefetch`` unacknowledged deliveries; return its tag."""
 
     @abc.abstractmethod
     def cancel(self, consumer_tag: str) -> None:
@@ -70,7 +73,14 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def dead_letter(self, delivery: Delivery, reason: str, detail: str = "") -> None:
-        """Move a delivery to the dead-letter exchange with ``reason`` and ``detail`` headers, then drop it."""
+        """Move a delivery to the dead-letter exchange with ``reason``/``detail`` headers, then drop it."""
+
+    @abc.abstractmethod
+    def declare(self, names: Names, shards: int, *, quorum: bool = False) -> None:
+        """Declare the federation's exchanges, queues and bindings exactly as ``topology.definitions`` lists.
+
+        Idempotent; declaring with different arguments than an existing queue has is a ``TransportError``.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:

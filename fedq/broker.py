@@ -1,0 +1,212 @@
+"""Operations on a running broker through its management HTTP API: apply the topology, enrol and revoke
+clients.
+
+AMQP cannot create users or set permissions, and applying definitions over HTTP lets an operator set a broker
+up without running a worker; the standard library's urllib is enough, so no dependency is added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from fedq.errors import TransportError
+from fedq.topology import DEFAULT_NAMESPACE, Names, definitions
+from fedq.transport import default_url
+
+MANAGEMENT_PORT = 15672
+_VHOST_OBJECTS = ("exchanges", "queues", "bindings")
+
+
+def management_url_for(amqp_url: str) -> str:
+    """The management API of the broker an AMQP URL points at: same host and credentials, port 15672."""
+    parts = urlsplit(amqp_url)
+    scheme = "https" if parts.scheme == "amqps" else "http"
+    user = parts.username or "guest"
+    password = parts.password or "guest"
+    host = parts.hostname or "127.0.0.1"
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{MANAGEMENT_PORT}"
+
+
+def vhost_of(amqp_url: str) -> str:
+    """The vhost of an AMQP URL (its path, percent-decoded; empty means "/")."""
+    path = urlsplit(amqp_url).path.lstrip("/")
+    return unquote(path) or "/"
+
+
+class Management:
+    """A small client of the RabbitMQ management API; errors are ``TransportError`` with the HTTP status."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        self.base = f"{parts.scheme}://{parts.hostname}:{parts.port or MANAGEMENT_PORT}/api"
+        credentials = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
+        self._auth = "Basic " + b64encode(credentials.encode()).decode()
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Authorization", self._auth)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise TransportError(
+                f"{method} {path}: HTTP {exc.code} {detail}", reason=f"http_{exc.code}"
+            ) from exc
+        except OSError as exc:
+            raise TransportError(f"{method} {path}: {exc}", reason="management_unreachable") from exc
+        return json.loads(payload) if payload else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, body)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def q(name: str) -> str:
+    """A name as one path segment of the management API (vhost "/" is "%2F")."""
+    return quote(name, safe="")
+
+
+def apply(management: Management, spec: dict[str, Any]) -> None:
+    """Import definitions (``topology.definitions``); existing objects with the same arguments are kept.
+
+    The import is scoped to the vhost, which is created only when missing: importing an existing vhost would
+    reset its description and tags, and the vhost may be shared.
+    """
+    for vhost in spec["vhosts"]:
+        try:
+            management.get(f"/vhosts/{q(vhost['name'])}")
+        except TransportError as exc:
+            if exc.reason != "http_404":
+                raise
+            management.put(f"/vhosts/{q(vhost['name'])}", {})
+        objects = {kind: [o for o in spec[kind] if o["vhost"] == vhost["name"]] for kind in _VHOST_OBJECTS}
+        management.post(f"/definitions/{q(vhost['name'])}", objects)
+
+
+def client_permissions(namespace: str) -> dict[str, str]:
+    """Least privilege for a client: publish updates, read the model streams, declare or delete nothing."""
+    ns = re.escape(namespace)
+    return {"configure": "^$", "write": f"^{ns}\\.updates$", "read": f"^{ns}\\.(models|versions)$"}
+
+
+def add_client(management: Management, name: str, password: str, *, namespace: str, vhost: str = "/") -> None:
+    """Create (or reset) a client's broker user with ``client_permissions`` on ``vhost``."""
+    management.put(f"/users/{q(name)}", {"password": password, "tags": ""})
+    management.put(f"/permissions/{q(vhost)}/{q(name)}", client_permissions(namespace))
+
+
+def remove_client(management: Management, name: str) -> int:
+    """Delete a client's user and close its open connections (a deleted user's live connection would stay up).
+
+    Returns how many connections were closed.
+    """
+    management.delete(f"/users/{q(name)}")
+    closed = 0
+    for connection in management.get("/connections?columns=name,user"):
+        if connection.get("user") == name:
+            try:
+                management.delete(f"/connections/{q(connection['name'])}")
+                closed += 1
+            except TransportError as exc:
+                if exc.reason != "http_404":
+                    raise
+    return closed
+
+
+# CLI hooks (fedq/cli.py finds them by name) ----------------------------------------------------------------
+def _add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--amqp-url", default=default_url(), help="broker URL (FEDQ_AMQP_URL)")
+    parser.add_argument(
+        "--management-url",
+        default=None,
+        help="management API URL with credentials (default: the AMQP URL's host and user, port 15672)",
+    )
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue name"
+    )
+
+
+def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=int, default=1, help="number of aggregator shards (update queues)")
+    parser.add_argument("--quorum", action="store_true", help="quorum queues for updates/control (clusters)")
+
+
+def _management(args: argparse.Namespace) -> Management:
+    return Management(args.management_url or management_url_for(args.amqp_url))
+
+
+def _definitions(args: argparse.Namespace) -> dict[str, Any]:
+    return definitions(Names(args.namespace), args.shards, quorum=args.quorum, vhost=vhost_of(args.amqp_url))
+
+
+def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_broker_arguments(parser)
+    _add_topology_arguments(parser)
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    apply(_management(args), _definitions(args))
+    print(f"applied the {args.namespace} topology ({args.shards} shards)")
+    return 0
+
+
+def add_definitions_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--amqp-url", default=default_url(), help="broker URL; its vhost is used (FEDQ_AMQP_URL)"
+    )
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue name"
+    )
+    _add_topology_arguments(parser)
+
+
+def run_definitions(args: argparse.Namespace) -> int:
+    print(json.dumps(_definitions(args), indent=2))
+    return 0
+
+
+def add_add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the client's broker user name (updates are attributed to it)")
+    parser.add_argument("--password", default=None, help="password to set (default: a random one, printed)")
+    _add_broker_arguments(parser)
+
+
+def run_add_client(args: argparse.Namespace) -> int:
+    password = args.password or secrets.token_urlsafe(24)
+    vhost = vhost_of(args.amqp_url)
+    add_client(_management(args), args.name, password, namespace=args.namespace, vhost=vhost)
+    parts = urlsplit(args.amqp_url)
+    netloc = f"{q(args.name)}:{q(password)}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    print(urlunsplit((parts.scheme, netloc, "/" + q(vhost), "", "")))
+    return 0
+
+
+def add_remove_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the client's broker user name")
+    _add_broker_arguments(parser)
+
+
+def run_remove_client(args: argparse.Namespace) -> int:
+    closed = remove_client(_management(args), args.name)
+    print(f"removed {args.name} ({closed} open connections closed)")
+    return 0

@@ -1,0 +1,342 @@
+"""The drop-in client API: an existing training loop joins a federation with three calls.
+
+    client = Client("alice", codec="nf4")                 # connect
+    for _ in range(rounds):
+        round = client.receive(model)                     # newest global version -> the model, in place
+        train(model, steps=round.config.get("local_steps", 50))   # the user's own loop and optimizer
+        client.send(model, num_samples=n, metrics={"loss": loss})
+
+``receive`` reads the ``{ns}.versions`` stream from its last entry to learn the newest version, then reads that
+version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the announcement's
+timestamp, and copies each decoded chunk straight into the model's tensors. It keeps a copy of what it loaded:
+``send`` then sends the difference to it (the default), or the full tensors with ``full=True``.
+
+``send`` streams: each shard's tensors go as one container to that shard's queue, and every chunk is sliced,
+(error-feedback compensated,) encoded and published only when the transport has room, so the serialized update
+never exists in memory as a whole. Deltas are computed a tensor at a time, when the chunker reaches them.
+
+Error feedback (on by default for codecs below 16 bits) adds what quantization dropped from a chunk to the same
+chunk of the next update, so nothing is lost for good, only delayed; its residuals live in the ``Client`` and carry
+across rounds. ``trainable_only`` (a constructor option, since it also bounds what ``receive`` keeps as the delta
+base) sends only tensors that require gradients: the frozen base of a LoRA model never travels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedq import metrics, wire
+from fedq.codecs import Codec, ErrorFeedback, choose_codec, get_codec
+from fedq.errors import ConfigError, StreamError, WireError
+from fedq.streaming import Assembler, CodecFor, TensorEntry, send_container, shard_of
+from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
+from fedq.transport import Delivery, Transport, connect
+
+ROLE = "client"
+DEFAULT_TIMEOUT = 300.0
+Model = nn.Module | MutableMapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Round:
+    """What ``receive`` loaded: the version, and the settings the server sends with it."""
+
+    version: int
+    config: dict[str, Any]  # operator settings for clients, e.g. {"local_steps": 50}
+    strategy: dict[str, Any]  # the aggregation strategy's parameters
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one ``send`` put on the wire."""
+
+    update_id: str
+    base_version: int
+    tensors: int
+    chunks: int
+    wire_bytes: int
+    fp32_bytes: int
+
+
+def codec_policy(requested: str) -> CodecFor:
+    """Each tensor's codec: the requested one, except where the codec policy keeps a tiny tensor in fp32."""
+    get_codec(requested)  # an unknown name fails here, not at the first send
+
+    def codec_for(name: str, tensor: torch.Tensor) -> Codec:
+        return choose_codec(name, tuple(tensor.shape), requested)
+
+    return codec_for
+
+
+def default_error_feedback(codec: str) -> bool:
+    """On for codecs below 16 bits per element: their rounding error is large enough to bias training."""
+    n = 1 << 16
+    return get_codec(codec).payload_nbytes(n) * 8 / n < 16
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A mapping whose values are computed when read, so an update is materialised one tensor at a time."""
+
+    def __init__(self, names: list[str], compute: Callable[[str], torch.Tensor]) -> None:
+        self._names = names
+        self._compute = compute
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def delta(local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> LazyTensors:
+    """local - base per tensor, in float32 (a bf16 difference would round small updates away)."""
+    return LazyTensors(list(local), lambda name: local[name].detach().float() - base[name].float())
+
+
+def tensors_of(model: Model, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The floating-point tensors of a module (its state dict) or of a plain state dict, optionally trainable only.
+
+    Integer buffers cannot travel (the wire carries float tensors) and are never averaged.
+    """
+    if isinstance(model, nn.Module):
+        state = model.state_dict(keep_vars=True)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    else:
+        state = dict(model)
+        trainable = {name for name, t in state.items() if t.requires_grad}
+    return {
+        name: t.detach()
+        for name, t in state.items()
+        if t.is_floating_point() and (not trainable_only or name in trainable)
+    }
+
+
+class Client:
+    """One federation member; see the module docstring for the loop it fits into."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        amqp_url: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        codec: str = "nf4",
+        error_feedback: bool | None = None,
+        trainable_only: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        transport: Transport | None = None,
+    ) -> None:
+        self.name = name
+        self.names = Names(namespace)
+        self.codec = codec
+        self.codec_for = codec_policy(codec)
+        use_feedback = default_error_feedback(codec) if error_feedback is None else error_feedback
+        self.feedback: ErrorFeedback | None = ErrorFeedback() if use_feedback else None
+        self.trainable_only = trainable_only
+        self.chunk_bytes = chunk_bytes
+        self.transport = transport if transport is not None else connect(amqp_url)
+        self.version = -1
+        self.wire_bytes = 0  # sent so far, every message counted
+        self.fp32_bytes = 0
+        self._base: dict[str, torch.Tensor] = {}
+        self._assignment: dict[str, int] = {}
+        self._shards = 1
+        metrics.record_process(ROLE)
+
+    # receiving -------------------------------------------------------------------------------------------------
+    def receive(self, model: Model, *, timeout: float = DEFAULT_TIMEOUT) -> Round:
+        """Wait for a version newer than the last one received, load it into ``model`` in place, return it.
+
+        A plain state dict gains entries for tensors it lacks; a module must have every tensor of the model.
+        """
+        deadline = time.monotonic() + timeout
+        announcement = self._newest_announcement(deadline)
+        version = int(announcement["version"])
+        shards = int(announcement["shards"])
+        self._load(model, version, shards, float(announcement["models_from"]), deadline)
+        sizes = {str(name): 4 * math.prod(shape) for name, shape in announcement["tensors"]}
+        self._assignment = shard_of(sizes, shards)
+        self._shards = shards
+        self._base = {name: t.clone() for name, t in tensors_of(model, self.trainable_only).items()}
+        self.version = version
+        return Round(
+            version, dict(announcement.get("config") or {}), dict(announcement.get("strategy") or {})
+        )
+
+    def _newest_announcement(self, deadline: float) -> dict[str, Any]:
+        """The newest announcement, waiting for one newer than ``self.version``."""
+        _, stream = versions_names(self.names)
+        tag = self.transport.consume(stream, prefetch=64, arguments={"x-stream-offset": "last"})
+        newest: dict[str, Any] | None = None
+        try:
+            while True:
+                # once something newer is in hand, a short quiet spell means the stream's tail has been read
+                wait = 0.2 if newest is not None else max(0.0, min(1.0, deadline - time.monotonic()))
+                delivery = self._get(stream, wait)
+                if delivery is None:
+                    if newest is not None:
+                        return newest
+                    if time.monotonic() >= deadline:
+                        raise StreamError(
+                            f"no model version newer than {self.version} announced on {stream}",
+                            reason="timeout",
+                        )
+                    continue
+                self.transport.ack(delivery)
+                meta = _announcement(delivery)
+                if meta["version"] > self.version and (newest is None or meta["version"] > newest["version"]):
+                    newest = meta
+        finally:
+            self.transport.cancel(tag)
+
+    def _load(self, model: Model, version: int, shards: int, models_from: float, deadline: float) -> None:
+        """Copy every chunk of version ``version`` into the model's tensors as it arrives."""
+        targets = model.state_dict() if isinstance(model, nn.Module) else model
+        may_add = not isinstance(model, nn.Module)
+        wanted = {f"model/v{version}/s{shard}" for shard in range(shards)}
+        # stream timestamps have a resolution of one second; earlier messages are skipped by their stream id
+        start = datetime.datetime.fromtimestamp(math.floor(models_from) - 1, tz=datetime.timezone.utc)
+        queue = self.names.models_stream
+        tag = self.transport.consume(queue, prefetch=16, arguments={"x-stream-offset": start})
+        assembler = Assembler(role=ROLE)
+        try:
+            while not all(assembler.complete(s) for s in wanted):
+                delivery = self._get(queue, max(0.0, min(1.0, deadline - time.monotonic())))
+                if delivery is None:
+                    if time.monotonic() >= deadline:
+                        missing = sorted(s for s in wanted if not assembler.complete(s))
+                        raise StreamError(f"version {version} incomplete: {missing}", reason="timeout")
+                    continue
+                msg = wire.decode(delivery.body)
+                if msg.stream in wanted:
+                    for chunk in assembler.add(msg):
+                        _copy_into(targets, may_add, chunk.entry, chunk.offset, chunk.values)
+                self.transport.ack(delivery)
+        finally:
+            self.transport.cancel(tag)
+
+    def _get(self, queue: str, timeout: float) -> Delivery | None:
+        """The next delivery of ``queue``; deliveries of a consumer cancelled earlier are acked and skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            delivery = self.transport.get(timeout=max(0.0, deadline - time.monotonic()))
+            if delivery is None or delivery.queue == queue:
+                return delivery
+            self.transport.ack(delivery)
+
+    # sending ---------------------------------------------------------------------------------------------------
+    def send(
+        self,
+        model: Model,
+        *,
+        num_samples: int,
+        metrics: Mapping[str, float] | None = None,
+        full: bool = False,
+    ) -> Sent:
+        """Send the update (delta vs the received version, or ``full`` tensors) weighted by ``num_samples``.
+
+        ``metrics`` (numbers, e.g. the local loss) travel in the manifest; the client's peak RSS is added.
+        """
+        if self.version < 0:
+            raise ConfigError("send() needs a version: call receive() first")
+        local = tensors_of(model, self.trainable_only)
+        if unknown := sorted(set(local) - set(self._assignment)):
+            raise ConfigError(f"tensors the global model does not have: {unknown[:5]}")
+        tensors = local if full else delta(local, self._base)
+        update_id = uuid.uuid4().hex
+        meta = {
+            "update_id": update_id,
+            "client": self.name,
+            "base_version": self.version,
+            "kind": "full" if full else "delta",
+            "num_samples": int(num_samples),
+            "metrics": {**{k: float(v) for k, v in (metrics or {}).items()}, "peak_rss_bytes": _peak_rss()},
+        }
+        wire_bytes = fp32_bytes = chunks = 0
+        for shard in range(self._shards):
+            names = [name for name in tensors if self._assignment[name] == shard]
+            stats = send_container(
+                self.transport,
+                self.names.updates_exchange,
+                self.names.shard_key(shard),
+                LazyTensors(names, tensors.__getitem__),
+                stream=f"{self.name}/{update_id}/s{shard}",
+                meta=meta,
+                codec_for=self.codec_for,
+                chunk_bytes=self.chunk_bytes,
+                feedback=self.feedback,
+                role=ROLE,
+            )
+            wire_bytes += stats.wire_bytes
+            fp32_bytes += stats.fp32_bytes
+            chunks += stats.chunks
+        self.wire_bytes += wire_bytes
+        self.fp32_bytes += fp32_bytes
+        return Sent(update_id, self.version, len(tensors), chunks, wire_bytes, fp32_bytes)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _announcement(delivery: Delivery) -> dict[str, Any]:
+    """A version announcement's meta, checked for the fields a client relies on."""
+    try:
+        msg = wire.decode(delivery.body)
+    except WireError as exc:
+        raise StreamError(f"unreadable version announcement: {exc}", reason="bad_announcement") from None
+    meta = msg.meta
+    ok = (
+        isinstance(meta.get("version"), int)
+        and isinstance(meta.get("shards"), int)
+        and meta["shards"] >= 1
+        and isinstance(meta.get("models_from"), int | float)
+        and isinstance(meta.get("tensors"), list)
+    )
+    if msg.kind != wire.MANIFEST or not ok:
+        raise StreamError(f"malformed version announcement {meta!r:.200}", reason="bad_announcement")
+    return meta
+
+
+def _copy_into(
+    targets: MutableMapping[str, torch.Tensor],
+    may_add: bool,
+    entry: TensorEntry,
+    offset: int,
+    values: torch.Tensor,
+) -> None:
+    name, shape = entry.name, entry.shape
+    target = targets.get(name)
+    if target is None:
+        if not may_add:
+            raise StreamError(f"the model has no tensor {name!r}", reason="unknown_tensor")
+        target = targets[name] = torch.zeros(shape, dtype=entry.dtype, device=values.device)
+    if tuple(target.shape) != shape:
+        raise StreamError(
+            f"{name}: the model has shape {tuple(target.shape)}, the global {shape}", reason="shape"
+        )
+    with torch.no_grad():
+        target.view(-1)[offset : offset + values.numel()].copy_(values)
+
+
+def _peak_rss() -> float:
+    return float(metrics.peak_rss_bytes())

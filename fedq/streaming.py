@@ -1,0 +1,659 @@
+"""Container streams: a mapping of tensors (a state dict, a safetensors file) <-> manifest, chunks, commit.
+
+The sender is a lazy generator: chunk k+1 is sliced and encoded only when the transport has taken chunk k, so the
+extra memory of a send is the transport's in-flight window, never a second copy of the model. The receiver accepts
+the messages of any number of streams in any order, duplicated, chunks before their manifest, and treats a stream
+as complete only with its manifest, every chunk and its commit. The message layout is in fedq/docs/wire-format.md
+(section "Streaming").
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import gc
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedq import wire
+from fedq.codecs import Codec, get_codec
+from fedq.errors import StreamError, WireError
+from fedq.metrics import CHUNKS, COMPRESSION_RATIO, FP32_BYTES, WIRE_BYTES, current_rss_bytes
+from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
+from fedq.topology import DEFAULT_CHUNK_BYTES
+from fedq.transport.base import Delivery, Transport
+
+CodecFor = Callable[[str, torch.Tensor], Codec]
+RESERVED_META = ("tensors", "chunks")
+DEFAULT_TIMEOUT = 120.0
+
+
+def fp32_everywhere(name: str, tensor: torch.Tensor) -> Codec:
+    """The lossless default: every tensor in fp32."""
+    return get_codec("fp32")
+
+
+class Feedback(Protocol):
+    """What the sender needs of error feedback: the slice to encode, given the residual it carries for it."""
+
+    def apply(self, key: str, x: torch.Tensor, codec: Codec) -> tuple[dict[str, Any], Any]: ...
+
+
+# Manifest --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a container: chunk ``first + j`` covers elements ``j*chunk_elements ..`` of it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    codec: str
+    chunks: int
+    chunk_elements: int
+    first: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def slice_of(self, index: int) -> tuple[int, int]:
+        """(offset, count) of chunk ``index`` of the stream, which must belong to this tensor."""
+        offset = (index - self.first) * self.chunk_elements
+        return offset, min(self.chunk_elements, self.numel - offset)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    stream: str
+    tensors: tuple[TensorEntry, ...]
+    chunks: int
+    meta: dict[str, Any]
+
+    def entry_for(self, index: int) -> TensorEntry:
+        return self.tensors[bisect.bisect_right([t.first for t in self.tensors], index) - 1]
+
+    def to_meta(self) -> dict[str, Any]:
+        rows = [
+            [t.name, wire.DTYPE_NAMES[t.dtype], list(t.shape), t.codec, t.chunks, t.chunk_elements]
+            for t in self.tensors
+        ]
+        return {"tensors": rows, "chunks": self.chunks, **self.meta}
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {t.name: TensorSpec(t.dtype, t.shape) for t in self.tensors}
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * sum(t.numel for t in self.tensors)
+
+    @classmethod
+    def from_message(cls, msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Manifest:
+        """Validate an untrusted manifest: every entry well typed, chunk counts consistent with the sizes."""
+        rows, total = msg.meta.get("tensors"), msg.meta.get("chunks")
+        if not isinstance(rows, list) or not isinstance(total, int):
+            raise _bad_manifest(msg.stream, "needs a list 'tensors' and an int 'chunks'")
+        entries: list[TensorEntry] = []
+        first = 0
+        for row in rows:
+            entry = _entry(msg.stream, row, first, limits)
+            entries.append(entry)
+            first += entry.chunks
+        if first != total or len({e.name for e in entries}) != len(entries):
+            raise _bad_manifest(
+                msg.stream, f"{first} chunks listed, {total} declared, or a tensor named twice"
+            )
+        meta = {k: v for k, v in msg.meta.items() if k not in RESERVED_META}
+        return cls(msg.stream, tuple(entries), total, meta)
+
+
+def _bad_manifest(stream: str, why: str) -> StreamError:
+    return StreamError(f"stream {stream}: bad manifest: {why}", reason="bad_manifest")
+
+
+def _entry(stream: str, row: Any, first: int, limits: wire.Limits) -> TensorEntry:
+    if not (isinstance(row, list) and len(row) == 6):
+        raise _bad_manifest(
+            stream, f"entry {row!r:.100} is not [name, dtype, shape, codec, chunks, chunk_elements]"
+        )
+    name, dtype, shape, codec, chunks, chunk_elements = row
+    ints = [chunks, chunk_elements, *(shape if isinstance(shape, list) else [])]
+    if (
+        not isinstance(name, str)
+        or dtype not in wire.DTYPES
+        or not isinstance(shape, list)
+        or len(shape) > limits.max_dims
+        or not isinstance(codec, str)
+        or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= limits.max_elements for i in ints
+        )
+    ):
+        raise _bad_manifest(stream, f"entry {row!r:.100} has a wrong type or an out-of-range size")
+    entry = TensorEntry(name, wire.DTYPES[dtype], tuple(shape), codec, chunks, chunk_elements, first)
+    if (
+        chunk_elements < 1
+        or entry.numel > limits.max_elements
+        or chunks != _chunk_count(entry.numel, chunk_elements)
+    ):
+        raise _bad_manifest(
+            stream, f"{name}: {chunks} chunks of {chunk_elements} do not cover {entry.numel} elements"
+        )
+    return entry
+
+
+def _chunk_count(numel: int, chunk_elements: int) -> int:
+    return max(1, -(-numel // chunk_elements))
+
+
+def chunk_elements_for(codec: Codec, chunk_bytes: int) -> int:
+    """The largest multiple of the codec's alignment whose payload fits ``chunk_bytes`` (at least one unit)."""
+    unit = codec.alignment
+    return max(1, chunk_bytes // codec.payload_nbytes(unit)) * unit
+
+
+def plan(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    stream: str,
+    meta: Mapping[str, Any],
+    codec_for: CodecFor = fp32_everywhere,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[Manifest, dict[str, Codec]]:
+    """The manifest of a container (shapes and dtypes only: no tensor data is read) and each tensor's codec."""
+    if clash := [k for k in RESERVED_META if k in meta]:
+        raise StreamError(f"meta keys {clash} are reserved for the manifest", reason="bad_manifest")
+    entries, codecs, first = [], {}, 0
+    for name, t in tensors.items():
+        codec = codec_for(name, t)
+        per_chunk = chunk_elements_for(codec, chunk_bytes)
+        dtype = wire.DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise StreamError(
+                f"{name}: {t.dtype} tensors cannot be streamed (float32/16, bfloat16)", reason="dtype"
+            )
+        entry = TensorEntry(
+            name, t.dtype, tuple(t.shape), codec.name, _chunk_count(t.numel(), per_chunk), per_chunk, first
+        )
+        entries.append(entry)
+        codecs[name] = codec
+        first += entry.chunks
+    return Manifest(stream, tuple(entries), first, dict(meta)), codecs
+
+
+# Sending ---------------------------------------------------------------------------------------------------------
+
+
+def iter_container(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    stream: str,
+    meta: Mapping[str, Any],
+    codec_for: CodecFor = fp32_everywhere,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    feedback: Feedback | None = None,
+) -> Iterator[bytes]:
+    """Manifest, then each chunk encoded only when asked for, then commit."""
+    manifest, codecs = plan(tensors, stream=stream, meta=meta, codec_for=codec_for, chunk_bytes=chunk_bytes)
+    for body, _ in _messages(tensors, manifest, codecs, feedback):
+        yield body
+
+
+def _messages(
+    tensors: Mapping[str, torch.Tensor],
+    manifest: Manifest,
+    codecs: dict[str, Codec],
+    feedback: Feedback | None,
+) -> Iterator[tuple[bytes, TensorEntry | None]]:
+    release = tensors.release if isinstance(tensors, SafetensorsReader) else None
+    yield wire.encode_control(wire.MANIFEST, manifest.stream, manifest.to_meta()), None
+    for entry in manifest.tensors:
+        flat = tensors[entry.name].reshape(-1)
+        codec = codecs[entry.name]
+        for index in range(entry.first, entry.first + entry.chunks):
+            offset, count = entry.slice_of(index)
+            piece = flat[offset : offset + count]
+            if feedback is not None:
+                piece = feedback.apply(f"{entry.name}@{offset}", piece, codec)
+            body = wire.encode_chunk(
+                stream=manifest.stream,
+                index=index,
+                name=entry.name,
+                dtype=entry.dtype,
+                shape=entry.shape,
+                offset=offset,
+                count=count,
+                codec=codec,
+                x=piece,
+            )
+            yield body, entry
+            if release is not None:  # the file pages of this slice are not needed again: keep RSS flat
+                release(entry.name, offset, count)
+    yield wire.encode_control(wire.COMMIT, manifest.stream, {"chunks": manifest.chunks}), None
+
+
+@dataclass
+class SendStats:
+    wire_bytes: int = 0
+    fp32_bytes: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+
+
+def send_container(
+    transport: Transport,
+    exchange: str,
+    routing_key: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    stream: str,
+    meta: Mapping[str, Any],
+    codec_for: CodecFor = fp32_everywhere,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    feedback: Feedback | None = None,
+    role: str = "client",
+    on_message: Callable[[int], None] | None = None,
+) -> SendStats:
+    """Publish a container and wait for every confirm; ``on_message(wire_bytes)`` can drive a progress bar."""
+    manifest, codecs = plan(tensors, stream=stream, meta=meta, codec_for=codec_for, chunk_bytes=chunk_bytes)
+    stats = SendStats(fp32_bytes=manifest.fp32_bytes)
+    start = time.perf_counter()
+    for body, entry in _messages(tensors, manifest, codecs, feedback):
+        transport.publish(exchange, routing_key, body)
+        stats.wire_bytes += len(body)
+        if entry is not None:
+            stats.chunks += 1
+            WIRE_BYTES.labels(role, "sent", entry.codec).inc(len(body))
+            CHUNKS.labels(role, "published").inc()
+        if on_message is not None:
+            on_message(len(body))
+    transport.flush()
+    stats.seconds = time.perf_counter() - start
+    for entry in manifest.tensors:
+        FP32_BYTES.labels(role, "sent", entry.codec).inc(4 * entry.numel)
+    if stats.wire_bytes:
+        COMPRESSION_RATIO.labels(role, _codec_label(manifest)).set(stats.fp32_bytes / stats.wire_bytes)
+    return stats
+
+
+def _codec_label(manifest: Manifest) -> str:
+    """The codec most of the container's elements use (tiny tensors may keep another one)."""
+    sizes: dict[str, int] = {}
+    for entry in manifest.tensors:
+        sizes[entry.codec] = sizes.get(entry.codec, 0) + entry.numel
+    return max(sizes, key=lambda c: sizes[c]) if sizes else "none"
+
+
+def shard_of(sizes: Mapping[str, int], shards: int) -> dict[str, int]:
+    """Assign tensors to shards: largest first onto the lightest shard (lowest index on ties), ties by name."""
+    if shards < 1:
+        raise StreamError(f"shards must be >= 1, got {shards}", reason="shards")
+    load = [0] * shards
+    out: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        shard = min(range(shards), key=lambda i: (load[i], i))
+        out[name] = shard
+        load[shard] += sizes[name]
+    return out
+
+
+# Receiving -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A decoded chunk: elements ``offset .. offset+count`` of tensor ``entry.name``, as float32."""
+
+    stream: str
+    index: int
+    entry: TensorEntry
+    offset: int
+    values: torch.Tensor
+
+
+@dataclass
+class _State:
+    manifest: Manifest | None = None
+    seen: set[int] = field(default_factory=set)
+    early: dict[int, wire.Message] = field(default_factory=dict)
+    commit: int | None = None
+    touched: float = field(default_factory=time.monotonic)
+
+    def missing(self) -> str:
+        if self.manifest is None:
+            return f"manifest, commit={'yes' if self.commit is not None else 'no'}"
+        return f"{self.manifest.chunks - len(self.seen)} of {self.manifest.chunks} chunks, commit={self.commit is not None}"
+
+
+class Assembler:
+    """Accepts the messages of many streams in any order; returns each new chunk decoded once."""
+
+    def __init__(
+        self, *, device: torch.device | str = "cpu", limits: wire.Limits = wire.Limits(), role: str = "client"
+    ):
+        self.device = torch.device(device)
+        self.limits = limits
+        self.role = role
+        self._streams: dict[str, _State] = {}
+
+    def add(self, msg: wire.Message) -> list[Chunk]:
+        """Take one validated message; StreamError if it contradicts what its stream already declared."""
+        state = self._streams.setdefault(msg.stream, _State())
+        state.touched = time.monotonic()
+        if msg.kind == wire.MANIFEST:
+            return self._manifest(state, Manifest.from_message(msg, self.limits))
+        if msg.kind == wire.COMMIT:
+            self._commit(state, msg)
+            return []
+        if state.manifest is None:
+            state.early.setdefault(msg.index, msg)
+            if len(state.early) > self.limits.max_elements:
+                raise StreamError(
+                    f"stream {msg.stream}: too many chunks before its manifest", reason="too_many_chunks"
+                )
+            return []
+        chunk = self._chunk(state.manifest, state, msg)
+        return [] if chunk is None else [chunk]
+
+    def _manifest(self, state: _State, manifest: Manifest) -> list[Chunk]:
+        if state.manifest is not None:
+            if manifest != state.manifest:
+                raise StreamError(
+                    f"stream {manifest.stream}: a second, different manifest", reason="manifest_mismatch"
+                )
+            return []
+        if state.commit is not None and state.commit != manifest.chunks:
+            raise StreamError(
+                f"stream {manifest.stream}: commit of {state.commit} chunks, manifest {manifest.chunks}",
+                reason="commit_mismatch",
+            )
+        state.manifest = manifest
+        early, state.early = state.early, {}
+        return [c for c in (self._chunk(manifest, state, m) for m in early.values()) if c is not None]
+
+    def _commit(self, state: _State, msg: wire.Message) -> None:
+        count = msg.meta.get("chunks")
+        if not isinstance(count, int) or isinstance(count, bool) or set(msg.meta) != {"chunks"}:
+            raise StreamError(
+                f"stream {msg.stream}: commit meta must be {{'chunks': int}}, got {msg.meta!r:.100}",
+                reason="bad_commit",
+            )
+        declared = state.manifest.chunks if state.manifest is not None else state.commit
+        if declared is not None and declared != count:
+            raise StreamError(
+                f"stream {msg.stream}: commit of {count} chunks, expected {declared}",
+                reason="commit_mismatch",
+            )
+        state.commit = count
+
+    def _chunk(self, manifest: Manifest, state: _State, msg: wire.Message) -> Chunk | None:
+        if msg.index >= manifest.chunks:
+            raise StreamError(
+                f"stream {msg.stream}: chunk {msg.index} beyond the {manifest.chunks} declared",
+                reason="too_many_chunks",
+            )
+        entry = manifest.entry_for(msg.index)
+        offset, count = entry.slice_of(msg.index)
+        got = (msg.name, msg.dtype, msg.shape, msg.codec.name if msg.codec else "", msg.offset, msg.count)
+        want = (entry.name, entry.dtype, entry.shape, entry.codec, offset, count)
+        if got != want:
+            raise StreamError(
+                f"stream {msg.stream}: chunk {msg.index} is {got}, manifest says {want}",
+                reason="chunk_mismatch",
+            )
+        if msg.index in state.seen:
+            CHUNKS.labels(self.role, "duplicate").inc()
+            return None
+        values = wire.decode_tensor(msg, self.device)
+        state.seen.add(msg.index)
+        CHUNKS.labels(self.role, "received").inc()
+        return Chunk(msg.stream, msg.index, entry, offset, values)
+
+    def manifest(self, stream: str) -> Manifest | None:
+        state = self._streams.get(stream)
+        return None if state is None else state.manifest
+
+    def complete(self, stream: str) -> bool:
+        state = self._streams.get(stream)
+        return (
+            state is not None
+            and state.manifest is not None
+            and state.commit is not None
+            and len(state.seen) == state.manifest.chunks
+        )
+
+    def check_timeouts(self, timeout: float) -> None:
+        """StreamError for the first incomplete stream that has been silent for ``timeout`` seconds."""
+        now = time.monotonic()
+        for stream, state in self._streams.items():
+            if now - state.touched > timeout and not self.complete(stream):
+                raise StreamError(
+                    f"stream {stream} incomplete after {timeout:.0f} s of silence: missing {state.missing()}",
+                    reason="timeout",
+                )
+
+    def forget(self, stream: str) -> None:
+        self._streams.pop(stream, None)
+
+
+# Memory-aware flow control --------------------------------------------------------------------------------------
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2GB', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).upper() not in _UNITS:
+        raise StreamError(f"not a size: {text!r} (e.g. 512MiB, 2GB)", reason="bad_size")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Transport settings derived from a memory budget: what a sender keeps in flight, what a receiver prefetches."""
+
+    window_messages: int
+    window_bytes: int
+    prefetch: int
+
+
+# Each in-flight or prefetched message costs its body; encoding or decoding one more costs a few times a chunk
+# (the slice, the payload, the joined body; on the receiver the decoded fp32 values, up to 8x an nf4 chunk).
+# A quarter of what the budget leaves above the current RSS goes to the window.
+_WINDOW_SHARE = 4
+
+
+def flow_for_budget(budget: int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Flow:
+    """The window and prefetch that keep a process within ``budget`` bytes (None: fedq's defaults, 16 chunks)."""
+    if budget is None:
+        return Flow(16, 16 * chunk_bytes, 16)
+    spare = budget - current_rss_bytes()
+    if spare < _WINDOW_SHARE * 2 * chunk_bytes:
+        raise StreamError(
+            f"memory budget {budget >> 20} MiB leaves {spare >> 20} MiB above the process's current RSS: too little "
+            f"for {chunk_bytes >> 20} MiB chunks",
+            reason="memory_budget",
+        )
+    window = max(2, spare // (_WINDOW_SHARE * chunk_bytes))
+    return Flow(int(window), int(window * chunk_bytes), int(window))
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed 4 MiB buffers otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def wait_for_memory(budget: int | None, timeout: float) -> None:
+    """Stop taking deliveries while the process is near its budget; StreamError if it does not come down."""
+    if budget is None or current_rss_bytes() < 0.9 * budget:
+        return
+    deadline = time.monotonic() + timeout
+    while current_rss_bytes() >= 0.9 * budget:
+        _trim_heap()
+        if time.monotonic() > deadline:
+            raise StreamError(
+                f"RSS {current_rss_bytes() >> 20} MiB stays near the budget {budget >> 20} MiB",
+                reason="memory_budget",
+            )
+        time.sleep(0.05)
+
+
+# Receiving from a queue -----------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """One container stream from a queue: yields its decoded chunks and acks each once the caller has used it.
+
+    ``stream=None`` takes the first stream whose manifest arrives. Messages of other streams are acked and
+    skipped; malformed messages are dead-lettered with their reason (the stream then times out if one was ours).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        queue: str,
+        stream: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        device: torch.device | str = "cpu",
+        memory_budget: int | None = None,
+        prefetch: int = 16,
+        consume_arguments: dict[str, Any] | None = None,
+        role: str = "client",
+        on_message: Callable[[int], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.queue = queue
+        self.stream = stream
+        self.timeout = timeout
+        self.memory_budget = memory_budget
+        self.role = role
+        self.on_message = on_message
+        self.assembler = Assembler(device=device, role=role)
+        self.wire_bytes = 0
+        self.skipped = 0
+        self._prefetch = prefetch
+        self._arguments = consume_arguments
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return None if self.stream is None else self.assembler.manifest(self.stream)
+
+    def chunks(self) -> Iterator[Chunk]:
+        tag = self.transport.consume(self.queue, prefetch=self._prefetch, arguments=self._arguments)
+        try:
+            yield from self._run()
+        finally:
+            self.transport.cancel(tag)
+
+    def _run(self) -> Iterator[Chunk]:
+        silent_since = time.monotonic()
+        while self.stream is None or not self.assembler.complete(self.stream):
+            wait_for_memory(self.memory_budget, self.timeout)
+            delivery = self.transport.get(timeout=min(1.0, self.timeout))
+            if delivery is None:
+                if time.monotonic() - silent_since > self.timeout:
+                    what = "no manifest" if self.stream is None else "missing parts"
+                    raise StreamError(
+                        f"{self.queue}: {what} after {self.timeout:.0f} s of silence", reason="timeout"
+                    )
+                if self.stream is not None:
+                    self.assembler.check_timeouts(self.timeout)
+                continue
+            silent_since = time.monotonic()
+            chunks = self._take(delivery)
+            yield from chunks
+            self.transport.ack(delivery)
+
+    def _take(self, delivery: Delivery) -> list[Chunk]:
+        try:
+            msg = wire.decode(delivery.body)
+        except WireError as exc:
+            self.transport.dead_letter(delivery, exc.reason, str(exc))
+            return []
+        if self.stream is None and msg.kind == wire.MANIFEST:
+            self.stream = msg.stream
+        if msg.stream != self.stream:
+            self.skipped += 1
+            return []
+        self.wire_bytes += len(delivery.body)
+        if msg.kind == wire.CHUNK and msg.codec is not None:
+            WIRE_BYTES.labels(self.role, "received", msg.codec.name).inc(len(delivery.body))
+            FP32_BYTES.labels(self.role, "received", msg.codec.name).inc(4 * msg.count)
+        if self.on_message is not None:
+            self.on_message(len(delivery.body))
+        return self.assembler.add(msg)
+
+
+@dataclass
+class Container:
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+
+
+def receive_container(
+    transport: Transport, queue: str, stream: str | None = None, **options: Any
+) -> Container:
+    """Rebuild a whole state dict (each tensor in its original dtype) from one stream."""
+    receiver = Receiver(transport, queue, stream, **options)
+    tensors: dict[str, torch.Tensor] = {}
+    for chunk in receiver.chunks():
+        entry = chunk.entry
+        if entry.name not in tensors:
+            tensors[entry.name] = torch.empty(entry.numel, dtype=entry.dtype, device=chunk.values.device)
+        tensors[entry.name][chunk.offset : chunk.offset + chunk.values.numel()] = chunk.values
+    assert receiver.manifest is not None  # a complete stream has one
+    shaped = {t.name: tensors[t.name].view(t.shape) for t in receiver.manifest.tensors}
+    return Container(receiver.manifest, shaped)
+
+
+def receive_file(
+    transport: Transport, queue: str, path: str | Path, stream: str | None = None, **options: Any
+) -> Manifest:
+    """Write one stream straight into a safetensors file: preallocated from the manifest, each chunk at its offset.
+
+    The file appears under ``path`` only when the stream is complete; a failure removes the partial file.
+    """
+    receiver = Receiver(transport, queue, stream, **options)
+    writer: SafetensorsWriter | None = None
+    try:
+        for chunk in receiver.chunks():
+            if writer is None:
+                assert receiver.manifest is not None  # chunks are released only after their manifest
+                metadata = receiver.manifest.meta.get("metadata")
+                writer = SafetensorsWriter(
+                    path, receiver.manifest.specs(), metadata if isinstance(metadata, dict) else None
+                )
+            writer.write(chunk.entry.name, chunk.offset, chunk.values)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    assert receiver.manifest is not None
+    if writer is None:  # a container of tensors without elements still makes a file
+        writer = SafetensorsWriter(path, receiver.manifest.specs())
+    writer.commit()
+    return receiver.manifest

@@ -1,0 +1,352 @@
+"""The fedq message format: a fixed preamble, a msgpack header, a payload. Spec: fedq/docs/wire-format.md.
+
+Every message that crosses the broker is untrusted until ``decode`` has checked it. Decoding validates the
+whole header (exact field set, types, bounds) and the payload size and checksum *before* anything is allocated
+from a declared size, so a hostile or corrupt message costs at most its own length in memory and raises
+``WireError``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import lz4.block
+import msgpack
+import torch
+
+from fedq.codecs import Codec, codec_from_header
+from fedq.errors import CodecError, WireError
+
+MAGIC = b"FEDQ"
+VERSION = 1
+_PREAMBLE = struct.Struct(">4sBBH")  # magic, format version, flags (0 in version 1), header length
+PREAMBLE_BYTES = _PREAMBLE.size
+
+CHUNK = "chunk"
+MANIFEST = "manifest"
+COMMIT = "commit"
+CONTROL_KINDS = (MANIFEST, COMMIT)
+
+# Tensor dtypes a chunk may declare (the dtype of the original tensor, not of the payload).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# lz4 pays only on redundant bytes (zero-heavy deltas of frozen layers); float and quantized bytes give a
+# ratio of 1.00. A 48 KiB probe (three 16 KiB samples) costs ~5-8 us against ~6 ms for a 4 MiB chunk, so a
+# payload is compressed whole only when the probe saves at least LZ4_MIN_SAVING, and sent compressed only when
+# that holds for the whole payload too. Measurements: fedq/docs/wire-format.md, section "Compression".
+LZ4_MIN_SAVING = 0.10
+LZ4_MIN_PAYLOAD = 4096
+_PROBE_BYTES = 16384
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a decoder enforces before it allocates anything from a declared size."""
+
+    max_header_bytes: int = 0xFFFF
+    max_dims: int = 8
+    max_elements: int = 1 << 34  # per tensor: 16 Gi elements (Llama-3.1-405B's largest tensor is 2.1 Gi)
+    max_chunk_elements: int = 1 << 26  # decoded size of one chunk: 256 MiB of float32
+    max_payload_bytes: int = 64 << 20
+    max_name_bytes: int = 1024
+
+
+@dataclass(frozen=True)
+class Message:
+    """A validated message. Chunk fields are unset on control messages, ``meta`` is empty on chunks."""
+
+    kind: str
+    stream: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+    name: str = ""
+    dtype: torch.dtype = torch.float32
+    shape: tuple[int, ...] = ()
+    offset: int = 0
+    count: int = 0
+    codec: Codec | None = None
+    codec_meta: dict[str, Any] = field(default_factory=dict)
+    payload: memoryview = field(default_factory=lambda: memoryview(b""))
+    wire_bytes: int = 0
+
+
+def encode_chunk(
+    *,
+    stream: str,
+    index: int,
+    name: str,
+    dtype: torch.dtype,
+    shape: tuple[int, ...] | list[int] | torch.Size,
+    offset: int,
+    count: int,
+    codec: Codec,
+    x: torch.Tensor,
+) -> bytes:
+    """Encode ``x``, elements ``offset .. offset+count`` of the flattened tensor, as one chunk message."""
+    if x.numel() != count:
+        raise WireError(
+            f"chunk of {name!r} has {x.numel()} elements, header says {count}", reason="length_mismatch"
+        )
+    codec_meta, raw = codec.encode(x.reshape(-1))
+    raw = memoryview(raw).cast("B")
+    payload, compressed = _maybe_lz4(raw)
+    header = {
+        "kind": CHUNK,
+        "stream": stream,
+        "index": index,
+        "name": name,
+        "dtype": DTYPE_NAMES[dtype],
+        "shape": [int(d) for d in shape],
+        "offset": offset,
+        "count": count,
+        "codec": codec.name,
+        "params": codec.config(),
+        "meta": codec_meta,
+        "lz4": compressed,
+        "raw_len": len(raw),
+        "len": len(payload),
+        "crc32": zlib.crc32(payload),
+    }
+    return _frame(header, payload)
+
+
+def encode_control(kind: str, stream: str, meta: dict[str, Any]) -> bytes:
+    """Encode a manifest or commit: a header only, its ``meta`` defined by fedq.streaming."""
+    if kind not in CONTROL_KINDS:
+        raise WireError(f"unknown control kind {kind!r}; expected one of {CONTROL_KINDS}", reason="bad_kind")
+    return _frame({"kind": kind, "stream": stream, "meta": meta}, b"")
+
+
+def _frame(header: dict[str, Any], payload: bytes | memoryview) -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > 0xFFFF:
+        raise WireError(f"header of {len(packed)} bytes exceeds the 65535-byte limit", reason="too_large")
+    return b"".join((_PREAMBLE.pack(MAGIC, VERSION, 0, len(packed)), packed, payload))
+
+
+def _maybe_lz4(raw: memoryview) -> tuple[memoryview, bool]:
+    """Compress only where the probe predicts a saving; never compress incompressible float bytes whole."""
+    n = len(raw)
+    if n < LZ4_MIN_PAYLOAD:
+        return raw, False
+    if n > 3 * _PROBE_BYTES:
+        mid = n // 2
+        probe = b"".join((raw[:_PROBE_BYTES], raw[mid : mid + _PROBE_BYTES], raw[n - _PROBE_BYTES :]))
+        if len(lz4.block.compress(probe, store_size=False)) > (1 - LZ4_MIN_SAVING) * len(probe):
+            return raw, False
+    packed = lz4.block.compress(raw, store_size=False)
+    if len(packed) > (1 - LZ4_MIN_SAVING) * n:
+        return raw, False
+    return memoryview(packed), True
+
+
+def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Message:
+    """Parse and validate one message; raise ``WireError`` (with a reason slug) for anything malformed."""
+    view = memoryview(data).cast("B")
+    if len(view) < PREAMBLE_BYTES:
+        raise WireError(f"message of {len(view)} bytes is shorter than the preamble", reason="truncated")
+    magic, version, flags, header_len = _PREAMBLE.unpack_from(view)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {bytes(magic)!r}; not a fedq message", reason="bad_magic")
+    if version != VERSION:
+        raise WireError(
+            f"unknown format version {version}; this decoder reads version {VERSION}", reason="version"
+        )
+    if flags != 0:
+        raise WireError(f"unknown flags {flags:#04x} in a version-1 message", reason="bad_flags")
+    if header_len > limits.max_header_bytes:
+        raise WireError(
+            f"header of {header_len} bytes exceeds the limit {limits.max_header_bytes}", reason="too_large"
+        )
+    end = PREAMBLE_BYTES + header_len
+    if len(view) < end:
+        raise WireError(f"message truncated inside its {header_len}-byte header", reason="truncated")
+    header = _unpack_header(view[PREAMBLE_BYTES:end])
+    payload = view[end:]
+    kind = header.get("kind")
+    if kind in CONTROL_KINDS:
+        return _control(header, payload, limits, len(view))
+    if kind == CHUNK:
+        return _chunk(header, payload, limits, len(view))
+    raise WireError(f"unknown message kind {kind!r}", reason="bad_kind")
+
+
+def _unpack_header(raw: memoryview) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for corrupt input
+        raise WireError(f"header is not valid msgpack: {exc}", reason="bad_header") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header must be a map, got {type(header).__name__}", reason="bad_header")
+    return header
+
+
+_CONTROL_FIELDS = {"kind": str, "stream": str, "meta": dict}
+_CHUNK_FIELDS = {
+    "kind": str,
+    "stream": str,
+    "index": int,
+    "name": str,
+    "dtype": str,
+    "shape": list,
+    "offset": int,
+    "count": int,
+    "codec": str,
+    "params": dict,
+    "meta": dict,
+    "lz4": bool,
+    "raw_len": int,
+    "len": int,
+    "crc32": int,
+}
+
+
+def _check_fields(header: dict[str, Any], expected: Mapping[str, type], limits: Limits) -> None:
+    """Exactly the expected keys, each of its type (bool is not an int), strings and ints bounded."""
+    if set(header) != set(expected):
+        missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+        raise WireError(f"header fields wrong: missing {missing}, unexpected {extra}", reason="bad_header")
+    for key, typ in expected.items():
+        value = header[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise WireError(
+                f"header field {key!r} must be {typ.__name__}, got {value!r:.80}", reason="bad_header"
+            )
+        if isinstance(value, int) and not 0 <= value < 1 << 63:
+            raise WireError(f"header field {key!r} out of range: {value}", reason="bad_header")
+        if isinstance(value, str) and (not value or len(value.encode()) > limits.max_name_bytes):
+            raise WireError(
+                f"header field {key!r} empty or longer than {limits.max_name_bytes}", reason="bad_header"
+            )
+
+
+def _control(header: dict[str, Any], payload: memoryview, limits: Limits, wire_bytes: int) -> Message:
+    _check_fields(header, _CONTROL_FIELDS, limits)
+    if len(payload):
+        raise WireError(
+            f"{header['kind']} carries {len(payload)} payload bytes; expected none", reason="length_mismatch"
+        )
+    return Message(kind=header["kind"], stream=header["stream"], meta=header["meta"], wire_bytes=wire_bytes)
+
+
+def _chunk(header: dict[str, Any], payload: memoryview, limits: Limits, wire_bytes: int) -> Message:
+    _check_fields(header, _CHUNK_FIELDS, limits)
+    shape = _shape(header["shape"], limits)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > limits.max_elements:
+        raise WireError(
+            f"tensor of {numel} elements exceeds the limit {limits.max_elements}", reason="too_large"
+        )
+    if header["dtype"] not in DTYPES:
+        raise WireError(
+            f"unknown dtype {header['dtype']!r}; expected one of {sorted(DTYPES)}", reason="bad_header"
+        )
+    offset, count = header["offset"], header["count"]
+    if count > limits.max_chunk_elements:
+        raise WireError(
+            f"chunk of {count} elements exceeds the limit {limits.max_chunk_elements}", reason="too_large"
+        )
+    if offset + count > numel:
+        raise WireError(
+            f"slice {offset}+{count} exceeds the {numel} elements of {shape}", reason="length_mismatch"
+        )
+    if not all(isinstance(k, str) for k in header["params"]) or not all(
+        isinstance(k, str) for k in header["meta"]
+    ):
+        raise WireError("codec params and meta must be maps with string keys", reason="bad_header")
+    try:
+        codec = codec_from_header(header["codec"], header["params"])
+    except CodecError as exc:
+        raise WireError(f"codec: {exc}", reason="unknown_codec") from None
+    if offset % codec.alignment or (count % codec.alignment and offset + count != numel):
+        raise WireError(
+            f"slice {offset}+{count} not aligned to {codec.alignment} for {codec.name}", reason="bad_header"
+        )
+    raw_len, sent_len = header["raw_len"], header["len"]
+    if raw_len > limits.max_payload_bytes:
+        raise WireError(
+            f"payload of {raw_len} bytes exceeds the limit {limits.max_payload_bytes}", reason="too_large"
+        )
+    if raw_len != codec.payload_nbytes(count):
+        raise WireError(
+            f"{codec.name} payload of {count} elements is {codec.payload_nbytes(count)} bytes, not {raw_len}",
+            reason="length_mismatch",
+        )
+    if sent_len != len(payload):
+        raise WireError(f"payload is {len(payload)} bytes, header says {sent_len}", reason="length_mismatch")
+    if header["lz4"] and sent_len >= raw_len:
+        raise WireError(
+            f"lz4 payload of {sent_len} bytes is not smaller than {raw_len}", reason="length_mismatch"
+        )
+    if not header["lz4"] and sent_len != raw_len:
+        raise WireError(
+            f"uncompressed payload is {sent_len} bytes, header says {raw_len}", reason="length_mismatch"
+        )
+    if zlib.crc32(payload) != header["crc32"]:
+        raise WireError("payload checksum mismatch (crc32)", reason="checksum")
+    if header["lz4"]:
+        payload = _unlz4(payload, raw_len)
+    return Message(
+        kind=CHUNK,
+        stream=header["stream"],
+        index=header["index"],
+        name=header["name"],
+        dtype=DTYPES[header["dtype"]],
+        shape=shape,
+        offset=offset,
+        count=count,
+        codec=codec,
+        codec_meta=header["meta"],
+        payload=payload,
+        wire_bytes=wire_bytes,
+    )
+
+
+def _shape(dims: list[Any], limits: Limits) -> tuple[int, ...]:
+    if len(dims) > limits.max_dims:
+        raise WireError(f"{len(dims)} dimensions exceed the limit {limits.max_dims}", reason="too_large")
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= limits.max_elements:
+            raise WireError(f"bad dimension {d!r} in shape {dims!r:.200}", reason="too_large")
+    return tuple(dims)
+
+
+def _unlz4(payload: memoryview, raw_len: int) -> memoryview:
+    """Decompress into at most ``raw_len`` bytes (already checked against the limits)."""
+    try:
+        out = lz4.block.decompress(payload, uncompressed_size=raw_len)
+    except lz4.block.LZ4BlockError as exc:
+        raise WireError(f"lz4 payload is corrupt: {exc}", reason="lz4") from None
+    if len(out) != raw_len:
+        raise WireError(
+            f"lz4 payload decompressed to {len(out)} bytes, header says {raw_len}", reason="length_mismatch"
+        )
+    return memoryview(out)
+
+
+def decode_tensor(msg: Message, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The chunk as a 1-D float32 tensor on ``device``; NaN/Inf are refused (reason ``nonfinite``)."""
+    if msg.kind != CHUNK or msg.codec is None:
+        raise WireError(f"a {msg.kind} message carries no tensor", reason="bad_kind")
+    try:
+        x = msg.codec.decode(msg.codec_meta, msg.payload, msg.count, torch.device(device))
+    except CodecError as exc:
+        raise WireError(f"{msg.codec.name} payload of {msg.name!r}: {exc}", reason="codec") from None
+    if x.shape != (msg.count,) or x.dtype != torch.float32:
+        raise WireError(
+            f"codec returned {tuple(x.shape)} {x.dtype} for {msg.count} elements", reason="length_mismatch"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")
+    return x

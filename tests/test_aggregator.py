@@ -1,0 +1,248 @@
+"""The aggregator service end to end over the in-memory broker (and two shards over the real one)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedq import wire
+from fedq.aggregation.strategies import FedAsync, FedAvg, FedBuff
+from fedq.codecs import get_codec
+from fedq.streaming import receive_container
+from fedq.topology import Names
+from fedq.transport import connect
+from fedq.transport.base import REASON_HEADER
+from tests.aggregation_helpers import (
+    Worker,
+    delta_for,
+    model_of,
+    send_update,
+    settings,
+    small_model,
+    state,
+    wait_version,
+    write_init,
+)
+
+
+def _memory(tmp_path: Path) -> tuple[str, Names]:
+    name = f"agg-{uuid.uuid4().hex[:8]}"
+    names = Names(f"t{uuid.uuid4().hex[:8]}")
+    with connect(f"memory://setup@{name}") as t:
+        t.declare(names, 2)
+    return name, names
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        diff = float((a[name] - b[name]).abs().max()) / max(float(b[name].abs().max()), 1e-12)
+        assert diff <= tol, f"{name}: relative difference {diff}"
+
+
+def test_fedbuff_two_versions_with_staleness_and_server_lr(tmp_path: Path) -> None:
+    broker, names = _memory(tmp_path)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    strategy = FedBuff(buffer_size=2, server_lr=0.5, staleness="polynomial:0.5")
+    worker = Worker(
+        f"memory://aggregator@{broker}",
+        settings(names, strategy, init, tmp_path / "state", max_versions=2, chunk_bytes=4096),
+    )
+    d = [delta_for(i, x0) for i in range(4)]
+    with connect(f"memory://alice@{broker}") as alice, connect(f"memory://bob@{broker}") as bob:
+        send_update(alice, names, d[0], shards=1, update_id="a", base_version=0)
+        send_update(bob, names, d[1], shards=1, update_id="b", base_version=0, codec="bf16")
+        wait_version(tmp_path / "state", 1)
+        send_update(alice, names, d[2], shards=1, update_id="c", base_version=0)  # staleness 1
+        send_update(bob, names, d[3], shards=1, update_id="d", base_version=1)
+        worker.join(30)
+        bf16 = {n: t.to(torch.bfloat16).float() for n, t in d[1].items()}
+        x1 = {n: x0[n] + 0.5 * (d[0][n] + bf16[n]) / 2 for n in x0}
+        x2 = {n: x1[n] + 0.5 * (d[2][n] / math.sqrt(2) + d[3][n]) / 2 for n in x0}
+        _close(model_of(tmp_path / "state"), x2)
+        # the published stream of version 2 carries the same model
+        got = receive_container(
+            alice,
+            names.models_stream,
+            "model/v2/s0",
+            consume_arguments={"x-stream-offset": "first"},
+            timeout=10,
+        )
+        _close(dict(got.tensors), x2)
+        assert got.manifest.meta["version"] == 2
+
+
+def test_incomplete_update_is_dropped_and_contributes_nothing(tmp_path: Path) -> None:
+    broker, names = _memory(tmp_path)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    worker = Worker(
+        f"memory://aggregator@{broker}",
+        settings(
+            names,
+            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
+            init,
+            tmp_path / "state",
+            max_versions=1,
+            update_timeout=0.5,
+        ),
+    )
+    with connect(f"memory://alice@{broker}") as alice:
+        send_update(
+            alice, names, delta_for(9, x0, 5.0), shards=1, update_id="dead", base_version=0, commit=False
+        )
+        send_update(alice, names, delta_for(1, x0), shards=1, update_id="ok", base_version=0)
+        worker.join(30)
+    d = delta_for(1, x0)
+    _close(model_of(tmp_path / "state"), {n: x0[n] + d[n] for n in x0})
+
+
+def test_stale_update_is_dead_lettered_with_its_reason(tmp_path: Path) -> None:
+    broker, names = _memory(tmp_path)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    worker = Worker(
+        f"memory://aggregator@{broker}",
+        settings(
+            names,
+            FedAsync(alpha=0.5, staleness="constant"),
+            init,
+            tmp_path / "state",
+            max_versions=3,
+            max_staleness=1,
+        ),
+    )
+    d = [delta_for(i, x0) for i in range(4)]
+    with connect(f"memory://alice@{broker}") as alice:
+        send_update(alice, names, d[0], shards=1, update_id="a", base_version=0)
+        wait_version(tmp_path / "state", 1)
+        send_update(alice, names, d[1], shards=1, update_id="b", base_version=0)  # staleness 1: accepted
+        wait_version(tmp_path / "state", 2)
+        send_update(alice, names, d[2], shards=1, update_id="c", base_version=0)  # staleness 2: refused
+        send_update(alice, names, d[3], shards=1, update_id="d", base_version=2)
+        worker.join(30)
+        alice.consume(names.dead_letter_queue, prefetch=10)
+        reasons = []
+        while (delivery := alice.get(0.5)) is not None:
+            reasons.append(delivery.headers.get(REASON_HEADER))
+            alice.ack(delivery)
+    assert reasons == ["stale"]
+    expected = {n: x0[n] + 0.5 * d[0][n] + 0.5 * d[1][n] + 0.5 * d[3][n] for n in x0}
+    _close(model_of(tmp_path / "state"), expected)
+
+
+def test_full_updates_fedavg_and_duplicates_count_once(tmp_path: Path) -> None:
+    broker, names = _memory(tmp_path)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    worker = Worker(
+        f"memory://aggregator@{broker}",
+        settings(names, FedAvg(min_clients=2, round_timeout=60), init, tmp_path / "state", max_versions=1),
+    )
+    xa, xb = small_model(1), small_model(2)
+    with connect(f"memory://alice@{broker}") as alice, connect(f"memory://bob@{broker}") as bob:
+        send_update(alice, names, xa, shards=1, update_id="a", base_version=0, kind="full", num_samples=1)
+        send_update(alice, names, xa, shards=1, update_id="a", base_version=0, kind="full", num_samples=1)
+        send_update(bob, names, xb, shards=1, update_id="b", base_version=0, kind="full", num_samples=3)
+        worker.join(30)
+    _close(model_of(tmp_path / "state"), {n: (xa[n] + 3 * xb[n]) / 4 for n in x0}, tol=1e-5)
+
+
+def test_bad_input_is_dead_lettered_and_the_model_is_untouched(tmp_path: Path) -> None:
+    broker, names = _memory(tmp_path)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    worker = Worker(
+        f"memory://aggregator@{broker}",
+        settings(
+            names,
+            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
+            init,
+            tmp_path / "state",
+            max_versions=1,
+        ),
+    )
+    key = names.shard_key(0)
+    nan = {n: torch.full_like(t, float("nan")) for n, t in x0.items()}
+    with connect(f"memory://mallory@{broker}") as mallory, connect(f"memory://alice@{broker}") as alice:
+        mallory.publish(names.updates_exchange, key, b"not a fedq message")
+        unknown = wire.encode_chunk(
+            stream="x",
+            index=0,
+            name="nope",
+            dtype=torch.float32,
+            shape=(2,),
+            offset=0,
+            count=2,
+            codec=get_codec("fp32"),
+            x=torch.ones(2),
+        )
+        mallory.publish(names.updates_exchange, key, unknown)
+        mallory.flush()
+        send_update(mallory, names, {"head": torch.ones(3, 3)}, shards=1, update_id="shape", base_version=0)
+        send_update(mallory, names, nan, shards=1, update_id="nan", base_version=0)
+        send_update(alice, names, delta_for(1, x0), shards=1, update_id="ok", base_version=0)
+        worker.join(30)
+        alice.consume(names.dead_letter_queue, prefetch=100)
+        reasons = set()
+        while (delivery := alice.get(0.5)) is not None:
+            reasons.add(delivery.headers.get(REASON_HEADER))
+            alice.ack(delivery)
+    assert {"bad_magic", "unknown_tensor", "shape_mismatch", "nonfinite"} <= reasons
+    d = delta_for(1, x0)
+    _close(model_of(tmp_path / "state"), {n: x0[n] + d[n] for n in x0})
+    assert state(tmp_path / "state")["version"] == 1
+
+
+def _sharded_run(url_for, names: Names, tmp: Path, shards: int) -> dict[str, torch.Tensor]:
+    x0 = small_model(scale=4)
+    init = write_init(tmp, x0)
+    strategy = FedBuff(buffer_size=2, server_lr=0.7, staleness="polynomial:0.5")
+    workers = [
+        Worker(
+            url_for("aggregator"),
+            settings(
+                names, strategy, init, tmp / "state", shard=i, shards=shards, max_versions=2, chunk_bytes=8192
+            ),
+        )
+        for i in range(shards)
+    ]
+    with connect(url_for("alice")) as alice:
+        send_update(
+            alice, names, delta_for(0, x0), shards=shards, update_id="a", base_version=0, codec="fp16"
+        )
+        send_update(alice, names, delta_for(1, x0), shards=shards, update_id="b", base_version=0)
+        wait_version(tmp / "state", 1, shards=shards)
+        send_update(alice, names, delta_for(2, x0), shards=shards, update_id="c", base_version=0)
+        send_update(alice, names, delta_for(3, x0), shards=shards, update_id="d", base_version=1)
+    for w in workers:
+        w.join(60)
+    return model_of(tmp / "state", shards)
+
+
+def test_two_shards_equal_one_in_memory(tmp_path: Path) -> None:
+    models = []
+    for shards in (1, 2):
+        broker, names = _memory(tmp_path)
+        run_dir = tmp_path / f"run{shards}"
+        run_dir.mkdir()
+        models.append(_sharded_run(lambda user, b=broker: f"memory://{user}@{b}", names, run_dir, shards))
+    _close(models[1], models[0])
+
+
+@pytest.mark.broker
+def test_two_shards_equal_one_on_the_broker(tmp_path: Path, amqp_url: str, namespace: str) -> None:
+    models = []
+    for shards in (1, 2):
+        names = Names(f"{namespace}-{shards}")
+        with connect(amqp_url) as t:
+            t.declare(names, shards)
+        run_dir = tmp_path / f"run{shards}"
+        run_dir.mkdir()
+        models.append(_sharded_run(lambda user: amqp_url, names, run_dir, shards))
+    _close(models[1], models[0])

@@ -1,0 +1,146 @@
+"""Exactly once under SIGKILL: an aggregator killed at random points and restarted ends with the fault-free model.
+
+Determinism: all updates are deltas against version 0, FedBuff with a constant staleness weight and
+max staleness above the run's length, so the fault-free result is x0 + (eta / K) * sum of all deltas whichever
+updates end up grouped into which version (grouping changes only float rounding). Anything folded twice or lost
+would move the result by a whole delta (~1e-2 relative), far above the 1e-6 bound.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedq.topology import Names
+from fedq.transport import connect
+from tests.aggregation_helpers import delta_for, model_of, send_update, small_model, state, write_init
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+CLIENTS = 3
+VERSIONS = 6
+K = 3
+ETA = 0.8
+KILLS = 5
+
+
+def _start(amqp_url: str, namespace: str, init: Path, state_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.aggregator",
+        "--amqp-url",
+        amqp_url,
+        "--namespace",
+        namespace,
+        "--strategy",
+        "fedbuff",
+        "--buffer-size",
+        str(K),
+        "--server-lr",
+        str(ETA),
+        "--staleness-fn",
+        "constant",
+        "--max-staleness",
+        "100",
+        "--max-versions",
+        str(VERSIONS),
+        "--init",
+        str(init),
+        "--state-dir",
+        str(state_dir),
+        "--device",
+        "cpu",
+        "--chunk-bytes",
+        "65536",
+        "--memory-budget",
+        str(1 << 20),
+    ]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+
+
+def _wait_started(log: Path, offset: int, timeout: float = 60) -> None:
+    """Until the newest process has loaded its state (so a kill lands in its work, not in its imports)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if "resumed at version" in text or "version 0 from" in text:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"aggregator did not start: {log.read_text()[-2000:]}")
+
+
+def test_sigkill_at_random_points_gives_the_fault_free_model(
+    tmp_path: Path, amqp_url: str, namespace: str
+) -> None:
+    names = Names(namespace)
+    x0 = small_model(scale=40)  # ~200 k parameters in 4 tensors
+    init = write_init(tmp_path, x0)
+    state_dir = tmp_path / "state"
+    log = tmp_path / "aggregator.log"
+    with connect(amqp_url) as t:
+        t.declare(names, 1)
+    updates = [(f"c{c}-r{r}", delta_for(10 * c + r, x0)) for r in range(VERSIONS) for c in range(CLIENTS)]
+
+    def publish() -> None:
+        with connect(amqp_url) as client:
+            for update_id, delta in updates:
+                send_update(
+                    client,
+                    names,
+                    delta,
+                    shards=1,
+                    update_id=update_id,
+                    base_version=0,
+                    codec="fp32",
+                    chunk_bytes=65536,
+                )
+                time.sleep(random.uniform(0.3, 1.5))
+
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    publisher = threading.Thread(target=publish, daemon=True)
+    proc = _start(amqp_url, namespace, init, state_dir, log)
+    _wait_started(log, 0)
+    publisher.start()
+    deadline = time.monotonic() + 150
+    kills = 0
+    try:
+        while kills < KILLS:
+            time.sleep(rng.uniform(0.0, 2.0))
+            if proc.poll() is not None:
+                break  # finished before all kills were spent
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            offset = log.stat().st_size
+            proc = _start(amqp_url, namespace, init, state_dir, log)
+            _wait_started(log, offset)
+        publisher.join(max(1.0, deadline - time.monotonic()))
+        assert not publisher.is_alive(), "publisher did not finish"
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, log.read_text()[-3000:]
+    assert kills >= 3, f"only {kills} kills landed before the run finished"
+    final = state(state_dir)
+    assert final["version"] == VERSIONS and final["announced"] == VERSIONS
+    expected = {n: x0[n].double() + ETA / K * sum(d[n].double() for _, d in updates) for n in x0}
+    got = model_of(state_dir)
+    for name in x0:
+        rel = float((got[name].double() - expected[name]).abs().max() / expected[name].abs().max())
+        assert rel <= 1e-6, f"{name}: max relative difference {rel} (kills: {kills})"
+    assert torch.isfinite(got["embed"]).all()

@@ -1,0 +1,172 @@
+"""``fedq aggregator``: one shard worker of the federation's aggregator (see fedq.aggregation.service)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from fedq import metrics
+from fedq.aggregation.service import Aggregator, Settings
+from fedq.aggregation.strategies import NormBound, make_strategy
+from fedq.errors import ConfigError
+from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names
+from fedq.transport import connect, default_url
+
+log = logging.getLogger("fedq.aggregator")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--amqp-url", default=default_url(), help="broker URL (FEDQ_AMQP_URL)")
+    a("--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue of the federation")
+    a("--shard", type=int, default=0, help="this worker's shard (0 is the leader)")
+    a("--shards", type=int, default=1, help="number of shard workers")
+    a("--strategy", choices=("fedavg", "fedbuff", "fedasync"), default="fedbuff", help="aggregation strategy")
+    a("--buffer-size", type=int, default=4, help="fedbuff: updates per version (K)")
+    a("--server-lr", type=float, default=1.0, help="fedavg/fedbuff: server learning rate (eta)")
+    a("--alpha", type=float, default=0.6, help="fedasync: mixing weight alpha")
+    a(
+        "--staleness-fn",
+        default="polynomial:0.5",
+        help="staleness weight s(tau): constant | polynomial:A ((tau+1)^-A) | hinge:A:B",
+    )
+    a("--max-staleness", type=int, default=10, help="refuse updates more than this many versions old")
+    a("--min-clients", type=int, default=2, help="fedavg: updates per round")
+    a("--round-timeout", type=float, default=300.0, help="fedavg: step with fewer updates after this (s)")
+    a(
+        "--update-timeout",
+        type=float,
+        default=600.0,
+        help="drop an update whose commit has not come after (s)",
+    )
+    a("--norm-bound", type=float, default=0.0, help="L2 bound on an update's delta (0 = off)")
+    a(
+        "--norm-reject",
+        action="store_true",
+        help="reject updates over the norm bound instead of clipping them",
+    )
+    a(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="fold device (auto: CUDA when present)",
+    )
+    a("--state-dir", type=Path, default=Path("fedq-state"), help="checkpoints and staging files")
+    a("--init", type=Path, required=True, help="initial model (safetensors or torch state dict), version 0")
+    a("--max-versions", type=int, default=0, help="stop after this many versions (0 = run until stopped)")
+    a(
+        "--memory-budget",
+        type=int,
+        default=256 << 20,
+        help="bytes of deliveries held in flight (sets prefetch)",
+    )
+    a("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="chunk size of published models")
+    a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
+    a(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="setting sent to clients with each version (e.g. local_steps=50); repeatable",
+    )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this torch build sees no CUDA device")
+    return torch.device(name)
+
+
+def _client_config(pairs: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config {pair!r}: expected KEY=VALUE")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if not 0 <= args.shard < args.shards:
+        raise ConfigError(f"--shard {args.shard} outside 0..{args.shards - 1}")
+    strategy = make_strategy(
+        args.strategy,
+        buffer_size=args.buffer_size,
+        server_lr=args.server_lr,
+        alpha=args.alpha,
+        staleness=args.staleness_fn,
+        min_clients=args.min_clients,
+        round_timeout=args.round_timeout,
+    )
+    return Settings(
+        names=Names(args.namespace),
+        strategy=strategy,
+        init=args.init,
+        state_dir=args.state_dir,
+        shard=args.shard,
+        shards=args.shards,
+        max_staleness=args.max_staleness,
+        update_timeout=args.update_timeout,
+        norm_bound=NormBound(args.norm_bound, clip=not args.norm_reject),
+        device=_device(args.device),
+        max_versions=args.max_versions,
+        prefetch=max(2, args.memory_budget // max(args.chunk_bytes, 1)),
+        client_config=_client_config(args.config),
+        chunk_bytes=args.chunk_bytes,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    metrics.serve(args.metrics_port)
+    metrics.record_process("aggregator", args.memory_budget)
+    log.info(
+        "shard %d/%d, %s on %s, state in %s",
+        settings.shard,
+        settings.shards,
+        settings.strategy.name,
+        settings.device,
+        settings.state_dir,
+    )
+    with connect(args.amqp_url) as transport:
+        Aggregator(transport, settings).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.aggregator",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
