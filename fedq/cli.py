@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # a command whose module is not built yet stays listed but unusable
+        except ImportError as exc:  # a command whose module cannot be imported stays listed but unusable
             sub.set_defaults(_missing=f"{module_name}: {exc}")
             continue
         adder = getattr(module, f"add_{words[-1].replace('-', '_')}_arguments", None) or module.add_arguments

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from fedq import wire
-from fedq.codecs import Codec, get_codec
+from fedq.codecs import Codec, ErrorFeedback, get_codec
 from fedq.errors import StreamError, WireError
 from fedq.metrics import CHUNKS, COMPRESSION_RATIO, FP32_BYTES, WIRE_BYTES, current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
@@ -37,12 +37,6 @@ DEFAULT_TIMEOUT = 120.0
 def fp32_everywhere(name: str, tensor: torch.Tensor) -> Codec:
     """The lossless default: every tensor in fp32."""
     return get_codec("fp32")
-
-
-class Feedback(Protocol):
-    """What the sender needs of error feedback: the slice to encode, given the residual it carries for it."""
-
-    def apply(self, key: str, x: torch.Tensor, codec: Codec) -> tuple[dict[str, Any], Any]: ...
 
 
 # Manifest --------------------------------------------------------------------------------------------------------
@@ -200,7 +194,7 @@ def iter_container(
     meta: Mapping[str, Any],
     codec_for: CodecFor = fp32_everywhere,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    feedback: Feedback | None = None,
+    feedback: ErrorFeedback | None = None,
 ) -> Iterator[bytes]:
     """Manifest, then each chunk encoded only when asked for, then commit."""
     manifest, codecs = plan(tensors, stream=stream, meta=meta, codec_for=codec_for, chunk_bytes=chunk_bytes)
@@ -212,7 +206,7 @@ def _messages(
     tensors: Mapping[str, torch.Tensor],
     manifest: Manifest,
     codecs: dict[str, Codec],
-    feedback: Feedback | None,
+    feedback: ErrorFeedback | None,
 ) -> Iterator[tuple[bytes, TensorEntry | None]]:
     release = tensors.release if isinstance(tensors, SafetensorsReader) else None
     yield wire.encode_control(wire.MANIFEST, manifest.stream, manifest.to_meta()), None
@@ -223,8 +217,11 @@ def _messages(
             offset, count = entry.slice_of(index)
             piece = flat[offset : offset + count]
             if feedback is not None:
-                piece = feedback.apply(f"{entry.name}@{offset}", piece, codec)
-            body = wire.encode_chunk(
+                piece = feedback.compensate(entry.name, piece, offset)
+            codec_meta, raw = codec.encode(piece)
+            if feedback is not None:  # the residual is what the receiver's decode will not reproduce
+                feedback.update(entry.name, piece, codec.decode(codec_meta, raw, count, piece.device), offset)
+            body = wire.frame_chunk(
                 stream=manifest.stream,
                 index=index,
                 name=entry.name,
@@ -233,7 +230,8 @@ def _messages(
                 offset=offset,
                 count=count,
                 codec=codec,
-                x=piece,
+                codec_meta=codec_meta,
+                raw=raw,
             )
             yield body, entry
             if release is not None:  # the file pages of this slice are not needed again: keep RSS flat
@@ -259,7 +257,7 @@ def send_container(
     meta: Mapping[str, Any],
     codec_for: CodecFor = fp32_everywhere,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    feedback: Feedback | None = None,
+    feedback: ErrorFeedback | None = None,
     role: str = "client",
     on_message: Callable[[int], None] | None = None,
 ) -> SendStats:

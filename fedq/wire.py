@@ -97,7 +97,37 @@ def encode_chunk(
             f"chunk of {name!r} has {x.numel()} elements, header says {count}", reason="length_mismatch"
         )
     codec_meta, raw = codec.encode(x.reshape(-1))
+    return frame_chunk(
+        stream=stream,
+        index=index,
+        name=name,
+        dtype=dtype,
+        shape=shape,
+        offset=offset,
+        count=count,
+        codec=codec,
+        codec_meta=codec_meta,
+        raw=raw,
+    )
+
+
+def frame_chunk(
+    *,
+    stream: str,
+    index: int,
+    name: str,
+    dtype: torch.dtype,
+    shape: tuple[int, ...] | list[int] | torch.Size,
+    offset: int,
+    count: int,
+    codec: Codec,
+    codec_meta: dict[str, Any],
+    raw: bytes | bytearray | memoryview,
+) -> bytes:
+    """Frame a slice the caller has already encoded (error feedback needs the payload before it is sent)."""
     raw = memoryview(raw).cast("B")
+    if len(raw) != codec.payload_nbytes(count):
+        raise WireError(f"{codec.name} payload of {len(raw)} bytes for {count} elements", reason="length_mismatch")
     payload, compressed = _maybe_lz4(raw)
     header = {
         "kind": CHUNK,

@@ -1,15 +1,16 @@
 """Throwaway RabbitMQ nodes for fault and TLS tests (a helper module; it holds no tests).
 
-Every node started here is private to the calling test: its own node name (``fedq-<tag>-<pid>-<n>@localhost``),
-AMQP port, Erlang distribution port, CLI distribution port range, data and log directories, config file, enabled
-plugins file and Erlang cookie (``$HOME/.erlang.cookie`` with ``HOME`` pointing into the node's temporary
-directory), so it never touches the machine's main broker (``rabbit@localhost``) nor another engineer's nodes.
-The server scripts are run directly from ``/usr/lib/rabbitmq/bin`` as the current user (not through the
-``/usr/sbin`` wrappers, which switch to the ``rabbitmq`` user and its cookie).
+Every node started here is private to the calling test: its own node name
+(``fedq-<tag>-<pid>-<n>@localhost``), AMQP port, Erlang distribution port, CLI distribution port range, data
+and log directories, config file, enabled plugins file and Erlang cookie (``$HOME/.erlang.cookie`` with
+``HOME`` pointing into the node's temporary directory), so it never touches the machine's main broker
+(``rabbit@localhost``) nor another engineer's nodes. The server scripts are run directly from
+``/usr/lib/rabbitmq/bin`` as the current user (not through the ``/usr/sbin`` wrappers, which switch to the
+``rabbitmq`` user and its cookie).
 
-Each node is started in its own process group; ``Node.kill()`` sends SIGKILL to that group only, and every waiting
-loop is bounded. ``Node``/``Cluster`` are context managers and also register an ``atexit`` hook, so what was
-started is killed even when a test fails or is interrupted.
+Each node is started in its own process group; ``Node.kill()`` sends SIGKILL to that group only, and every
+waiting loop is bounded. ``Node``/``Cluster`` are context managers and also register an ``atexit`` hook, so
+what was started is killed even when a test fails or is interrupted.
 
     with single_node("tls", extra_conf=...) as node:     # one node with extra rabbitmq.conf lines
         node.url                                       # amqp://guest:guest@127.0.0.1:PORT/%2F
@@ -53,7 +54,8 @@ def available() -> str | None:
 
 
 def free_port() -> int:
-    """A currently free loopback TCP port below 50000 (Erlang adds nothing to it; CLI ranges are set explicitly)."""
+    """A currently free loopback TCP port below 50000 (Erlang adds nothing to it; CLI ranges are set
+    explicitly)."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
@@ -111,7 +113,9 @@ class Node:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.amqp_port = amqp_port or free_port()
         self.dist_port = free_port()
-        self.ctl_port_min = free_port()  # the CLI picks a port in [min, min+10]; collisions are retried by erl
+        self.ctl_port_min = (
+            free_port()
+        )  # the CLI picks a port in [min, min+10]; collisions are retried by erl
         self.management_port = free_port() if "rabbitmq_management" in plugins else None
         self.plugins = plugins
         self.extra_conf = extra_conf
@@ -145,7 +149,8 @@ class Node:
             "loopback_users.guest = true",
             "log.console = false",
             "log.file.level = info",
-            # a cluster member that loses its peers keeps serving what it can (we kill one of three on purpose)
+            # a cluster member that loses its peers keeps serving what it can (we kill one of three on
+            # purpose)
             "cluster_partition_handling = ignore",
             "collect_statistics_interval = 5000",
         ]
@@ -187,7 +192,8 @@ class Node:
                 # keep the nodes light on a shared 2-core machine
                 RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=(
                     "+S 2:2 +A 8 -kernel inet_dist_use_interface {127,0,0,1} "
-                    f"-kernel inet_dist_listen_min {self.dist_port} -kernel inet_dist_listen_max {self.dist_port}"
+                    f"-kernel inet_dist_listen_min {self.dist_port} "
+                    f"-kernel inet_dist_listen_max {self.dist_port}"
                 ),
             )
         return env
@@ -196,7 +202,8 @@ class Node:
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/%2F"
 
-    # -- lifecycle ----------------------------------------------------------------------------------------------
+    # -- lifecycle
+    # ----------------------------------------------------------------------------------------------
 
     def launch(self) -> None:
         """Start the node's process (returns at once; see ``wait_ready``)."""
@@ -243,7 +250,9 @@ class Node:
         self.wait_ready(timeout)
         return self
 
-    def ctl(self, *args: str, timeout: float = CTL_TIMEOUT, check: bool = True, tool: str = "rabbitmqctl") -> str:
+    def ctl(
+        self, *args: str, timeout: float = CTL_TIMEOUT, check: bool = True, tool: str = "rabbitmqctl"
+    ) -> str:
         """Run a RabbitMQ CLI command against this node; return its stdout."""
         cmd = [str(RABBITMQ_BIN / tool), "-n", self.nodename, *args]
         try:
@@ -354,8 +363,8 @@ def single_node(
 ) -> Iterator[Node]:
     """A started throwaway node; killed and its directory removed on exit.
 
-    ``extra_conf`` is appended to the generated rabbitmq.conf (e.g. a TLS listener); with ``tcp=False`` the node
-    has no plain AMQP listener and ``ready_port`` (e.g. the TLS port) tells when it has booted.
+    ``extra_conf`` is appended to the generated rabbitmq.conf (e.g. a TLS listener); with ``tcp=False`` the
+    node has no plain AMQP listener and ``ready_port`` (e.g. the TLS port) tells when it has booted.
     """
     own_base = base is None
     base = base or _make_base(tag)
@@ -378,9 +387,12 @@ def single_node(
 
 
 class Cluster:
-    """``size`` throwaway nodes joined into one cluster with ``rabbitmqctl stop_app/join_cluster/start_app``."""
+    """``size`` throwaway nodes joined into one cluster with ``rabbitmqctl
+    stop_app/join_cluster/start_app``."""
 
-    def __init__(self, tag: str = "c", size: int = 3, *, extra_conf: str = "", keep_dir: bool = False) -> None:
+    def __init__(
+        self, tag: str = "c", size: int = 3, *, extra_conf: str = "", keep_dir: bool = False
+    ) -> None:
         self.base = _make_base(tag)
         self.keep_dir = keep_dir
         self.nodes = [Node(_node_name(tag, i + 1), self.base, extra_conf=extra_conf) for i in range(size)]
@@ -452,20 +464,65 @@ def make_certs(directory: Path, *, rogue: bool = True) -> dict[str, Path]:
             raise BrokerError(f"openssl {' '.join(args)}: {res.stderr.decode()}")
 
     def ca(name: str) -> None:
-        ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        ssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
 
     def leaf(name: str, cn: str, ca_name: str, ext: str) -> None:
         (d / f"{name}.ext").write_text(ext)
-        ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr")
-        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca_name}.pem", "-CAkey", f"{ca_name}.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext")
+        ssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={cn}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+        )
+        ssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{ca_name}.pem",
+            "-CAkey",
+            f"{ca_name}.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.pem",
+            "-extfile",
+            f"{name}.ext",
+        )
 
     ca("ca")
-    leaf("server", "localhost", "ca",
-         "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    leaf(
+        "server",
+        "localhost",
+        "ca",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
     leaf("client", "fedq-client", "ca", "extendedKeyUsage=clientAuth\n")
     out = {
         "ca": d / "ca.pem",

@@ -1,9 +1,10 @@
-"""Exactly once under SIGKILL: an aggregator killed at random points and restarted ends with the fault-free model.
+"""Exactly once under SIGKILL: an aggregator killed at random points and restarted ends with the fault-free
+model.
 
-Determinism: all updates are deltas against version 0, FedBuff with a constant staleness weight and
-max staleness above the run's length, so the fault-free result is x0 + (eta / K) * sum of all deltas whichever
-updates end up grouped into which version (grouping changes only float rounding). Anything folded twice or lost
-would move the result by a whole delta (~1e-2 relative), far above the 1e-6 bound.
+Determinism: all updates are deltas against version 0, FedBuff with a constant staleness weight and max
+staleness above the run's length, so the fault-free result is x0 + (eta / K) * sum of all deltas whichever
+updates end up grouped into which version (grouping changes only float rounding). Anything folded twice or
+lost would move the result by a whole delta (~1e-2 relative), far above the 1e-6 bound.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Fault tests (issue 7, "Faults") against throwaway RabbitMQ nodes started by ``tests/brokers.py``.
 
-Never the machine's main broker: every test here starts (once per module) its own node or three-node cluster on
-free loopback ports and kills it afterwards. Every fault is injected a fixed number of times, every wait is bounded.
+Never the machine's main broker: every test here starts (once per module) its own node or three-node cluster
+on free loopback ports and kills it afterwards. Every fault is injected a fixed number of times, every wait is
+bounded.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _skip_if_unavailable() -> None:
         pytest.skip(f"cannot start throwaway RabbitMQ nodes: {reason}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # fixtures: one node and one cluster per module, started lazily
 
 
@@ -74,15 +75,15 @@ def _pika(url: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(params)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the harness itself: a quorum queue survives the loss of one of three nodes
 
 
 def test_cluster_quorum_queue_survives_node_kill(full_cluster: brokers.Cluster) -> None:
     c = full_cluster
     queue = f"harness.{uuid.uuid4().hex[:8]}"
-    # declare through node 2, so the queue's leader is there (leader locator client-local), then kill node 2 with
-    # SIGKILL while a client connected to node 1 keeps publishing and consuming
+    # declare through node 2, so the queue's leader is there (leader locator client-local), then kill node 2
+    # with SIGKILL while a client connected to node 1 keeps publishing and consuming
     declarer = _pika(c.nodes[1].url)
     declarer.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
     declarer.close()
@@ -117,15 +118,16 @@ def test_cluster_quorum_queue_survives_node_kill(full_cluster: brokers.Cluster) 
     assert len(c.running_members(survivor)) == len(c.nodes) - 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # federation runs: the real aggregator worker process and real fedq.client.Client processes
 #
-# Determinism. FedBuff with K = CLIENTS, constant staleness weight, server learning rate ETA, max staleness above
-# the run's length, every update weighted 1 (num_samples = 1). Whatever the grouping of updates into versions,
-# the final model is x0 + ETA / K * (sum of every update's delta) up to float rounding (~1e-8 here), so one update
-# lost or counted twice moves it by a whole delta (~1e-2 relative), far above the 1e-6 bound. "wait" clients
-# receive version r before sending their round-r delta (one update per client per version, staleness 0);
-# "flood" clients receive version 0 once and then send every round at once (deltas against version 0).
+# Determinism. FedBuff with K = CLIENTS, constant staleness weight, server learning rate ETA, max staleness
+# above the run's length, every update weighted 1 (num_samples = 1). Whatever the grouping of updates into
+# versions, the final model is x0 + ETA / K * (sum of every update's delta) up to float rounding (~1e-8 here),
+# so one update lost or counted twice moves it by a whole delta (~1e-2 relative), far above the 1e-6 bound.
+# "wait" clients receive version r before sending their round-r delta (one update per client per version,
+# staleness 0); "flood" clients receive version 0 once and then send every round at once (deltas against
+# version 0).
 
 CLIENTS = 3
 VERSIONS = 3
@@ -136,9 +138,9 @@ RUN_TIMEOUT = 120.0
 ROOT = Path(__file__).resolve().parent.parent
 
 # The aggregator declares the topology itself with classic queues (``Transport.declare(names, shards)``);
-# on a cluster the update queues must be quorum queues and a classic re-declaration of an existing quorum queue
-# is refused by the broker (inequivalent x-queue-type). Until workers.aggregator grows a ``--quorum`` option,
-# this shim runs the real worker with its declarations switched to the quorum variant.
+# on a cluster the update queues must be quorum queues and a classic re-declaration of an existing quorum
+# queue is refused by the broker (inequivalent x-queue-type). Until workers.aggregator grows a ``--quorum``
+# option, this shim runs the real worker with its declarations switched to the quorum variant.
 QUORUM_SHIM = """
 import sys
 from fedq.transport.rabbitmq import RabbitTransport
@@ -182,7 +184,10 @@ def _quorum_flag() -> bool:
     global _aggregator_supports_quorum
     if _aggregator_supports_quorum is None:
         out = subprocess.run(
-            [sys.executable, "-m", "workers.aggregator", "--help"], capture_output=True, text=True, cwd=ROOT,
+            [sys.executable, "-m", "workers.aggregator", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
             timeout=120,
         ).stdout
         _aggregator_supports_quorum = "--quorum" in out
@@ -192,8 +197,15 @@ def _quorum_flag() -> bool:
 class FedRun:
     """One scripted federation on a throwaway broker: an aggregator process and CLIENTS client processes."""
 
-    def __init__(self, tmp: Path, url: str, *, versions: int = VERSIONS, update_timeout: float = 5.0,
-                 quorum: bool = False) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        url: str,
+        *,
+        versions: int = VERSIONS,
+        update_timeout: float = 5.0,
+        quorum: bool = False,
+    ) -> None:
         self.tmp = tmp
         self.url = url
         self.names = Names(f"f{uuid.uuid4().hex[:10]}")
@@ -209,7 +221,8 @@ class FedRun:
         self._all: list[subprocess.Popen[bytes]] = []
         self.events: list[str] = []
 
-    # processes ------------------------------------------------------------------------------------------------
+    # processes
+    # ------------------------------------------------------------------------------------------------
     def _popen(self, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -218,11 +231,34 @@ class FedRun:
 
     def start_aggregator(self) -> subprocess.Popen[bytes]:
         args = [
-            "--amqp-url", self.url, "--namespace", self.names.namespace, "--strategy", "fedbuff",
-            "--buffer-size", str(CLIENTS), "--server-lr", str(ETA), "--staleness-fn", "constant",
-            "--max-staleness", "100", "--max-versions", str(self.versions), "--init", str(self.init),
-            "--state-dir", str(self.state_dir), "--device", "cpu", "--chunk-bytes", str(CHUNK_BYTES),
-            "--memory-budget", str(1 << 20), "--update-timeout", str(self.update_timeout),
+            "--amqp-url",
+            self.url,
+            "--namespace",
+            self.names.namespace,
+            "--strategy",
+            "fedbuff",
+            "--buffer-size",
+            str(CLIENTS),
+            "--server-lr",
+            str(ETA),
+            "--staleness-fn",
+            "constant",
+            "--max-staleness",
+            "100",
+            "--max-versions",
+            str(self.versions),
+            "--init",
+            str(self.init),
+            "--state-dir",
+            str(self.state_dir),
+            "--device",
+            "cpu",
+            "--chunk-bytes",
+            str(CHUNK_BYTES),
+            "--memory-budget",
+            str(1 << 20),
+            "--update-timeout",
+            str(self.update_timeout),
         ]
         if self.quorum and _quorum_flag():
             cmd = [sys.executable, "-m", "workers.aggregator", *args, "--quorum"]
@@ -233,13 +269,32 @@ class FedRun:
         self.aggregator = self._popen(cmd, self.tmp / "aggregator.log")
         return self.aggregator
 
-    def start_client(self, i: int, *, first_round: int = 0, mode: str = "wait", slow: float = 0.0,
-                     slow_round: int = -1) -> subprocess.Popen[bytes]:
+    def start_client(
+        self, i: int, *, first_round: int = 0, mode: str = "wait", slow: float = 0.0, slow_round: int = -1
+    ) -> subprocess.Popen[bytes]:
         cmd = [
-            sys.executable, "-m", "tests.test_faults", "client", "--url", self.url, "--namespace",
-            self.names.namespace, "--index", str(i), "--first-round", str(first_round), "--rounds",
-            str(self.versions), "--mode", mode, "--markers", str(self.markers), "--slow", str(slow),
-            "--slow-round", str(slow_round),
+            sys.executable,
+            "-m",
+            "tests.test_faults",
+            "client",
+            "--url",
+            self.url,
+            "--namespace",
+            self.names.namespace,
+            "--index",
+            str(i),
+            "--first-round",
+            str(first_round),
+            "--rounds",
+            str(self.versions),
+            "--mode",
+            mode,
+            "--markers",
+            str(self.markers),
+            "--slow",
+            str(slow),
+            "--slow-round",
+            str(slow_round),
         ]
         self.clients[i] = self._popen(cmd, self.tmp / f"client{i}.log")
         return self.clients[i]
@@ -257,7 +312,8 @@ class FedRun:
                     proc.kill()
                 proc.wait(timeout=30)
 
-    # progress -------------------------------------------------------------------------------------------------
+    # progress
+    # -------------------------------------------------------------------------------------------------
     def marker(self, name: str) -> bool:
         return (self.markers / name).exists()
 
@@ -287,7 +343,10 @@ class FedRun:
 
     def finish(self, timeout: float = RUN_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
-        for what, p in [*((f"client{i}", p) for i, p in self.clients.items()), ("aggregator", self.aggregator)]:
+        for what, p in [
+            *((f"client{i}", p) for i, p in self.clients.items()),
+            ("aggregator", self.aggregator),
+        ]:
             assert p is not None
             try:
                 rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -301,7 +360,8 @@ class FedRun:
             out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-tail:]}")
         return "\n".join(out)
 
-    # checks ---------------------------------------------------------------------------------------------------
+    # checks
+    # ---------------------------------------------------------------------------------------------------
     def check(self) -> dict[str, Any]:
         final = state(self.state_dir)
         assert final.get("version") == self.versions, f"{final}\n{self.logs()}"
@@ -359,7 +419,8 @@ def test_fault_free_baseline(run: FedRun) -> None:
 
 
 def test_broker_restart_mid_transfer(run: FedRun, node: brokers.Node) -> None:
-    """rabbitmqctl stop_app / start_app while every client streams its round-1 update and the aggregator folds."""
+    """rabbitmqctl stop_app / start_app while every client streams its round-1 update and the aggregator
+    folds."""
     run.start_aggregator()
     for i in range(CLIENTS):
         run.start_client(i, slow=0.03, slow_round=1)  # ~1.3 s per update in round 1
@@ -377,8 +438,8 @@ def test_broker_restart_mid_transfer(run: FedRun, node: brokers.Node) -> None:
 
 
 def test_client_sigkill_mid_stream(run: FedRun) -> None:
-    """A client killed while streaming its round-1 update: the partial update is dropped, the restarted client's
-    update counts once."""
+    """A client killed while streaming its round-1 update: the partial update is dropped, the restarted
+    client's update counts once."""
     run.start_aggregator()
     for i in range(CLIENTS):
         run.start_client(i, slow=0.05 if i == 0 else 0.0, slow_round=1)
@@ -409,13 +470,20 @@ def test_client_and_aggregator_sigkill_together(run: FedRun) -> None:
 
 
 def test_overload_publishers_slow_down_nothing_dropped(run: FedRun, node: brokers.Node) -> None:
-    """Clients flood the update queue (capped at 256 KiB by a policy) while the aggregator is stopped (SIGSTOP):
-    publishes are refused by the full queue and retried, the clients wait, the broker stays under its memory
-    watermark without alarms, and once the aggregator runs again every update is folded exactly once."""
+    """Clients flood the update queue (capped at 256 KiB by a policy) while the aggregator is stopped
+    (SIGSTOP): publishes are refused by the full queue and retried, the clients wait, the broker stays under
+    its memory watermark without alarms, and once the aggregator runs again every update is folded exactly
+    once."""
     limit = 256 << 10
     node.ctl(
-        "set_policy", "--apply-to", "queues", "--priority", "10", f"{run.names.namespace}-cap",
-        f"^{run.names.namespace}\\.updates\\.", json.dumps({"max-length-bytes": limit, "overflow": "reject-publish"}),
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "--priority",
+        "10",
+        f"{run.names.namespace}-cap",
+        f"^{run.names.namespace}\\.updates\\.",
+        json.dumps({"max-length-bytes": limit, "overflow": "reject-publish"}),
     )
     agg = run.start_aggregator()
     run.wait_announced(0)
@@ -444,8 +512,9 @@ def test_overload_publishers_slow_down_nothing_dropped(run: FedRun, node: broker
     elapsed = time.monotonic() - t0
     run.check()
     print(
-        f"overload: queue peak {peak_queue} B (cap {limit}), broker memory peak {peak_memory / 2**20:.0f} MiB "
-        f"(watermark {watermark / 2**20:.0f} MiB), clients blocked: {still_publishing}, total {elapsed:.1f}s"
+        f"overload: queue peak {peak_queue} B (cap {limit}), "
+        f"broker memory peak {peak_memory / 2**20:.0f} MiB (watermark {watermark / 2**20:.0f} MiB), "
+        f"clients blocked: {still_publishing}, total {elapsed:.1f}s"
     )
     assert still_publishing == list(range(CLIENTS)), "publishers were not held back by the full queue"
     assert 0 < peak_queue <= limit
@@ -454,7 +523,7 @@ def test_overload_publishers_slow_down_nothing_dropped(run: FedRun, node: broker
     assert dead_letters(run.url, run.names) == 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # cluster
 
 
@@ -486,12 +555,13 @@ def test_cluster_node_killed_mid_run(tmp_path: Path, full_cluster: brokers.Clust
         r.kill_all()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the client process used above: python -m tests.test_faults client ...
 
 
 class _SlowTransport:
-    """Delegates to a transport; sleeps before each publish while ``delay`` is set (to widen a fault window)."""
+    """Delegates to a transport; sleeps before each publish while ``delay`` is set (to widen a fault
+    window)."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -524,8 +594,9 @@ def _client_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     x0 = _x0()
     transport = _SlowTransport(connect(a.url))
-    client = Client(f"c{a.index}", namespace=a.namespace, codec="fp32", chunk_bytes=CHUNK_BYTES,
-                    transport=transport)  # type: ignore[arg-type]
+    client = Client(
+        f"c{a.index}", namespace=a.namespace, codec="fp32", chunk_bytes=CHUNK_BYTES, transport=transport
+    )  # type: ignore[arg-type]
 
     def mark(name: str) -> None:
         (a.markers / f"c{a.index}.{name}").write_text(f"{time.time()}\n")
@@ -548,8 +619,10 @@ def _client_main(argv: list[str]) -> int:
             mark(f"r{r}.sending")
             sent = client.send(model, num_samples=1)
             mark(f"r{r}.sent")
-            print(f"round {r}: sent {sent.update_id} ({sent.chunks} chunks) on version {sent.base_version}",
-                  flush=True)
+            print(
+                f"round {r}: sent {sent.update_id} ({sent.chunks} chunks) on version {sent.base_version}",
+                flush=True,
+            )
     return 0
 
 

@@ -19,7 +19,7 @@ def _step(
     updates: list[tuple[str, int, int, torch.Tensor]],  # (id, base version, samples, delta)
     *,
     version: int,
-    norm_bound: NormBound = NormBound(),
+    norm_bound: NormBound | None = None,
     max_staleness: int = 100,
 ) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """Plan one version with the real planner, fold with the real accumulator, apply x + scale · Σ f Δ."""
@@ -27,7 +27,7 @@ def _step(
         strategy,
         shards=1,
         max_staleness=max_staleness,
-        norm_bound=norm_bound,
+        norm_bound=norm_bound or NormBound(),
         update_timeout=60,
         version=version,
     )

@@ -1,9 +1,9 @@
 """TLS (issue 7, "Security"): a transfer over ``amqps://`` with certificates verified both ways, and refusals.
 
-A throwaway CA, server certificate (127.0.0.1 / localhost) and client certificate are generated with openssl; a
-throwaway RabbitMQ node (``tests/brokers.py``, never the main broker) listens with TLS only (no plain AMQP port),
-``verify_peer`` + ``fail_if_no_peer_cert``. A client certificate from another CA, a client without a certificate,
-and a client that does not trust the server's CA are each refused.
+A throwaway CA, server certificate (127.0.0.1 / localhost) and client certificate are generated with openssl;
+a throwaway RabbitMQ node (``tests/brokers.py``, never the main broker) listens with TLS only (no plain AMQP
+port), ``verify_peer`` + ``fail_if_no_peer_cert``. A client certificate from another CA, a client without a
+certificate, and a client that does not trust the server's CA are each refused.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class TlsBroker:
         self.certs = certs
 
     def url(self, *, ca: str = "ca", cert: str | None = "client_cert", key: str | None = "client_key") -> str:
-        """An amqps:// URL for fedq's transport: CA, client certificate and key as query parameters (the transport
-        always verifies the server's certificate and host name)."""
+        """An amqps:// URL for fedq's transport: CA, client certificate and key as query parameters (the
+        transport always verifies the server's certificate and host name)."""
         query = [f"cafile={quote(str(self.certs[ca]))}"]
         if cert and key:
             query += [f"certfile={quote(str(self.certs[cert]))}", f"keyfile={quote(str(self.certs[key]))}"]
@@ -65,7 +65,9 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
         yield TlsBroker(node, port, certs)
 
 
-def _pika_tls(b: TlsBroker, *, ca: str = "ca", cert: str | None = "client_cert", key: str | None = "client_key"):
+def _pika_tls(
+    b: TlsBroker, *, ca: str = "ca", cert: str | None = "client_cert", key: str | None = "client_key"
+):
     ctx = ssl.create_default_context(cafile=str(b.certs[ca]))
     if cert and key:
         ctx.load_cert_chain(str(b.certs[cert]), str(b.certs[key]))
@@ -91,7 +93,8 @@ def test_pika_baseline_mutual_tls(tls_broker: TlsBroker) -> None:
 
 
 def test_transfer_over_amqps_with_verification(tls_broker: TlsBroker) -> None:
-    """A transfer through fedq's transport (connect(amqps URL)): declare, publish with confirms, consume, ack."""
+    """A transfer through fedq's transport (connect(amqps URL)): declare, publish with confirms, consume,
+    ack."""
     from fedq.topology import Names
     from fedq.transport import connect
 
@@ -126,7 +129,12 @@ def test_transfer_over_amqps_with_verification(tls_broker: TlsBroker) -> None:
     [
         ("ca", "rogue_cert", "rogue_key", "client certificate from an untrusted CA"),
         ("ca", None, None, "no client certificate"),
-        ("rogue_ca", "client_cert", "client_key", "server certificate not signed by the CA the client trusts"),
+        (
+            "rogue_ca",
+            "client_cert",
+            "client_key",
+            "server certificate not signed by the CA the client trusts",
+        ),
     ],
 )
 def test_refused(tls_broker: TlsBroker, ca: str, cert: str | None, key: str | None, why: str) -> None:

@@ -21,7 +21,8 @@ class Accumulator:
         self.count = 0
 
     def fold(self, name: str, offset: int, values: torch.Tensor, weight: float) -> None:
-        """Add ``weight * values`` to elements ``offset .. offset+len(values)`` of tensor ``name`` (flattened)."""
+        """Add ``weight * values`` to elements ``offset .. offset+len(values)`` of tensor ``name``
+        (flattened)."""
         flat = self._sum(name)
         n = values.numel()
         if offset < 0 or offset + n > flat.numel():

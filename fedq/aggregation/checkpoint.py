@@ -1,10 +1,9 @@
 """Atomic checkpoints of one shard: its part of the global model plus a small state JSON.
 
-The model of version v goes to ``model-v{v}.safetensors`` (written tensor by tensor to a temporary name, fsynced,
-renamed), then
-``state.json`` is replaced the same way and names that file: the rename of ``state.json`` is the single commit
-point, so a crash at any moment leaves either the old or the new checkpoint, never a mix. Older model files are
-deleted only after the new state is durable.
+The model of version v goes to ``model-v{v}.safetensors`` (written tensor by tensor to a temporary name,
+fsynced, renamed), then ``state.json`` is replaced the same way and names that file: the rename of
+``state.json`` is the single commit point, so a crash at any moment leaves either the old or the new
+checkpoint, never a mix. Older model files are deleted only after the new state is durable.
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ STATE = "state.json"
 
 
 def save(directory: Path, version: int, model: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    """Write the model of ``version`` and ``state`` (JSON-able) atomically; ``state`` gains ``version``/``model``."""
+    """Write the model of ``version`` and ``state`` (JSON-able) atomically; ``state`` gains
+    ``version``/``model``."""
     directory.mkdir(parents=True, exist_ok=True)
     model_name = f"model-v{version}.safetensors"
     if not (directory / model_name).exists():
@@ -61,7 +61,8 @@ def load(directory: Path, device: torch.device) -> tuple[dict[str, torch.Tensor]
 
 
 def read_model(path: Path, device: torch.device, names: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """float32 copies on ``device`` of the tensors in ``names`` (all when None) of a safetensors file or a torch
+    """float32 copies on ``device`` of the tensors in ``names`` (all when None) of a safetensors file or a
+    torch
     state-dict file, read one tensor at a time so that only the copies stay resident."""
     out: dict[str, torch.Tensor] = {}
     if path.suffix == ".safetensors":

@@ -1,13 +1,14 @@
 """The leader's decision of each version's membership: which updates, with which fold factors.
 
-Every shard stages its slice of every update and reports "committed" (with the squared norm of its slice) once its
-slice is complete. Only shard 0, the leader, decides: an update becomes a candidate when *every* shard has
+Every shard stages its slice of every update and reports "committed" (with the squared norm of its slice) once
+its slice is complete. Only shard 0, the leader, decides: an update becomes a candidate when *every* shard has
 reported it, so no shard is ever asked to fold an update it does not have. The plan for version v+1 lists the
-chosen updates with their fold factors f_i = w_i · c_i and the step's scale (see ``strategies``), plus the updates
-dropped for good (stale, over the norm bound, incomplete past the timeout, reported by different users). All
-shards apply the same plan, so they stay identical to one aggregator holding the whole model.
+chosen updates with their fold factors f_i = w_i · c_i and the step's scale (see ``strategies``), plus the
+updates dropped for good (stale, over the norm bound, incomplete past the timeout, reported by different
+users). All shards apply the same plan, so they stay identical to one aggregator holding the whole model.
 
-The planner is pure (time is passed in) and its state is plain JSON, so the leader can journal it and restore it.
+The planner is pure (time is passed in) and its state is plain JSON, so the leader can journal it and restore
+it.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class Planner:
         norm_sq: float,
         now: float,
     ) -> None:
-        """Record that ``shard`` holds its complete slice of ``update_id``; repeated reports change nothing."""
+        """Record that ``shard`` holds its complete slice of ``update_id``; repeated reports change
+        nothing."""
         report = self.reports.get(update_id)
         if report is None:
             report = _Report(client, base_version, num_samples, set(), 0.0, now)

@@ -4,28 +4,30 @@ Life of an update on shard i (one container stream per shard, see fedq/docs/arch
 
 1. Every delivery of the stream (manifest, chunks, commit) is validated (wire format, sender, tensor names and
    shapes), appended to the stream's staging file, fsynced, and only then acked (``staging``).
-2. When the stream is complete (manifest + every chunk + commit), its chunks are decoded once to refuse NaN/Inf
-   and to measure its delta's squared norm, its staleness is checked, and the shard reports "committed" to the
-   leader (shard 0; a local call when this is the leader).
-3. The leader's ``Planner`` decides the next version: which updates, with which fold factors, and the step's scale.
-   It journals the plan (fsync), sends it to every other shard on the control exchange, and applies it itself.
-4. Applying a plan: for each tensor, the planned updates' staged chunks are decoded and folded into a one-tensor
-   ``Accumulator`` (so memory is the global model + one tensor, not one model per client), then
-   x += scale · Σ fᵢ Δᵢ. The checkpoint (model + state: version, finished streams, leader state) is written
-   atomically, the covered staging files are deleted, the plan delivery is acked, this shard's part of the model
-   is published on the models exchange, and "stepped" is reported to the leader.
+2. When the stream is complete (manifest + every chunk + commit), its chunks are decoded once to refuse
+   NaN/Inf and to measure its delta's squared norm, its staleness is checked, and the shard reports
+   "committed" to the leader (shard 0; a local call when this is the leader).
+3. The leader's ``Planner`` decides the next version: which updates, with which fold factors, and the step's
+   scale. It journals the plan (fsync), sends it to every other shard on the control exchange, and applies it
+   itself.
+4. Applying a plan: for each tensor, the planned updates' staged chunks are decoded and folded into a
+   one-tensor ``Accumulator`` (so memory is the global model + one tensor, not one model per client), then x
+   += scale · Σ fᵢ Δᵢ. The checkpoint (model + state: version, finished streams, leader state) is written
+   atomically, the covered staging files are deleted, the plan delivery is acked, this shard's part of the
+   model is published on the models exchange, and "stepped" is reported to the leader.
 5. The leader announces version v on the versions exchange once every shard has stepped to v.
 
 Exactly once: the accumulator is never persisted. A version is folded entirely from staging files inside one
-plan application, and the plan is acked (or, on the leader, dropped from the journal) only after the checkpoint
-that contains its result. Killed at any point, a shard restarts from its checkpoint, re-reads its staging files,
-re-reports what is complete, and gets unacked deliveries (and the unacked plan) back from the broker. Streams
-already folded or refused are remembered ("finished") in the checkpoint, so their redelivered or duplicate
-messages are acked without effect; duplicate chunks of a staged stream are recognised by (stream, chunk index).
+plan application, and the plan is acked (or, on the leader, dropped from the journal) only after the
+checkpoint that contains its result. Killed at any point, a shard restarts from its checkpoint, re-reads its
+staging files, re-reports what is complete, and gets unacked deliveries (and the unacked plan) back from the
+broker. Streams already folded or refused are remembered ("finished") in the checkpoint, so their redelivered
+or duplicate messages are acked without effect; duplicate chunks of a staged stream are recognised by (stream,
+chunk index).
 
 Full updates are turned into deltas against the global they are folded into (Δ = x_client − x_v): FedAsync's
-mixing formula is then exact, and FedAvg of full updates is the exact weighted average. Their norm (for the norm
-bound) is measured against the global at the time they complete.
+mixing formula is then exact, and FedAvg of full updates is the exact weighted average. Their norm (for the
+norm bound) is measured against the global at the time they complete.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class Aggregator:
         self.planner: Planner | None = None
         self._load()
 
-    # start-up ------------------------------------------------------------------------------------------------
+    # start-up -----------------------------------------------------------------------------------------------
     def _load(self) -> None:
         loaded = checkpoint.load(self.dir, self.s.device)
         if loaded is None:
@@ -163,7 +165,7 @@ class Aggregator:
             self._publish_model()
         self._report_stepped()
 
-    # main loop -----------------------------------------------------------------------------------------------
+    # main loop ----------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
         self.start()
         while not (stop is not None and stop.is_set()) and not self._done():
@@ -221,7 +223,7 @@ class Aggregator:
         to_ack.clear()
         completed.clear()
 
-    # update messages -----------------------------------------------------------------------------------------
+    # update messages ----------------------------------------------------------------------------------------
     def _on_update_message(
         self, delivery: Delivery, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]
     ) -> None:
@@ -307,7 +309,8 @@ class Aggregator:
         staleness = self.version - info["base_version"]
         if staleness < 0 or staleness > self.s.max_staleness:
             raise RejectedUpdate(
-                f"update {info['update_id']} is based on version {info['base_version']}, current is {self.version} "
+                f"update {info['update_id']} is based on version {info['base_version']}, "
+                f"current is {self.version} "
                 f"(max staleness {self.s.max_staleness})",
                 reason="stale",
             )
@@ -356,7 +359,7 @@ class Aggregator:
                 metrics.UPDATES.labels(ROLE, "dropped_incomplete").inc()
                 self._refuse_stream(stream)
 
-    # coordination --------------------------------------------------------------------------------------------
+    # coordination -------------------------------------------------------------------------------------------
     def _control(self, shard: int, body: dict[str, Any]) -> None:
         self.t.publish(
             self.s.names.control_exchange,
@@ -468,7 +471,7 @@ class Aggregator:
             )
         self._apply(plan)
 
-    # the leader's journal ------------------------------------------------------------------------------------
+    # the leader's journal -----------------------------------------------------------------------------------
     def _journal(self, entry: dict[str, Any]) -> None:
         with open(self.dir / JOURNAL, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -501,7 +504,7 @@ class Aggregator:
         elif self.announced < self.version and self.last_plan is not None:
             self._send_plan(self.last_plan)  # ask the other shards to report "stepped" again
 
-    # the step ------------------------------------------------------------------------------------------------
+    # the step -----------------------------------------------------------------------------------------------
     def _apply(self, plan: Plan) -> None:
         """Fold exactly the planned updates, step, checkpoint, clean up, publish, report."""
         started = time.monotonic()
@@ -510,7 +513,413 @@ class Aggregator:
             c = self.complete.get(entry.update_id)
             if c is None:
                 raise StreamError(
-                    f"plan {plan.version} names update {entry.update_id}, which shard {self.s.shard} does not hold",
+                    f"plan {plan.version} names update {entry.update_id}, "
+                    f"which shard {self.s.shard} does not hold",
+                    reason="inconsistent",
+                )
+            entries.append((entry, c))
+        fold_seconds, folded = 0.0, 0
+        for name in self.shapes:
+            acc = Accumulator({name: self.shapes[name]}, self.s.device)
+            for entry, c in entries:
+                for ref in c.staged.chunks.values():
+                    if ref.name == name:
+                        t0 = time.perf_counter()
+                        acc.fold(name, ref.offset, self._decode(c.staged, ref, c.kind), entry.factor)
+                        fold_seconds += time.perf_counter() - t0
+                        folded += ref.count
+            self.model[name].add_(acc.pop(name), alpha=plan.scale)
+        device = self.s.device.type
+        metrics.FOLDED_PARAMS.labels(device).inc(folded)
+        metrics.FOLD_SECONDS.labels(device).inc(fold_seconds)
+        for entry, c in entries:
+            metrics.STALENESS.observe(entry.staleness)
+            metrics.CLIENT_LAST_UPDATE.labels(c.client).set(time.time())
+            for key, value in c.metrics.items():
+                metrics.CLIENT_METRIC.labels(c.client, key).set(value)
+            metrics.UPDATES.labels(ROLE, "folded").inc()
+        for update_id, reason in plan.dropped:
+            metrics.REJECTED.labels(ROLE, reason).inc()
+            log.warning("shard %d: update %s dropped: %s", self.s.shard, update_id, reason)
+        covered = [c for _, c in entries] + [self.complete[u] for u, _ in plan.dropped if u in self.complete]
+        self.version = plan.version
+        self.last_plan = plan
+        self.finished |= {c.staged.stream for c in covered}
+        self.finished_updates |= {c.update_id for c in covered}
+        self._checkpoint(planner_state=self.planner.state() if self.planner else {})
+        for c in covered:
+            self.complete.pop(c.update_id, None)
+            self.staging.remove(c.staged.stream)
+        if self.leader:
+            (self.dir / JOURNAL).unlink(missing_ok=True)
+        metrics.MODEL_VERSION.labels(self.shard_label).set(self.version)
+
+    def start(self) -> None:
+        """Declare, consume, and redo whatever a crash may have left half done."""
+        self.t.declare(self.s.names, self.s.shards)
+        self.t.consume(self.s.names.updates_queue(self.s.shard), prefetch=self.s.prefetch)
+        self.t.consume(self.s.names.control_queue(self.s.shard), prefetch=self.s.shards * 4 + 4)
+        for stream in [s for s in self.staging.streams if s in self.finished]:
+            self.staging.remove(stream)
+        for staged in list(self.staging.streams.values()):
+            if _is_complete(staged):
+                self._on_complete(staged, None)
+        if self.leader:
+            self._replay_journal()
+        if self.published < self.version:
+            self._publish_model()
+        self._report_stepped()
+
+    # main loop ----------------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> None:
+        self.start()
+        while not (stop is not None and stop.is_set()) and not self._done():
+            self._poll(timeout=0.2)
+            self._expire()
+            if self.leader:
+                self._maybe_plan()
+        self.t.flush()
+
+    def _done(self) -> bool:
+        if not self.s.max_versions or self.version < self.s.max_versions:
+            return False
+        return self.announced >= self.s.max_versions if self.leader else self.published >= self.version
+
+    def _poll(self, timeout: float) -> None:
+        """Take up to a batch of deliveries, stage them with one fsync, then ack them together."""
+        delivery = self.t.get(timeout)
+        to_ack: list[Delivery] = []
+        completed: list[tuple[Staged, Delivery]] = []
+        while delivery is not None:
+            if delivery.queue == self.s.names.control_queue(self.s.shard):
+                self._flush_batch(to_ack, completed)
+                self._guard(delivery, self._on_control)
+            else:
+                self._guard(delivery, lambda d: self._on_update_message(d, to_ack, completed))
+            if len(to_ack) >= MAX_BATCH:
+                break
+            delivery = self.t.get(0)
+        self._flush_batch(to_ack, completed)
+
+    def _guard(self, delivery: Delivery, handler: Any) -> None:
+        """Bad input is dead-lettered with its reason; the worker and the model are untouched."""
+        try:
+            handler(delivery)
+        except (WireError, StreamError, RejectedUpdate) as exc:
+            self._dead_letter(delivery, exc.reason, str(exc))
+
+    def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
+        log.warning(
+            "shard %d: refused a message from %s: %s (%s)", self.s.shard, delivery.user_id, reason, detail
+        )
+        metrics.REJECTED.labels(ROLE, reason).inc()
+        metrics.DEAD_LETTERED.labels(ROLE, reason).inc()
+        self.t.dead_letter(delivery, reason, detail[:500])
+
+    def _flush_batch(self, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]) -> None:
+        if not to_ack and not completed:
+            return
+        self.staging.sync()
+        metrics.STAGED_BYTES.labels("disk").set(self.staging.nbytes)
+        for delivery in to_ack:
+            self.t.ack(delivery)
+        for staged, delivery in completed:
+            self._on_complete(staged, delivery)
+        to_ack.clear()
+        completed.clear()
+
+    # update messages ----------------------------------------------------------------------------------------
+    def _on_update_message(
+        self, delivery: Delivery, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]
+    ) -> None:
+        if not delivery.user_id:
+            raise RejectedUpdate("update message without a validated AMQP user_id", reason="unauthorised")
+        msg = wire.decode(delivery.body)
+        if msg.stream in self.finished or msg.stream in self.rejected:
+            metrics.CHUNKS.labels(ROLE, "duplicate").inc()
+            self.t.ack(delivery)
+            return
+        if msg.kind == wire.CHUNK:
+            self._check_tensor(msg.name, msg.shape)
+            metrics.CHUNKS.labels(ROLE, "received").inc()
+        elif msg.kind == wire.MANIFEST:
+            try:
+                self._check_manifest(msg.stream, msg.meta)
+            except RejectedUpdate:
+                self._refuse_stream(msg.stream)
+                raise
+        staged = self.staging.append(delivery.user_id, msg, bytes(delivery.body))
+        if staged is None:
+            metrics.CHUNKS.labels(ROLE, "duplicate").inc()
+            self.t.ack(delivery)
+            return
+        if msg.kind == wire.CHUNK:
+            metrics.CHUNKS.labels(ROLE, "staged").inc()
+        if _is_complete(staged):
+            completed.append((staged, delivery))
+        else:
+            to_ack.append(delivery)
+
+    def _check_tensor(self, name: str, shape: tuple[int, ...]) -> None:
+        expected = self.shapes.get(name)
+        if expected is None:
+            raise RejectedUpdate(
+                f"tensor {name!r} is not one of shard {self.s.shard}'s", reason="unknown_tensor"
+            )
+        if tuple(shape) != expected:
+            raise RejectedUpdate(
+                f"{name!r} has shape {tuple(shape)}, the model {expected}", reason="shape_mismatch"
+            )
+
+    def _check_manifest(self, stream: str, meta: dict[str, Any]) -> None:
+        manifest = _manifest(stream, meta)
+        _update_meta(manifest)
+        for entry in manifest.tensors:
+            self._check_tensor(entry.name, entry.shape)
+
+    def _refuse_stream(self, stream: str) -> None:
+        self.rejected.add(stream)
+        self.staging.remove(stream)
+
+    def _on_complete(self, staged: Staged, delivery: Delivery | None) -> None:
+        """Validate a complete slice and report it; the completing delivery is acked or dead-lettered here."""
+        try:
+            complete = self._validate(staged)
+        except (WireError, StreamError, RejectedUpdate) as exc:
+            self._refuse_stream(staged.stream)
+            if delivery is not None:
+                self._dead_letter(delivery, exc.reason, str(exc))
+            else:
+                metrics.REJECTED.labels(ROLE, exc.reason).inc()
+            return
+        if delivery is not None:
+            self.t.ack(delivery)
+        self.complete[complete.update_id] = complete
+        metrics.UPDATES.labels(ROLE, "committed").inc()
+        log.info(
+            "shard %d: update %s from %s complete (base version %d, %d chunks, %.1f MB staged)",
+            self.s.shard,
+            complete.update_id,
+            complete.client,
+            complete.base_version,
+            len(staged.chunks),
+            staged.nbytes / 1e6,
+        )
+        self._report_committed(complete)
+
+    def _validate(self, staged: Staged) -> _Complete:
+        assert staged.manifest is not None
+        manifest = _manifest(staged.stream, staged.manifest)
+        info = _update_meta(manifest)
+        staleness = self.version - info["base_version"]
+        if staleness < 0 or staleness > self.s.max_staleness:
+            raise RejectedUpdate(
+                f"update {info['update_id']} is based on version {info['base_version']}, "
+                f"current is {self.version} "
+                f"(max staleness {self.s.max_staleness})",
+                reason="stale",
+            )
+        if info["update_id"] in self.complete:
+            raise RejectedUpdate(
+                f"update id {info['update_id']} is already staged", reason="duplicate_update"
+            )
+        _check_coverage(staged, manifest)
+        norm_sq = 0.0
+        for ref in staged.chunks.values():
+            values = self._decode(staged, ref, info["kind"])
+            norm_sq += float(values.double().pow(2).sum())
+        if not math.isfinite(norm_sq):
+            raise RejectedUpdate(f"update {info['update_id']} has an infinite norm", reason="norm_bound")
+        return _Complete(
+            staged,
+            info["update_id"],
+            staged.user,
+            info["base_version"],
+            info["num_samples"],
+            info["kind"],
+            norm_sq,
+            info["metrics"],
+        )
+
+    def _decode(self, staged: Staged, ref: ChunkRef, kind: str) -> torch.Tensor:
+        """A staged chunk as a delta slice on the fold device (full weights minus the current global)."""
+        msg = self.staging.read(staged, ref)
+        values = wire.decode_tensor(msg, self.s.device)
+        if kind == "full":
+            values = values - self.model[ref.name].reshape(-1)[ref.offset : ref.offset + ref.count]
+        return values
+
+    def _expire(self) -> None:
+        """Drop streams that stayed incomplete past the timeout: they contribute nothing."""
+        now = time.monotonic()
+        complete_streams = {c.staged.stream for c in self.complete.values()}
+        for stream, staged in list(self.staging.streams.items()):
+            if stream not in complete_streams and now - staged.first_seen > self.s.update_timeout:
+                log.warning(
+                    "shard %d: dropping incomplete stream %s after %.0f s",
+                    self.s.shard,
+                    stream,
+                    self.s.update_timeout,
+                )
+                metrics.UPDATES.labels(ROLE, "dropped_incomplete").inc()
+                self._refuse_stream(stream)
+
+    # coordination -------------------------------------------------------------------------------------------
+    def _control(self, shard: int, body: dict[str, Any]) -> None:
+        self.t.publish(
+            self.s.names.control_exchange,
+            self.s.names.shard_key(shard),
+            json.dumps(body).encode(),
+            persistent=True,
+        )
+
+    def _report_committed(self, c: _Complete) -> None:
+        report = {
+            "type": "committed",
+            "shard": self.s.shard,
+            "update_id": c.update_id,
+            "client": c.client,
+            "base_version": c.base_version,
+            "num_samples": c.num_samples,
+            "norm_sq": c.norm_sq,
+        }
+        if self.leader:
+            self._on_committed(report, journal=False)
+        else:
+            self._control(0, report)
+            self.t.flush()
+
+    def _report_stepped(self) -> None:
+        if self.leader:
+            self._on_stepped(self.s.shard, self.version, self.published_at)
+        else:
+            self._control(
+                0,
+                {
+                    "type": "stepped",
+                    "shard": self.s.shard,
+                    "version": self.version,
+                    "published_at": self.published_at,
+                },
+            )
+            self.t.flush()
+
+    def _on_control(self, delivery: Delivery) -> None:
+        try:
+            body = json.loads(delivery.body)
+            kind = body["type"]
+        except (ValueError, KeyError, TypeError):
+            raise StreamError(
+                "control message is not a fedq control document", reason="bad_control"
+            ) from None
+        try:
+            if kind == "plan" and not self.leader:
+                self._on_plan(Plan.from_json(body["plan"]))
+            elif kind == "committed" and self.leader:
+                self._on_committed(body, journal=True)
+            elif kind == "stepped" and self.leader:
+                self._on_stepped(int(body["shard"]), int(body["version"]), float(body["published_at"]))
+            else:
+                raise StreamError(
+                    f"control message {kind!r} is not for shard {self.s.shard}", reason="bad_control"
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StreamError(f"control message {kind!r} is malformed: {exc}", reason="bad_control") from None
+        self.t.ack(delivery)
+
+    def _on_committed(self, report: dict[str, Any], *, journal: bool) -> None:
+        assert self.planner is not None
+        if report["update_id"] in self.finished_updates:
+            return
+        if journal:
+            self._journal({"committed": report})
+        self.planner.committed(
+            int(report["shard"]),
+            str(report["update_id"]),
+            client=str(report["client"]),
+            base_version=int(report["base_version"]),
+            num_samples=int(report["num_samples"]),
+            norm_sq=float(report["norm_sq"]),
+            now=time.monotonic(),
+        )
+
+    def _on_stepped(self, shard: int, version: int, published_at: float) -> None:
+        if version <= self.announced:
+            return
+        self.stepped.setdefault(version, {})[shard] = published_at
+        if version == self.version and len(self.stepped[version]) == self.s.shards:
+            self._announce(version, min(self.stepped.pop(version).values()))
+
+    def _maybe_plan(self) -> None:
+        assert self.planner is not None
+        if self.announced < self.version or (self.s.max_versions and self.version >= self.s.max_versions):
+            return
+        plan = self.planner.plan(time.monotonic())
+        if plan is None:
+            return
+        self._journal({"plan": plan.to_json()})
+        self._send_plan(plan)
+        self._apply(plan)
+
+    def _send_plan(self, plan: Plan) -> None:
+        for shard in range(1, self.s.shards):
+            self._control(shard, {"type": "plan", "plan": plan.to_json()})
+        self.t.flush()
+
+    def _on_plan(self, plan: Plan) -> None:
+        if plan.version <= self.version:
+            self._report_stepped()  # a replayed plan: the leader is waiting to hear it again
+            return
+        if plan.version != self.version + 1:
+            raise StreamError(
+                f"plan for version {plan.version} at version {self.version}", reason="version_gap"
+            )
+        self._apply(plan)
+
+    # the leader's journal -----------------------------------------------------------------------------------
+    def _journal(self, entry: dict[str, Any]) -> None:
+        with open(self.dir / JOURNAL, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _replay_journal(self) -> None:
+        assert self.planner is not None
+        try:
+            lines = (self.dir / JOURNAL).read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        pending: Plan | None = None
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break  # a torn last line: it was never acted on
+            if "committed" in entry:
+                self._on_committed(entry["committed"], journal=False)
+            elif "plan" in entry:
+                plan = Plan.from_json(entry["plan"])
+                if plan.version > self.version:
+                    pending = plan
+        if pending is not None:
+            log.info("shard 0: re-applying journaled plan for version %d", pending.version)
+            self.planner.apply(pending, time.monotonic())
+            self._send_plan(pending)
+            self._apply(pending)
+        elif self.announced < self.version and self.last_plan is not None:
+            self._send_plan(self.last_plan)  # ask the other shards to report "stepped" again
+
+    # the step -----------------------------------------------------------------------------------------------
+    def _apply(self, plan: Plan) -> None:
+        """Fold exactly the planned updates, step, checkpoint, clean up, publish, report."""
+        started = time.monotonic()
+        entries = []
+        for entry in plan.updates:
+            c = self.complete.get(entry.update_id)
+            if c is None:
+                raise StreamError(
+                    f"plan {plan.version} names update {entry.update_id}, "
+                    f"which shard {self.s.shard} does not hold",
                     reason="inconsistent",
                 )
             entries.append((entry, c))
@@ -582,7 +991,7 @@ class Aggregator:
             "last_plan": self.last_plan.to_json() if self.last_plan else None,
         }
 
-    # distribution --------------------------------------------------------------------------------------------
+    # distribution -------------------------------------------------------------------------------------------
     def _publish_model(self) -> None:
         """This shard's part of the current version as a container stream on the models exchange."""
         self.published_at = time.time()
@@ -641,7 +1050,7 @@ class Aggregator:
         log.info("version %d announced (%d shards)", version, self.s.shards)
 
 
-# helpers -----------------------------------------------------------------------------------------------------
+# helpers ----------------------------------------------------------------------------------------------------
 def _shard_shapes(shapes: dict[str, tuple[int, ...]], shard: int, shards: int) -> dict[str, tuple[int, ...]]:
     sizes = {name: math.prod(shape) * 4 for name, shape in shapes.items()}
     assignment = shard_of(sizes, shards)

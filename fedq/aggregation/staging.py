@@ -1,15 +1,16 @@
 """Durable staging of update messages until their update is folded or dropped.
 
-Why stage at all: an update is only usable once its commit has arrived (a client may die mid-stream, and a partial
-update folded early would distort the model), but holding every in-flight update in memory would make the
-aggregator's memory grow with the number of clients. So each message of an update's container stream (manifest,
-chunks still encoded exactly as received, commit) is appended to one staging file per stream and fsynced *before*
-its delivery is acked. Memory then holds only an index (file offsets) per update, prefetch bounds the deliveries
-in flight, and a crash loses nothing: unacked messages come back from the broker, acked ones are on disk.
+Why stage at all: an update is only usable once its commit has arrived (a client may die mid-stream, and a
+partial update folded early would distort the model), but holding every in-flight update in memory would make
+the aggregator's memory grow with the number of clients. So each message of an update's container stream
+(manifest, chunks still encoded exactly as received, commit) is appended to one staging file per stream and
+fsynced *before* its delivery is acked. Memory then holds only an index (file offsets) per update, prefetch
+bounds the deliveries in flight, and a crash loses nothing: unacked messages come back from the broker, acked
+ones are on disk.
 
 An update whose commit never arrives contributes nothing: nothing is folded before the plan that names it, and
-its file is deleted once it has waited ``--update-timeout``. Keeping the chunks encoded (4-bit where the client
-sent nf4) keeps the disk traffic at wire size; they are decoded once, at fold time.
+its file is deleted once it has waited ``--update-timeout``. Keeping the chunks encoded (4-bit where the
+client sent nf4) keeps the disk traffic at wire size; they are decoded once, at fold time.
 
 File format: a sequence of records ``>IH`` (body length, user length), the AMQP user id (UTF-8), the message
 body. A torn last record (crash mid-append) is cut off when the directory is reopened.
@@ -186,7 +187,8 @@ def _index(staged: Staged, msg: wire.Message, pos: int, length: int) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Make a new file's directory entry durable too (a file fsynced but not its entry can vanish on a crash)."""
+    """Make a new file's directory entry durable too (a file fsynced but not its entry can vanish on a
+    crash)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -4,17 +4,17 @@ Every strategy is expressed in one form, so that the fold and the step are the s
 
     x_{v+1} = x_v + scale · Σ_i f_i · Δ_i,        f_i = w_i · c_i
 
-where Δ_i is update i's delta (for a "full" update, Δ_i = x_client − x_v, taken against the global the update is
-folded into, so a full update needs no base model), w_i its strategy weight, c_i ≤ 1 its norm-bound clip factor
-(``NormBound``) and ``scale`` a per-step constant the strategy derives from the weights. Staleness τ_i = v −
-base_version_i.
+where Δ_i is update i's delta (for a "full" update, Δ_i = x_client − x_v, taken against the global the update
+is folded into, so a full update needs no base model), w_i its strategy weight, c_i ≤ 1 its norm-bound clip
+factor (``NormBound``) and ``scale`` a per-step constant the strategy derives from the weights. Staleness τ_i
+= v − base_version_i.
 
-- FedAvg (synchronous rounds): w_i = n_i (sample count), scale = η / Σ w_i. With η = 1 and full updates this is the
-  exact weighted average Σ n_i x_i / Σ n_i. A round steps once ``min_clients`` updates are in, or after
+- FedAvg (synchronous rounds): w_i = n_i (sample count), scale = η / Σ w_i. With η = 1 and full updates this
+  is the exact weighted average Σ n_i x_i / Σ n_i. A round steps once ``min_clients`` updates are in, or after
   ``round_timeout`` seconds with at least one.
-- FedBuff (Nguyen et al. 2022): step after K updates; w_i = s(τ_i), scale = η / K, i.e.
-  x + η · Σ s(τ_i) Δ_i / K. Dividing by K and not by Σ s(τ_i) makes stale updates move the model less instead of
-  being renormalised back to full strength.
+- FedBuff (Nguyen et al. 2022): step after K updates; w_i = s(τ_i), scale = η / K, i.e. x + η · Σ s(τ_i) Δ_i /
+  K. Dividing by K and not by Σ s(τ_i) makes stale updates move the model less instead of being renormalised
+  back to full strength.
 - FedAsync (Xie et al. 2019): a step per update; w = α · s(τ), scale = 1, i.e. x + α s(τ) Δ, which for a full
   update is exactly (1 − α s(τ)) x + α s(τ) x_client.
 
@@ -173,8 +173,8 @@ class FedAsync(Strategy):
 class NormBound:
     """Bounds what one update can do to the model: ‖Δ‖₂ ≤ ``bound`` (0 = off).
 
-    ``clip`` scales an offending update down to the bound (c = bound / ‖Δ‖); otherwise it is rejected. Either way no
-    single update moves the model by more than scale · w · bound.
+    ``clip`` scales an offending update down to the bound (c = bound / ‖Δ‖); otherwise it is rejected. Either
+    way no single update moves the model by more than scale · w · bound.
     """
 
     bound: float = 0.0

@@ -61,14 +61,18 @@ class Codec(abc.ABC):
     def check_input(self, x: torch.Tensor) -> None:
         """Reject what no codec can encode, before any work is done."""
         if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.dtype not in FLOAT_DTYPES:
-            raise CodecError(f"{self.name}: expected a 1-D float32/float16/bfloat16 tensor, got {_describe(x)}")
+            raise CodecError(
+                f"{self.name}: expected a 1-D float32/float16/bfloat16 tensor, got {_describe(x)}"
+            )
 
     def check_payload(self, meta: Any, payload: Buffer, count: Any) -> None:
         """Validate untrusted decode arguments so that no size is trusted before it is checked."""
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise CodecError(f"{self.name}: element count must be a non-negative int, got {count!r}")
         if not isinstance(meta, dict) or not set(meta) <= self.meta_keys:
-            raise CodecError(f"{self.name}: unexpected chunk meta {meta!r}; accepted keys {sorted(self.meta_keys)}")
+            raise CodecError(
+                f"{self.name}: unexpected chunk meta {meta!r}; accepted keys {sorted(self.meta_keys)}"
+            )
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise CodecError(f"{self.name}: payload must be bytes, got {type(payload).__name__}")
         expected = self.payload_nbytes(count)
@@ -86,18 +90,15 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def as_uint8(payload: Buffer, device: torch.device, *, writable: bool) -> torch.Tensor:
-    """A payload as a uint8 tensor on ``device``.
+def as_uint8(payload: Buffer, device: torch.device) -> torch.Tensor:
+    """A payload as a read-only uint8 tensor on ``device``: a view on the CPU, one copy to reach another device.
 
-    On the CPU a read-only payload is viewed without copying unless the caller returns memory that aliases it
-    (``writable``): the result of a decode may be modified in place by its consumer.
+    Decoders only read it and always write their result to new memory, so a caller's bytes are never aliased.
     """
     view = memoryview(payload).cast("B")
-    if writable and view.readonly:
-        view = memoryview(bytearray(view))
     if not len(view):
         return torch.empty(0, dtype=torch.uint8, device=device)
-    with warnings.catch_warnings():  # torch warns about read-only buffers; we never write to them
+    with warnings.catch_warnings():  # torch warns that the buffer is read-only; it is never written
         warnings.simplefilter("ignore", UserWarning)
         t = torch.frombuffer(view, dtype=torch.uint8)
     return t.to(device) if torch.device(device).type != "cpu" else t

@@ -112,14 +112,17 @@ class Int8(Codec):
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         self.check_payload(meta, payload, count)
         b, nblocks = self.block, -(-count // self.block)
-        buf = as_uint8(payload, device, writable=False)
+        buf = as_uint8(payload, device)
         absmax, codes = buf[: 4 * nblocks].view(torch.float32), buf[4 * nblocks :].view(torch.int8)
         _check_scales(self.name, absmax)
         scale = absmax / 127.0
         out = empty(count, torch.float32, device)
-        full = count // b
-        torch.mul(codes[: full * b].view(full, b), scale[:full, None], out=out[: full * b].view(full, b))
-        torch.mul(codes[full * b :], scale[full:], out=out[full * b :])
+        for lo, hi in slices(count, b * max(1, _STEP // b)):
+            # int8 * float32 in one mul takes a slow mixed-type path (measured 5x slower than convert + mul)
+            rows = out[lo:hi].copy_(codes[lo:hi])
+            full = (hi - lo) // b
+            rows[: full * b].view(full, b).mul_(scale[lo // b : lo // b + full, None])
+            rows[full * b :].mul_(scale[lo // b + full : lo // b + full + 1])
         return out
 
 
@@ -216,7 +219,9 @@ class FourBit(Codec):
             i.copy_(t.view(-1))  # truncation of a non-negative value: the nearest cell
             c = codes[: t.numel()]
             torch.index_select(lut, 0, i, out=c)
-            pairs = c[: 2 * -(-(hi - lo) // 2)].view(torch.int16)  # little-endian: even element in the low byte
+            pairs = c[: 2 * -(-(hi - lo) // 2)].view(
+                torch.int16
+            )  # little-endian: even element in the low byte
             packed[lo // 2 : lo // 2 + len(pairs)].copy_(((pairs & 15) << 4) | (pairs >> 8))
         return {}, to_payload(out)
 
@@ -238,7 +243,7 @@ class FourBit(Codec):
         self.check_payload(meta, payload, count)
         b = self.block
         nblocks, ngroups = self._sizes(count)
-        buf = as_uint8(payload, device, writable=False)
+        buf = as_uint8(payload, device)
         g_step = buf[: 4 * ngroups].view(torch.float32)
         g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
         _check_scales(self.name, g_step, g_low)

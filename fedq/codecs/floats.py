@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedq.codecs.base import Buffer, Codec, as_uint8, slices, to_payload
+from fedq.codecs.base import Buffer, Codec, as_uint8, empty, slices, to_payload
 from fedq.errors import CodecError
 
 # fp16 keeps full precision only above 2**-14; deltas of ~1e-3 fall below it (97% of them, measured). Scaling
@@ -32,7 +32,9 @@ class Fp32(Codec):
 
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         self.check_payload(meta, payload, count)
-        return as_uint8(payload, device, writable=True).view(torch.float32)
+        out = empty(count, torch.float32, device)
+        out.view(torch.uint8).copy_(as_uint8(payload, device))
+        return out
 
 
 class Bf16(Codec):
@@ -47,7 +49,7 @@ class Bf16(Codec):
 
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         self.check_payload(meta, payload, count)
-        return as_uint8(payload, device, writable=False).view(torch.bfloat16).to(torch.float32)
+        return empty(count, torch.float32, device).copy_(as_uint8(payload, device).view(torch.bfloat16))
 
 
 class Fp16(Codec):
@@ -76,5 +78,5 @@ class Fp16(Codec):
         scale = meta.get("scale")
         if not isinstance(scale, float) or not (0.0 < scale <= _MAX_SCALE):
             raise CodecError(f"fp16 chunk has an invalid scale {scale!r}: expected a float in (0, 2**112]")
-        out = as_uint8(payload, device, writable=False).view(torch.float16).to(torch.float32)
-        return out.mul_(scale)
+        out = empty(count, torch.float32, device)
+        return out.copy_(as_uint8(payload, device).view(torch.float16)).mul_(scale)

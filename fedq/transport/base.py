@@ -29,7 +29,7 @@ class Delivery:
     routing_key: str = ""
     user_id: str | None = None
     redelivered: bool = False
-    tag: Any = None  # opaque to callers: (connection generation, delivery tag) for RabbitMQ
+    tag: Any = None  # opaque to callers: (channel, delivery tag, consumer tag) for RabbitMQ
 
 
 class Transport(abc.ABC):

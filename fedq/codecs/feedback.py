@@ -1,0 +1,57 @@
+"""Error feedback: the part of an update that quantization dropped is added to the next round's update.
+
+Without it, a codec's rounding error is lost every round and the model drifts away from what full-precision
+updates would give; with it, the sum of what was sent over any number of rounds differs from the sum of the true
+updates by one residual only (telescoping: sent_t = x_t + r_{t-1} - r_t).
+
+Memory: one residual per quantized tensor, kept on the tensor's device: 4 bytes per parameter in float32
+(Llama-3.2-1B: 4.9 GB), 2 in bfloat16 (``ErrorFeedback(torch.bfloat16)``). bfloat16 rounds each residual to 8
+significant bits; measured over 50 rounds of nf4 on N(0, 0.02) updates, the gap between summed sent and summed
+true updates grows from 1.0 residual (float32) to 1.0x-1.1x of one residual (tests/test_codecs_feedback.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedq.errors import CodecError
+
+
+class ErrorFeedback:
+    """Residuals keyed by (tensor name, element offset), so a streaming sender can work chunk by chunk.
+
+    Per chunk and round: ``y = fb.compensate(name, x, offset)``, encode ``y``, decode the payload as the receiver
+    will, then ``fb.update(name, y, decoded, offset)``. A whole tensor is the chunk at offset 0. The chunking of a
+    tensor must stay the same across rounds (it does: it follows from the codec's alignment).
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise CodecError(f"error feedback stores residuals in float32 or bfloat16, not {dtype}")
+        self.dtype = dtype
+        self._residuals: dict[tuple[str, int], torch.Tensor] = {}
+
+    def compensate(self, name: str, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``x`` plus the residual this chunk left last round, as float32: the values to encode this round."""
+        residual = self._residuals.get((name, offset))
+        if residual is None:
+            return x.to(torch.float32)
+        if residual.shape != x.shape:
+            raise CodecError(
+                f"{name!r}@{offset}: residual has shape {tuple(residual.shape)}, chunk {tuple(x.shape)}; "
+                "the chunking of a tensor must not change between rounds"
+            )
+        return torch.add(x, residual, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+
+    def update(self, name: str, sent: torch.Tensor, decoded: torch.Tensor, offset: int = 0) -> None:
+        """Keep ``sent - decoded``, what the receiver will not see of this chunk, for the next round."""
+        key = (name, offset)
+        residual = self._residuals.get(key)
+        if residual is None or residual.shape != sent.shape or residual.device != sent.device:
+            residual = self._residuals[key] = torch.empty(sent.shape, dtype=self.dtype, device=sent.device)
+        torch.sub(sent, decoded, out=residual)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the residuals."""
+        return sum(r.numel() * r.element_size() for r in self._residuals.values())

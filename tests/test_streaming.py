@@ -1,0 +1,285 @@
+"""Container streams: lazy chunking, reassembly under duplication and reordering, files, the real broker."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedq import streaming, wire
+from fedq.codecs import CODECS, get_codec
+from fedq.errors import StreamError
+from fedq.safetensors import SafetensorsReader, save_file
+from fedq.topology import Names
+from fedq.transport import connect
+from fedq.transport.memory import MemoryTransport
+
+
+def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(300, 40, generator=gen) * 0.02,
+        "block.weight": torch.randn(5000, generator=gen).half(),
+        "block.bias": torch.randn(17, generator=gen).bfloat16(),
+        "norm.scale": torch.tensor(1.25),
+        "empty": torch.zeros(0, 8),
+    }
+
+
+class _Counting(Mapping[str, torch.Tensor]):
+    """Counts which tensors' data the sender asks for, to prove it reads lazily."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.reads: list[str] = []
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.reads.append(name)
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def items(self):  # type: ignore[override]  # shapes only: plan() must not count as reading
+        return self.tensors.items()
+
+
+def _expected(tensors: Mapping[str, torch.Tensor], codec: str, chunk_bytes: int) -> dict[str, torch.Tensor]:
+    """The codec's own round trip, slice by slice as the chunker cuts, in each tensor's own dtype."""
+    c = get_codec(codec)
+    per_chunk = streaming.chunk_elements_for(c, chunk_bytes)
+    out = {}
+    for name, t in tensors.items():
+        flat = t.reshape(-1)
+        parts = [flat[lo : lo + per_chunk] for lo in range(0, flat.numel(), per_chunk)]
+        decoded = [c.decode(*c.encode(p), p.numel(), torch.device("cpu")) for p in parts]
+        out[name] = (torch.cat(decoded) if decoded else torch.zeros(0)).to(t.dtype).view(t.shape)
+    return out
+
+
+def _assemble(messages: list[bytes]) -> tuple[streaming.Assembler, dict[str, torch.Tensor]]:
+    assembler = streaming.Assembler()
+    out: dict[str, torch.Tensor] = {}
+    for body in messages:
+        for chunk in assembler.add(wire.decode(body)):
+            flat = out.setdefault(chunk.entry.name, torch.full((chunk.entry.numel,), float("nan")))
+            assert torch.isnan(flat[chunk.offset : chunk.offset + chunk.values.numel()]).all()  # each chunk once
+            flat[chunk.offset : chunk.offset + chunk.values.numel()] = chunk.values
+    return assembler, out
+
+
+def test_sender_is_lazy_and_chunks_are_bounded() -> None:
+    tensors = _Counting(_state_dict())
+    messages = streaming.iter_container(tensors, stream="s", meta={"client": "a"}, chunk_bytes=4096)
+    manifest = wire.decode(next(messages))
+    assert manifest.kind == "manifest" and tensors.reads == []
+    first = wire.decode(next(messages))
+    assert (first.name, first.offset, first.count) == ("embed.weight", 0, 1024) and tensors.reads == ["embed.weight"]
+    rest = [wire.decode(m) for m in messages]
+    assert len(tensors.reads) == len(tensors)
+    chunks = [first, *rest[:-1]]
+    assert [c.index for c in chunks] == list(range(manifest.meta["chunks"])) == list(range(len(chunks)))
+    assert max(c.payload.nbytes for c in chunks) <= 4096
+    assert rest[-1].kind == "commit" and rest[-1].meta == {"chunks": len(chunks)}
+    # fp32 codec: 1024 elements per 4096-byte chunk; 12000 and 5000 elements, then three single-chunk tensors
+    assert [t[4] for t in manifest.meta["tensors"]] == [12, 5, 1, 1, 1]
+    assert manifest.meta["client"] == "a"
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_chunk_counts_are_multiples_of_the_alignment(codec: str) -> None:
+    c = get_codec(codec)
+    x = {"w": torch.randn(3 * c.alignment + 5)}
+    chunk_bytes = c.payload_nbytes(c.alignment)  # one alignment unit per chunk
+    msgs = [wire.decode(m) for m in streaming.iter_container(x, stream="s", meta={}, codec_for=lambda n, t: c, chunk_bytes=chunk_bytes)]
+    counts = [m.count for m in msgs if m.kind == "chunk"]
+    assert counts == [c.alignment] * 3 + [5]
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16"])
+def test_shuffled_duplicated_early_chunks_reassemble(codec: str) -> None:
+    tensors = _state_dict()
+    c = get_codec(codec)
+    messages = list(streaming.iter_container(tensors, stream="s", meta={}, codec_for=lambda n, t: c, chunk_bytes=2048))
+    shuffled = messages + messages[1:8] + [messages[0]]
+    random.Random(7).shuffle(shuffled)
+    assert wire.decode(shuffled[0]).kind != "manifest"  # chunks before the manifest are part of the test
+    assembler, out = _assemble(shuffled)
+    assert assembler.complete("s")
+    expected = _expected(tensors, codec, 2048)
+    for name, t in tensors.items():
+        assert torch.equal(out[name].to(t.dtype).view(t.shape), expected[name])
+
+
+def test_incomplete_until_every_part_is_there() -> None:
+    messages = list(streaming.iter_container(_state_dict(), stream="s", meta={}, chunk_bytes=4096))
+    assembler, _ = _assemble(messages[:-1])
+    assert not assembler.complete("s")  # no commit
+    assembler, _ = _assemble(messages[:3] + messages[4:])
+    assert not assembler.complete("s")  # a chunk missing
+    assembler, _ = _assemble(messages[1:])
+    assert not assembler.complete("s")  # no manifest
+    with pytest.raises(StreamError) as info:
+        assembler.check_timeouts(0.0)
+    assert info.value.reason == "timeout"
+
+
+def test_interleaved_streams() -> None:
+    a = list(streaming.iter_container(_state_dict(1), stream="a", meta={}, chunk_bytes=4096))
+    b = list(streaming.iter_container(_state_dict(2), stream="b", meta={}, chunk_bytes=4096))
+    mixed = [m for pair in zip(a, b, strict=False) for m in pair] + a[len(b) :] + b[len(a) :]
+    assembler, _ = _assemble(mixed)
+    assert assembler.complete("a") and assembler.complete("b")
+
+
+def _reason(messages: list[bytes]) -> str:
+    with pytest.raises(StreamError) as info:
+        _assemble(messages)
+    return info.value.reason
+
+
+def test_inconsistent_streams_raise() -> None:
+    tensors = _state_dict()
+    messages = list(streaming.iter_container(tensors, stream="s", meta={}, chunk_bytes=4096))
+    n = wire.decode(messages[-1]).meta["chunks"]
+    extra = wire.encode_chunk(
+        stream="s", index=n, name="norm.scale", dtype=torch.float32, shape=(), offset=0, count=1,
+        codec=get_codec("fp32"), x=torch.ones(1),
+    )
+    assert _reason([*messages, extra]) == "too_many_chunks"
+    renamed = wire.encode_chunk(
+        stream="s", index=0, name="other", dtype=torch.float32, shape=(300, 40), offset=0, count=1024,
+        codec=get_codec("fp32"), x=torch.ones(1024),
+    )
+    assert _reason([messages[0], renamed]) == "chunk_mismatch"
+    assert _reason([messages[0], wire.encode_control("commit", "s", {"chunks": n + 1})]) == "commit_mismatch"
+    other = streaming.iter_container(_state_dict(), stream="s", meta={"x": 1}, chunk_bytes=4096)
+    assert _reason([messages[0], next(other)]) == "manifest_mismatch"
+    lying = wire.encode_control("manifest", "s", {"tensors": [["a", "float32", [10], "fp32", 2, 4]], "chunks": 2})
+    assert _reason([lying]) == "bad_manifest"  # 10 elements in chunks of 4 take 3 chunks
+    with pytest.raises(StreamError):
+        next(streaming.iter_container(tensors, stream="s", meta={"chunks": 3}))
+
+
+def test_shard_of_is_deterministic_and_balanced() -> None:
+    sizes = {"a": 10, "b": 10, "c": 5, "d": 3, "e": 20, "f": 2}
+    assert streaming.shard_of(sizes, 2) == {"e": 0, "a": 1, "b": 1, "c": 0, "d": 0, "f": 0}
+    assert streaming.shard_of(dict(reversed(sizes.items())), 2) == streaming.shard_of(sizes, 2)
+    gen = random.Random(3)
+    many = {f"t{i}": gen.randrange(1, 10**6) for i in range(200)}
+    shards = streaming.shard_of(many, 4)
+    loads = [sum(s for n, s in many.items() if shards[n] == i) for i in range(4)]
+    assert max(loads) - min(loads) <= max(many.values())
+    assert streaming.shard_of(many, 1) == dict.fromkeys(many, 0)
+
+
+def test_sizes_and_flow() -> None:
+    assert streaming.parse_size("512MiB") == 512 << 20
+    assert streaming.parse_size("2GB") == 2 * 10**9
+    assert streaming.parse_size("1.5GiB") == 3 << 29
+    with pytest.raises(StreamError):
+        streaming.parse_size("lots")
+    flow = streaming.flow_for_budget(None, 4 << 20)
+    assert (flow.window_messages, flow.window_bytes, flow.prefetch) == (16, 64 << 20, 16)
+    from fedq.metrics import current_rss_bytes
+
+    budget = current_rss_bytes() + (256 << 20)
+    flow = streaming.flow_for_budget(budget, 4 << 20)
+    assert flow.window_bytes <= 64 << 20 and flow.window_messages == flow.prefetch >= 14
+    with pytest.raises(StreamError):
+        streaming.flow_for_budget(current_rss_bytes(), 4 << 20)
+
+
+def test_receiver_times_out_on_an_incomplete_stream() -> None:
+    transport = MemoryTransport()
+    names = Names("unit")
+    transport.declare(names, 1)
+    messages = list(streaming.iter_container(_state_dict(), stream="s", meta={}, chunk_bytes=4096))
+    for body in messages[:-1]:  # no commit
+        transport.publish(names.updates_exchange, names.shard_key(0), body)
+    with pytest.raises(StreamError) as info:
+        streaming.receive_container(transport, names.updates_queue(0), "s", timeout=0.5)
+    assert info.value.reason == "timeout"
+
+
+# Against the real broker -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_round_trip_through_rabbitmq_equals_the_codecs_own(amqp_url: str, namespace: str, codec: str) -> None:
+    names = Names(namespace)
+    tensors = _state_dict()
+    c = get_codec(codec)
+    chunk_bytes = max(2048, c.payload_nbytes(c.alignment))
+    with connect(amqp_url) as transport:
+        transport.declare(names, 1)
+        stats = streaming.send_container(
+            transport, names.updates_exchange, names.shard_key(0), tensors,
+            stream="rt", meta={"update_id": "u1"}, codec_for=lambda n, t: c, chunk_bytes=chunk_bytes,
+        )
+        got = streaming.receive_container(transport, names.updates_queue(0), "rt", timeout=30)
+    assert got.manifest.meta == {"update_id": "u1"} and stats.chunks == got.manifest.chunks
+    assert stats.fp32_bytes == 4 * sum(t.numel() for t in tensors.values())
+    expected = _expected(tensors, codec, chunk_bytes)
+    for name, t in tensors.items():
+        assert got.tensors[name].dtype == t.dtype and torch.equal(got.tensors[name], expected[name])
+
+
+@pytest.mark.broker
+def test_duplicated_and_reordered_through_rabbitmq(amqp_url: str, namespace: str) -> None:
+    names = Names(namespace)
+    tensors = _state_dict()
+    messages = list(streaming.iter_container(tensors, stream="dup", meta={}, chunk_bytes=2048))
+    noise = list(streaming.iter_container(_state_dict(5), stream="other", meta={}, chunk_bytes=2048))
+    shuffled = messages + messages[2:9] + noise[:4]
+    random.Random(11).shuffle(shuffled)
+    with connect(amqp_url) as transport:
+        transport.declare(names, 1)
+        for body in shuffled:
+            transport.publish(names.updates_exchange, names.shard_key(0), body)
+        transport.flush()
+        got = streaming.receive_container(transport, names.updates_queue(0), "dup", timeout=30)
+    assert all(torch.equal(got.tensors[n], t) for n, t in tensors.items())
+
+
+@pytest.mark.broker
+def test_file_to_stream_to_file_is_byte_identical(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    names = Names(namespace)
+    gen = torch.Generator().manual_seed(1)
+    source = save_file(
+        {"a": torch.randn(700, 300, generator=gen), "b": torch.randn(33, generator=gen), "c": torch.zeros(0)},
+        tmp_path / "in.safetensors",
+        {"format": "pt"},
+    )
+    reader = SafetensorsReader(source)
+    with connect(amqp_url) as transport:
+        transport.declare(names, 1)
+        streaming.send_container(
+            transport, names.updates_exchange, names.shard_key(0), reader,
+            stream="file", meta={"metadata": reader.metadata}, chunk_bytes=64 << 10,
+        )
+        manifest = streaming.receive_file(transport, names.updates_queue(0), tmp_path / "out.safetensors", timeout=30)
+    assert manifest.chunks == 15 + 1 + 1  # 210000 fp32 in 16384s, then b, then the empty c
+    assert (tmp_path / "out.safetensors").read_bytes() == source.read_bytes()
+
+
+@pytest.mark.broker
+def test_incomplete_stream_through_rabbitmq_times_out(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    names = Names(namespace)
+    messages = list(streaming.iter_container(_state_dict(), stream="cut", meta={}, chunk_bytes=4096))
+    with connect(amqp_url) as transport:
+        transport.declare(names, 1)
+        for body in messages[:4] + messages[5:]:  # chunk 3 lost
+            transport.publish(names.updates_exchange, names.shard_key(0), body)
+        transport.flush()
+        with pytest.raises(StreamError) as info:
+            streaming.receive_file(transport, names.updates_queue(0), tmp_path / "out.safetensors", "cut", timeout=1.0)
+    assert info.value.reason == "timeout"
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
