@@ -423,10 +423,10 @@ def test_broker_restart_mid_transfer(run: FedRun, node: brokers.Node) -> None:
     folds."""
     run.start_aggregator()
     for i in range(CLIENTS):
-        run.start_client(i, slow=0.03, slow_round=1)  # ~1.3 s per update in round 1
+        run.start_client(i, slow=0.1, slow_round=1)  # ~4.5 s per update in round 1
     run.wait_markers([f"c{i}.r1.sending" for i in range(CLIENTS)])
-    time.sleep(0.4)
-    node.stop_app()
+    time.sleep(0.3)
+    node.stop_app()  # the CLI takes ~2 s to act
     run.events.append("broker stop_app")
     assert not all(run.marker(f"c{i}.r1.sent") for i in range(CLIENTS)), "the restart came after the transfer"
     time.sleep(2.0)

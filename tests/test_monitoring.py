@@ -2,13 +2,14 @@
 
 The slow test starts the real ``prometheus`` binary with a configuration generated from
 monitoring/prometheus.yml (targets pointed at this test's workers and the local broker's prometheus plugin),
-runs a short federated job with the real aggregator and client processes, and asks Prometheus's HTTP API for
-every PromQL expression of the Grafana dashboard and of alerts.yml. An alert is checked through its signals (the
-expression without its threshold, each side of an ``and``): a condition that is false returns nothing by design.
+runs a short federated job with the real aggregator and client processes, and asks Prometheus's HTTP API
+for every PromQL expression of the Grafana dashboard and of alerts.yml. An alert is checked through its
+signals (the expression without its threshold, each side of an ``and``): a false condition returns nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from fedq import metrics
@@ -108,7 +110,7 @@ def alert_signals(expr: str) -> list[str]:
 def exported_names() -> set[str]:
     """Every sample name fedq.metrics can export (``_total``, ``_bucket``... included)."""
     suffixes = {Counter: ("_total",), Gauge: ("",), Histogram: ("_bucket", "_sum", "_count")}
-    names = set()
+    names: set[str] = set()
     for value in vars(metrics).values():
         for kind, endings in suffixes.items():
             if isinstance(value, kind):
@@ -163,9 +165,19 @@ def test_dashboard_uses_the_provisioned_datasource_and_unique_panel_ids() -> Non
 def test_docker_compose_mounts_files_that_exist() -> None:
     compose = (MONITORING / "docker-compose.yml").read_text()
     sources = re.findall(r"^\s*-\s*(\.\.?/[^:\s]+):", compose, re.M)
-    assert {"./prometheus.yml", "./alerts.yml", "./grafana/provisioning", "../broker_config"} <= set(sources)
+    assert {
+        "./prometheus.yml",
+        "./alerts.yml",
+        "./grafana/provisioning",
+        "./grafana/dashboards",
+        "../broker_config/rabbitmq.conf",
+        "../broker_config/definitions.json",
+        "../broker_config/enabled_plugins",
+    } <= set(sources)
     missing = [s for s in sources if not (MONITORING / s).exists()]
     assert missing == []
+    plugins = (ROOT / "broker_config" / "enabled_plugins").read_text()
+    assert "rabbitmq_prometheus" in plugins and "rabbitmq_management" in plugins
 
 
 # A real Prometheus ---------------------------------------------------------------------------------------
@@ -188,7 +200,7 @@ def scrape_config(targets: dict[str, list[str]], broker: str) -> str:
             rf"(- job_name: {job}\n    static_configs:\n      - targets:)(.*?)(?=\n\n|\Z)", re.S
         )
         assert block.search(text), f"job {job} not found in prometheus.yml"
-        text = block.sub(lambda m, job=job: m.group(1) + " " + json.dumps(targets.get(job, [])), text)
+        text = block.sub(lambda m: m.group(1) + " " + json.dumps(targets.get(job, [])), text)  # noqa: B023
     return text
 
 
@@ -312,6 +324,42 @@ def publish_garbage(management: Management, vhost: str, names: Names) -> None:
     assert result == {"routed": True}
 
 
+# A tiny demo GPT so that the job makes several versions in seconds on two cores.
+MODEL_ARGS = ["--clients", "2", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--block-size", "32"]
+
+
+def write_initial_model(path: Path) -> None:
+    """Version 0 for the aggregator: the demo client's GPT with MODEL_ARGS, as the demo launcher makes it."""
+    from workers import demo_client, gpt, shakespeare
+
+    parser = argparse.ArgumentParser()
+    demo_client.add_arguments(parser)
+    args = parser.parse_args(MODEL_ARGS)
+    vocab = shakespeare.build_corpus(args.clients, args.split, args.seed).vocab
+    torch.manual_seed(args.seed)
+    torch.save(gpt.GPT(demo_client.model_config(args, vocab.size)).state_dict(), path)
+
+
+def federated_job(
+    workdir: Path, amqp_url: str, namespace: str, aggregator_port: int, client_ports: list[int]
+) -> list[list[str]]:
+    """The real aggregator worker (FedBuff, K = 2) and demo clients, each serving /metrics on its port."""
+    init = workdir / "init.pt"
+    write_initial_model(init)
+    common = ["--amqp-url", amqp_url, "--namespace", namespace, "--metrics-port"]
+    aggregator = [
+        sys.executable, "-m", "workers.aggregator", *common, str(aggregator_port),
+        "--init", str(init), "--state-dir", str(workdir / "aggregator"),
+        "--strategy", "fedbuff", "--buffer-size", "2", "--config", "local_steps=2",
+    ]  # fmt: skip
+    client = [sys.executable, "-m", "workers.demo_client", *MODEL_ARGS, "--batch-size", "8"]
+    clients = [
+        [*client, *common, str(port), "--name", f"client{n}", "--index", str(n), "--local-steps", "2"]
+        for n, port in enumerate(client_ports)
+    ]
+    return [aggregator, *clients]
+
+
 @pytest.mark.broker
 @pytest.mark.slow
 def test_every_dashboard_and_alert_query_returns_data_on_a_real_prometheus(
@@ -322,19 +370,9 @@ def test_every_dashboard_and_alert_query_returns_data_on_a_real_prometheus(
     broker = f"{urllib.parse.urlsplit(amqp_url).hostname or '127.0.0.1'}:15692"
     names = Names(namespace)
     aggregator_port, client_ports = free_port(), [free_port(), free_port()]
-    python = sys.executable
-    common = ["--amqp-url", amqp_url, "--namespace", namespace]
     with tempfile.TemporaryDirectory(prefix="fedq-prom-") as tmp:
         workdir = Path(tmp)
-        commands = [
-            [python, "-m", "workers.aggregator", *common, "--metrics-port", str(aggregator_port),
-             "--checkpoint-dir", str(workdir / "aggregator"), "--strategy", "fedbuff", "--buffer", "2"],
-            *[
-                [python, "-m", "workers.demo_client", *common, "--name", f"client{n}", "--metrics-port", str(port),
-                 "--quick"]
-                for n, port in enumerate(client_ports)
-            ],
-        ]  # fmt: skip
+        commands = federated_job(workdir, amqp_url, namespace, aggregator_port, client_ports)
         targets = {
             "fedq-aggregator": [f"127.0.0.1:{aggregator_port}"],
             "fedq-client": [f"127.0.0.1:{port}" for port in client_ports],

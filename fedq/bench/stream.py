@@ -15,6 +15,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fedq.codecs import Codec, get_codec
+from fedq.codecs import Codec, choose_codec, get_codec
 from fedq.metrics import current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.streaming import (
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     fp32_bytes = 4 * sum(_numel(s) for s in shapes.values())
     budget = parse_size(args.memory_budget)
-    names = Names(f"bench{uuid.uuid4().hex[:10]}")
+    names = Names(f"benchstream{uuid.uuid4().hex[:8]}")
     work = Path(args.dir or tempfile.mkdtemp(prefix="fedq-bench-"))
     print(
         f"{args.shapes}: {sum(_numel(s) for s in shapes.values()) / 1e9:.3f} B parameters, "
@@ -212,7 +213,13 @@ def _pair(ctx: Any, sender: Callable[..., None], receiver: Callable[..., None], 
         p.start()
     got: dict[str, dict[str, Any]] = {}
     while len(got) < 2:
-        role, value = results.get()
+        try:
+            role, value = results.get(timeout=1.0)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):  # died before it could report
+                role, value = "a process", "exited with " + ", ".join(str(p.exitcode) for p in procs)
+            else:
+                continue
         if isinstance(value, str):
             for p in procs:
                 p.terminate()
@@ -230,6 +237,9 @@ def _pair(ctx: Any, sender: Callable[..., None], receiver: Callable[..., None], 
 
 
 def _child(work: Callable[..., dict[str, Any]], job: dict[str, Any], ready: Any, results: Any, role: str) -> None:
+    # One core each for sender and receiver: torch's intra-op threads spin against each other otherwise
+    # (measured on a loaded 2-core machine: a 4 MiB reduction takes 30-50 ms with 2 threads, 1 ms with 1).
+    torch.set_num_threads(1)
     try:
         out = work(job, ready)
         out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -273,8 +283,7 @@ def _random_state_dict(job: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _codec_for(job: dict[str, Any]) -> Callable[[str, torch.Tensor], Codec]:
-    codec = get_codec(job["codec"])
-    return lambda name, t: codec
+    return lambda name, t: choose_codec(name, tuple(t.shape), job["codec"])
 
 
 def _transport(job: dict[str, Any], flow: Flow) -> Any:
@@ -334,24 +343,24 @@ def _send_regular(transport: Any, names: Names, tensors: dict[str, torch.Tensor]
 def _receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     flow = flow_for_budget(job["budget"], job["chunk_bytes"])
     names = Names(job["namespace"])
-    queue = names.updates_queue(0)
+    queue_name = names.updates_queue(0)
     with _transport(job, flow) as transport:
         ready.set()
         if job["mode"] == "regular":
-            _receive_regular(transport, queue, flow)
+            _receive_regular(transport, queue_name, flow)
         elif job["mode"] == "container":
-            container = receive_container(transport, queue, prefetch=flow.prefetch, role="bench")
+            container = receive_container(transport, queue_name, prefetch=flow.prefetch, role="bench")
             assert len(container.tensors) == len(SHAPES[job["shapes"]]())
         else:
             receive_file(
-                transport, queue, job["target"], prefetch=flow.prefetch, memory_budget=job["budget"], role="bench"
+                transport, queue_name, job["target"], prefetch=flow.prefetch, memory_budget=job["budget"], role="bench"
             )
         end = time.monotonic()
     return {"end": end, "rss_end": current_rss_bytes()}
 
 
-def _receive_regular(transport: Any, queue: str, flow: Flow) -> dict[str, torch.Tensor]:
-    tag = transport.consume(queue, prefetch=flow.prefetch)
+def _receive_regular(transport: Any, queue_name: str, flow: Flow) -> dict[str, torch.Tensor]:
+    tag = transport.consume(queue_name, prefetch=flow.prefetch)
     buf: bytearray | None = None
     got = 0
     while buf is None or got < len(buf):

@@ -25,6 +25,11 @@ from fedq.errors import CodecError
 _STEP = 1 << 20  # elements per step: ~4 MiB of fp32 temporaries, measured best of 2**16..2**22 (see bench)
 _TINY = 2.0**-112  # block maxima below this count as 0, keeping reciprocals like 2048/absmax finite in fp32
 GROUP = 256  # blocks per double-quantization group: one fp32 step + one fp32 minimum per group
+# A 4-bit block's scale is this fraction of its absmax: the one or two largest elements are clipped by <= 3%, and
+# every other element gets a 3% finer grid. Measured rel-L2 of nf4 / fp4 at block 64, scale = absmax -> 0.97 x:
+# N(0,1) 0.0920 -> 0.0913 / 0.1056 -> 0.1050; Laplace 0.1036 -> 0.1024; Student-t(3) 0.1237 -> 0.1220 / 0.1263 ->
+# 0.1249; uniform 0.0913 -> 0.0876. 0.97 was the best of {1, 0.98, 0.97, 0.95} on all but uniform data.
+SHRINK = 0.97
 _CELLS = 2048  # encode look-up table resolution: [-1, 1] in 2*_CELLS cells, adds <= 1/_CELLS to the error
 
 
@@ -158,15 +163,16 @@ def _block_scales(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor) ->
 
 
 class FourBit(Codec):
-    """4-bit blockwise absmax with double quantization (``levels``: the 16 values a code stands for, in [-1, 1]).
+    """4-bit blockwise codes with double quantization; ``levels`` are the 16 values the codes stand for.
 
-    Each block of ``block`` elements has a scale s ~ its absmax; the block maxima are coded in 8 bits each,
+    Each block of ``block`` elements has a scale s ~ SHRINK * its absmax; the scales are coded in 8 bits each,
     linearly between the minimum and maximum of their group of 256 blocks. Elements are coded relative to the
     *decoded* scale, so the decoder's scale is exactly the one the codes were chosen for. Cost per element:
     4 + 8/block + 64/(256*block) bits, 4.129 at block 64.
 
-    Error per element <= (half the largest gap between levels + 1/2048) * max(s, absmax) + (group step)/2, where
-    the last term covers a block maximum rounded down (then clipped to the top level).
+    Error bound per element, with a the block's absmax and step its group's scale step (|s - SHRINK*a| <= step/2):
+    max(F*s, a - s) <= F*(SHRINK*a + step/2) + (1 - SHRINK)*a + step/2, where F = ``max_error_factor(levels)``
+    (half the largest gap between levels plus the look-up table's cell) and a - s is the clipping of the largest.
     """
 
     levels: ClassVar[tuple[float, ...]]
@@ -212,7 +218,9 @@ class FourBit(Codec):
             a = torch.abs(rows, out=t).amax(dim=1)
             _check_finite(self.name, a)
             b0, g0, ng = lo // b, lo // (b * GROUP), -(-len(a) // GROUP)
-            s = self._quantize_scales(a, s_codes[b0 : b0 + len(a)], g_step[g0 : g0 + ng], g_low[g0 : g0 + ng])
+            s = self._quantize_scales(
+                a.mul_(SHRINK), s_codes[b0 : b0 + len(a)], g_step[g0 : g0 + ng], g_low[g0 : g0 + ng]
+            )
             torch.mul(rows, (_CELLS / s.clamp_min(_TINY))[:, None], out=t)
             t.add_(_CELLS + 0.5).clamp_(0, 2 * _CELLS)
             i = idx[: t.numel()]

@@ -290,6 +290,7 @@ class RabbitTransport(Transport):
             with self._cond:
                 self._consumers.pop(spec.tag, None)
             raise
+        metrics.PREFETCH_LIMIT.labels(queue).set(prefetch)
         return spec.tag
 
     def cancel(self, consumer_tag: str) -> None:

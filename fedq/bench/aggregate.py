@@ -1,0 +1,261 @@
+"""``fedq bench aggregate``: aggregator memory vs number of client updates, fold throughput, end-to-end time.
+
+For each client count N, a fresh aggregator process (``workers.aggregator``, FedBuff with K = N, one version)
+receives N nf4 delta updates through the local broker; its peak RSS comes from ``wait4`` on that process, so
+it is the aggregator's alone. ``e2e_seconds`` is the time from the first client's encode start to the
+aggregator's "folded" log line (wall clocks of one machine). In the same run, the raw broker time of the
+model's fp32 bytes (pika publish -> consume of pre-made bodies, same chunk size, persistent) is measured with
+fedq.bench.stream's baseline, and fold throughput (decode + fold, no broker) is timed in this process on the
+fold device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedq import wire
+from fedq.aggregation.accumulator import Accumulator
+from fedq.bench.stream import SHAPES, _delete_namespace, _pair, _raw_receive, _raw_send
+from fedq.codecs import get_codec
+from fedq.safetensors import SafetensorsWriter, TensorSpec
+from fedq.streaming import send_container
+from fedq.topology import DEFAULT_CHUNK_BYTES, Names
+from fedq.transport import connect, default_url
+
+_FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version 1: folded")
+_FILL = 1 << 24
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="llama-3.2-1b", help="model shapes")
+    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts to measure")
+    parser.add_argument("--codec", default="nf4", help="codec of the client updates")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="fold device")
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload bytes per chunk"
+    )
+    parser.add_argument(
+        "--amqp-url", default=None, help="broker URL (default: FEDQ_AMQP_URL or the local broker)"
+    )
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
+
+
+def run(args: argparse.Namespace) -> int:
+    url = args.amqp_url or default_url()
+    shapes = SHAPES[args.shapes]()
+    numel = sum(_numel(s) for s in shapes.values())
+    fp32_bytes = 4 * numel
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    work = Path(args.dir or tempfile.mkdtemp(prefix="fedq-bench-aggregate-"))
+    init = work / "init.safetensors"
+    _write_model(init, shapes, scale=0.02, seed=0)
+    delta = _random_model(shapes, scale=1e-3, seed=1)
+    print(
+        f"{args.shapes}: {numel / 1e9:.3f} B parameters, {fp32_bytes / 2**20:.0f} MiB fp32; device {device}"
+    )
+    fold_rate = _fold_throughput(delta, args.codec, args.chunk_bytes, torch.device(device))
+    print(
+        f"fold throughput ({args.codec} decode + fold, {device}): {fold_rate:.0f} M parameters/s", flush=True
+    )
+    raw_names = Names(f"bench{uuid.uuid4().hex[:10]}")
+    with connect(url) as t:
+        t.declare(raw_names, 1)
+    job = {
+        "namespace": raw_names.namespace,
+        "url": url,
+        "nbytes": fp32_bytes,
+        "chunk_bytes": args.chunk_bytes,
+        "budget": 512 << 20,
+    }
+    try:
+        raw = _pair(mp.get_context("spawn"), _raw_send, _raw_receive, job)["seconds"]
+    finally:
+        _delete_namespace(url, raw_names)
+    print(f"raw broker time of the fp32 bytes: {raw:.2f} s ({fp32_bytes / raw / 1e6:.0f} MB/s)", flush=True)
+    rows = []
+    for clients in [int(c) for c in args.clients.split(",")]:
+        row = _one_run(url, work, init, delta, clients, args, device)
+        row |= {
+            "model_fp32_bytes": fp32_bytes,
+            "raw_fp32_broker_seconds": raw,
+            "fold_mparams_s": fold_rate,
+            "device": device,
+        }
+        rows.append(row)
+        print(
+            f"{clients:3d} clients: aggregator peak RSS {row['aggregator_peak_rss'] / 2**20:.0f} MiB "
+            f"({row['aggregator_peak_rss'] / fp32_bytes:.2f}x the fp32 model), "
+            f"e2e {row['e2e_seconds']:.2f} s "
+            f"({row['e2e_seconds'] / raw:.2f}x the raw fp32 broker time)",
+            flush=True,
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _one_run(
+    url: str,
+    work: Path,
+    init: Path,
+    delta: dict[str, torch.Tensor],
+    clients: int,
+    args: argparse.Namespace,
+    device: str,
+) -> dict[str, Any]:
+    names = Names(f"bench{uuid.uuid4().hex[:10]}")
+    state = work / f"state-{names.namespace}"
+    log = work / f"aggregator-{clients}.log"
+    with connect(url) as t:
+        t.declare(names, 1)
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.aggregator",
+        "--amqp-url",
+        url,
+        "--namespace",
+        names.namespace,
+        "--strategy",
+        "fedbuff",
+        "--buffer-size",
+        str(clients),
+        "--staleness-fn",
+        "constant",
+        "--max-versions",
+        "1",
+        "--init",
+        str(init),
+        "--state-dir",
+        str(state),
+        "--device",
+        device,
+        "--chunk-bytes",
+        str(args.chunk_bytes),
+    ]
+    try:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
+        _wait_for(log, "version 0 announced", proc)
+        codec = get_codec(args.codec)
+        start = time.time()
+        with connect(url) as client:
+            for i in range(clients):
+                send_container(
+                    client,
+                    names.updates_exchange,
+                    names.shard_key(0),
+                    delta,
+                    stream=f"update/bench-{i}/s0",
+                    meta={"update_id": f"bench-{i}", "base_version": 0, "kind": "delta", "num_samples": 1},
+                    codec_for=lambda name, t: codec,
+                    chunk_bytes=args.chunk_bytes,
+                )
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"aggregator failed ({status}); see {log}")
+        folded = next(m.group(1) for line in log.read_text().splitlines() if (m := _FOLDED.match(line)))
+        folded_at = datetime.strptime(folded, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return {
+            "clients": clients,
+            "aggregator_peak_rss": usage.ru_maxrss * 1024,
+            "e2e_seconds": folded_at - start,
+        }
+    finally:
+        _delete_namespace(url, names)
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"aggregator exited: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"aggregator did not log {text!r} within {timeout} s")
+
+
+def _fold_throughput(
+    delta: dict[str, torch.Tensor], codec_name: str, chunk_bytes: int, device: torch.device
+) -> float:
+    """M parameters/s of wire decode + Accumulator.fold over (up to) 256 M parameters of encoded chunks."""
+    codec = get_codec(codec_name)
+    per_chunk = max(1, chunk_bytes // codec.payload_nbytes(codec.alignment)) * codec.alignment
+    bodies: list[tuple[str, bytes]] = []
+    total = 0
+    for name, t in delta.items():
+        flat = t.reshape(-1)
+        for lo in range(0, flat.numel(), per_chunk):
+            piece = flat[lo : lo + per_chunk]
+            bodies.append(
+                (
+                    name,
+                    wire.encode_chunk(
+                        stream="bench",
+                        index=len(bodies),
+                        name=name,
+                        dtype=t.dtype,
+                        shape=tuple(t.shape),
+                        offset=lo,
+                        count=piece.numel(),
+                        codec=codec,
+                        x=piece,
+                    ),
+                )
+            )
+            total += piece.numel()
+            if total >= 256 << 20:
+                break
+        if total >= 256 << 20:
+            break
+    acc = Accumulator({n: tuple(t.shape) for n, t in delta.items()}, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for name, body in bodies:
+        msg = wire.decode(body)
+        acc.fold(name, msg.offset, wire.decode_tensor(msg, device), 1.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return total / (time.perf_counter() - start) / 1e6
+
+
+def _random_model(shapes: dict[str, tuple[int, ...]], *, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) * scale for name, shape in shapes.items()}
+
+
+def _write_model(path: Path, shapes: dict[str, tuple[int, ...]], *, scale: float, seed: int) -> None:
+    """Written slice by slice so this process does not hold a second model."""
+    g = torch.Generator().manual_seed(seed)
+    writer = SafetensorsWriter(path, {n: TensorSpec(torch.float32, s) for n, s in shapes.items()})
+    for name, shape in shapes.items():
+        n = _numel(shape)
+        for lo in range(0, n, _FILL):
+            writer.write(name, lo, torch.randn(min(_FILL, n - lo), generator=g) * scale)
+    writer.commit()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

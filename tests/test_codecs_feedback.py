@@ -1,0 +1,85 @@
+"""Error feedback: summed sent updates track summed true updates within one residual; without it they drift."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedq.codecs import ErrorFeedback, get_codec
+from fedq.errors import CodecError
+
+CPU = torch.device("cpu")
+
+
+def _rounds(codec_name: str, feedback: ErrorFeedback | None, rounds: int, n: int = 1 << 14) -> list[float]:
+    """Gap |sum(true) - sum(decoded)| after each round, in units of one round's quantization error."""
+    codec = get_codec(codec_name)
+    g = torch.Generator().manual_seed(0)
+    true, sent, gaps = torch.zeros(n), torch.zeros(n), []
+    one_residual = 0.0
+    for _ in range(rounds):
+        x = torch.randn(n, generator=g) * 0.02
+        y = feedback.compensate("w", x) if feedback else x
+        meta, payload = codec.encode(y)
+        decoded = codec.decode(meta, payload, n, CPU)
+        if feedback:
+            feedback.update("w", y, decoded)
+        true += x
+        sent += decoded
+        one_residual = float((y - decoded).norm())
+        gaps.append(float((true - sent).norm()) / one_residual)
+    return gaps
+
+
+@pytest.mark.parametrize("codec", ["nf4", "int8"])
+def test_feedback_keeps_the_gap_at_one_residual(codec: str) -> None:
+    with_fp32 = _rounds(codec, ErrorFeedback(), 30)
+    with_bf16 = _rounds(codec, ErrorFeedback(torch.bfloat16), 30)
+    without = _rounds(codec, None, 30)
+    assert max(with_fp32) == pytest.approx(1.0, abs=1e-3)  # telescoping: the gap *is* the last residual
+    assert max(with_bf16) < 1.05  # bf16 storage adds its rounding of each residual, ~1% here
+    assert without[-1] > 4.0  # independent errors add up like sqrt(rounds): sqrt(30) = 5.5
+
+
+def test_per_chunk_use_equals_whole_tensor_use() -> None:
+    """A streaming sender compensates and updates chunk by chunk, keyed by element offset."""
+    codec = get_codec("int8", block=64)
+    g = torch.Generator().manual_seed(3)
+    whole, chunked = ErrorFeedback(), ErrorFeedback()
+    bounds = [(0, 128), (128, 320), (320, 1000)]
+    for _ in range(3):
+        x = torch.randn(1000, generator=g)
+        y = whole.compensate("w", x)
+        m, p = codec.encode(y)
+        decoded = codec.decode(m, p, 1000, CPU)
+        whole.update("w", y, decoded)
+        parts = []
+        for lo, hi in bounds:
+            yc = chunked.compensate("w", x[lo:hi], lo)
+            m, p = codec.encode(yc)
+            dc = codec.decode(m, p, hi - lo, CPU)
+            chunked.update("w", yc, dc, lo)
+            parts.append(dc)
+        assert torch.equal(torch.cat(parts), decoded)
+    assert whole.nbytes == chunked.nbytes == 4 * 1000
+
+
+def test_memory_cost_per_parameter() -> None:
+    for dtype, per_param in [(torch.float32, 4), (torch.bfloat16, 2)]:
+        fb = ErrorFeedback(dtype)
+        fb.update("a", torch.ones(300), torch.zeros(300))
+        fb.update("b", torch.ones(100), torch.zeros(100), offset=4096)
+        assert fb.nbytes == per_param * 400
+        assert torch.equal(fb.compensate("a", torch.zeros(300)), torch.ones(300))
+
+
+def test_changed_chunking_is_an_error_not_a_silent_mismatch() -> None:
+    fb = ErrorFeedback()
+    fb.update("w", torch.ones(10), torch.zeros(10))
+    with pytest.raises(CodecError, match="chunking"):
+        fb.compensate("w", torch.zeros(12))
+
+
+def test_only_float32_or_bfloat16_storage() -> None:
+    with pytest.raises(CodecError):
+        ErrorFeedback(torch.float16)
