@@ -6,19 +6,20 @@
         train(model, steps=round.config.get("local_steps", 50))   # the user's own loop and optimizer
         client.send(model, num_samples=n, metrics={"loss": loss})
 
-``receive`` reads the ``{ns}.versions`` stream from its last entry to learn the newest version, then reads that
-version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the announcement's
-timestamp, and copies each decoded chunk straight into the model's tensors. It keeps a copy of what it loaded:
-``send`` then sends the difference to it (the default), or the full tensors with ``full=True``.
+``receive`` reads the ``{ns}.versions`` stream from its last entry to learn the newest version, then reads
+that version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the
+announcement's timestamp, and copies each decoded chunk straight into the model's tensors. It keeps a copy of
+what it loaded: ``send`` then sends the difference to it (the default), or the full tensors with
+``full=True``.
 
 ``send`` streams: each shard's tensors go as one container to that shard's queue, and every chunk is sliced,
 (error-feedback compensated,) encoded and published only when the transport has room, so the serialized update
 never exists in memory as a whole. Deltas are computed a tensor at a time, when the chunker reaches them.
 
-Error feedback (on by default for codecs below 16 bits) adds what quantization dropped from a chunk to the same
-chunk of the next update, so nothing is lost for good, only delayed; its residuals live in the ``Client`` and carry
-across rounds. ``trainable_only`` (a constructor option, since it also bounds what ``receive`` keeps as the delta
-base) sends only tensors that require gradients: the frozen base of a LoRA model never travels.
+Error feedback (on by default for codecs below 16 bits) adds what quantization dropped from a chunk to the
+same chunk of the next update, so nothing is lost for good, only delayed; its residuals live in the ``Client``
+and carry across rounds. ``trainable_only`` (a constructor option, since it also bounds what ``receive`` keeps
+as the delta base) sends only tensors that require gradients: the frozen base of a LoRA model never travels.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def delta(local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -
 
 
 def tensors_of(model: Model, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The floating-point tensors of a module (its state dict) or of a plain state dict, optionally trainable only.
+    """The floating-point tensors of a module (its state dict) or of a state dict, optionally trainable only.
 
     Integer buffers cannot travel (the wire carries float tensors) and are never averaged.
     """
@@ -157,7 +158,7 @@ class Client:
         self._shards = 1
         metrics.record_process(ROLE)
 
-    # receiving -------------------------------------------------------------------------------------------------
+    # receiving ----------------------------------------------------------------------------------------------
     def receive(self, model: Model, *, timeout: float = DEFAULT_TIMEOUT) -> Round:
         """Wait for a version newer than the last one received, load it into ``model`` in place, return it.
 
@@ -230,7 +231,7 @@ class Client:
             self.transport.cancel(tag)
 
     def _get(self, queue: str, timeout: float) -> Delivery | None:
-        """The next delivery of ``queue``; deliveries of a consumer cancelled earlier are acked and skipped."""
+        """The next delivery of ``queue``; deliveries of a consumer cancelled earlier are acked, skipped."""
         deadline = time.monotonic() + timeout
         while True:
             delivery = self.transport.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -238,7 +239,7 @@ class Client:
                 return delivery
             self.transport.ack(delivery)
 
-    # sending ---------------------------------------------------------------------------------------------------
+    # sending ------------------------------------------------------------------------------------------------
     def send(
         self,
         model: Model,

@@ -22,9 +22,11 @@ def human_bytes(n: float) -> str:
 
 
 class Progress:
-    """Call ``update(n)`` as bytes move and ``close()`` at the end; ``total`` may be learnt later (``set_total``)."""
+    """Call ``update(n)`` as bytes move and ``close()`` at the end; ``set_total`` when the size is learnt."""
 
-    def __init__(self, label: str, total: int | None = None, *, quiet: bool = False, stream: TextIO | None = None):
+    def __init__(
+        self, label: str, total: int | None = None, *, quiet: bool = False, stream: TextIO | None = None
+    ):
         self.label = label
         self.total = total
         self.done = 0
@@ -53,7 +55,8 @@ class Progress:
             bar = "#" * int(frac * _WIDTH)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-            text = f"{self.label} [{bar:<{_WIDTH}}] {human_bytes(self.done)}/{human_bytes(self.total)} ETA {eta_text}"
+            sizes = f"{human_bytes(self.done)}/{human_bytes(self.total)}"
+            text = f"{self.label} [{bar:<{_WIDTH}}] {sizes} ETA {eta_text}"
         return f"{text} {human_bytes(rate)}/s"
 
     def close(self) -> None:

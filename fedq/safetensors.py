@@ -1,14 +1,16 @@
 """safetensors files, read tensor by tensor from a memory map and written slice by slice at their offsets.
 
-Format: an 8-byte little-endian header length, a JSON header mapping each tensor name to its ``dtype``, ``shape``
-and ``data_offsets`` (relative to the end of the header) plus an optional ``__metadata__`` map of strings, then the
-raw little-endian data. Models larger than RAM go through because nothing here holds a whole file: the reader hands
-out views over the map and drops the pages of a slice once the caller is done with it (``release``), and the
-writer ``pwrite``s slices into a preallocated file, so neither grows the process's resident set with the model.
+Format: an 8-byte little-endian header length, a JSON header mapping each tensor name to its ``dtype``,
+``shape`` and ``data_offsets`` (relative to the end of the header) plus an optional ``__metadata__`` map of
+strings, then the raw little-endian data. Models larger than RAM go through because nothing here holds a whole
+file: the reader hands out views over the map and drops the pages of a slice once the caller is done with it
+(``release``), and the writer ``pwrite``s slices into a preallocated file, so neither grows the process's
+resident set with the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -105,7 +107,7 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
         return len(self.specs)
 
     def release(self, name: str, offset: int, count: int) -> None:
-        """Drop the mapped pages of elements ``offset .. offset+count`` of ``name`` from this process's memory."""
+        """Drop the mapped pages of elements ``offset .. offset+count`` of ``name`` from this process."""
         spec = self.specs[name]
         start = self._data_start + self._begin[name] + offset * spec.dtype.itemsize
         end = start + count * spec.dtype.itemsize
@@ -116,10 +118,8 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
 
     def close(self) -> None:
         """Unmap, unless tensor views are still alive (then the map goes with the last of them)."""
-        try:
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            pass
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -182,7 +182,7 @@ class SafetensorsWriter:
                 f"{name}: slice {offset}+{values.numel()} outside {spec.shape}", reason="length_mismatch"
             )
         data = values.detach().reshape(-1).to("cpu", spec.dtype).contiguous()
-        view = memoryview(data.view(torch.uint8).numpy())
+        view = data.view(torch.uint8).numpy().data
         position = self._begin[name] + offset * spec.dtype.itemsize
         while len(view):
             written = os.pwrite(self._fd, view, position)

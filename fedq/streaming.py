@@ -1,16 +1,18 @@
 """Container streams: a mapping of tensors (a state dict, a safetensors file) <-> manifest, chunks, commit.
 
-The sender is a lazy generator: chunk k+1 is sliced and encoded only when the transport has taken chunk k, so the
-extra memory of a send is the transport's in-flight window, never a second copy of the model. The receiver accepts
-the messages of any number of streams in any order, duplicated, chunks before their manifest, and treats a stream
-as complete only with its manifest, every chunk and its commit. The message layout is in fedq/docs/wire-format.md
-(section "Streaming").
+The sender is a lazy generator: chunk k+1 is sliced and encoded only when the transport has taken chunk k, so
+the extra memory of a send is the transport's in-flight window, never a second copy of the model. The receiver
+accepts the messages of any number of streams in any order, duplicated, chunks before their manifest, and
+treats a stream as complete only with its manifest, every chunk and its commit. The message layout is in
+fedq/docs/wire-format.md (section "Streaming").
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
+import functools
 import gc
 import re
 import time
@@ -32,6 +34,10 @@ from fedq.transport.base import Delivery, Transport
 CodecFor = Callable[[str, torch.Tensor], Codec]
 RESERVED_META = ("tensors", "chunks")
 DEFAULT_TIMEOUT = 120.0
+_LIMITS = wire.Limits()
+# Chunks that arrive before their manifest are held (decoded later). Senders send the manifest first, so only
+# redeliveries get here; this bounds what a stream without a manifest can make a receiver hold.
+MAX_EARLY_BYTES = 256 << 20
 
 
 def fp32_everywhere(name: str, tensor: torch.Tensor) -> Codec:
@@ -39,7 +45,7 @@ def fp32_everywhere(name: str, tensor: torch.Tensor) -> Codec:
     return get_codec("fp32")
 
 
-# Manifest --------------------------------------------------------------------------------------------------------
+# Manifest ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,12 @@ class Manifest:
     chunks: int
     meta: dict[str, Any]
 
+    @functools.cached_property
+    def _firsts(self) -> list[int]:
+        return [t.first for t in self.tensors]
+
     def entry_for(self, index: int) -> TensorEntry:
-        return self.tensors[bisect.bisect_right([t.first for t in self.tensors], index) - 1]
+        return self.tensors[bisect.bisect_right(self._firsts, index) - 1]
 
     def to_meta(self) -> dict[str, Any]:
         rows = [
@@ -92,7 +102,7 @@ class Manifest:
         return 4 * sum(t.numel for t in self.tensors)
 
     @classmethod
-    def from_message(cls, msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Manifest:
+    def from_message(cls, msg: wire.Message, limits: wire.Limits = _LIMITS) -> Manifest:
         """Validate an untrusted manifest: every entry well typed, chunk counts consistent with the sizes."""
         rows, total = msg.meta.get("tensors"), msg.meta.get("chunks")
         if not isinstance(rows, list) or not isinstance(total, int):
@@ -150,7 +160,7 @@ def _chunk_count(numel: int, chunk_elements: int) -> int:
 
 
 def chunk_elements_for(codec: Codec, chunk_bytes: int) -> int:
-    """The largest multiple of the codec's alignment whose payload fits ``chunk_bytes`` (at least one unit)."""
+    """The largest multiple of the codec's alignment whose payload fits ``chunk_bytes`` (at least one)."""
     unit = codec.alignment
     return max(1, chunk_bytes // codec.payload_nbytes(unit)) * unit
 
@@ -163,7 +173,7 @@ def plan(
     codec_for: CodecFor = fp32_everywhere,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[Manifest, dict[str, Codec]]:
-    """The manifest of a container (shapes and dtypes only: no tensor data is read) and each tensor's codec."""
+    """The manifest of a container (from shapes and dtypes: no tensor data is read) and the codecs."""
     if clash := [k for k in RESERVED_META if k in meta]:
         raise StreamError(f"meta keys {clash} are reserved for the manifest", reason="bad_manifest")
     entries, codecs, first = [], {}, 0
@@ -184,7 +194,7 @@ def plan(
     return Manifest(stream, tuple(entries), first, dict(meta)), codecs
 
 
-# Sending ---------------------------------------------------------------------------------------------------------
+# Sending ----------------------------------------------------------------------------------------------------
 
 
 def iter_container(
@@ -292,7 +302,7 @@ def _codec_label(manifest: Manifest) -> str:
 
 
 def shard_of(sizes: Mapping[str, int], shards: int) -> dict[str, int]:
-    """Assign tensors to shards: largest first onto the lightest shard (lowest index on ties), ties by name."""
+    """Tensors to shards: largest first onto the lightest shard (lowest index on ties), ties by name."""
     if shards < 1:
         raise StreamError(f"shards must be >= 1, got {shards}", reason="shards")
     load = [0] * shards
@@ -304,7 +314,7 @@ def shard_of(sizes: Mapping[str, int], shards: int) -> dict[str, int]:
     return out
 
 
-# Receiving -------------------------------------------------------------------------------------------------------
+# Receiving --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -323,20 +333,22 @@ class _State:
     manifest: Manifest | None = None
     seen: set[int] = field(default_factory=set)
     early: dict[int, wire.Message] = field(default_factory=dict)
+    early_bytes: int = 0
     commit: int | None = None
     touched: float = field(default_factory=time.monotonic)
 
     def missing(self) -> str:
         if self.manifest is None:
             return f"manifest, commit={'yes' if self.commit is not None else 'no'}"
-        return f"{self.manifest.chunks - len(self.seen)} of {self.manifest.chunks} chunks, commit={self.commit is not None}"
+        missing = self.manifest.chunks - len(self.seen)
+        return f"{missing} of {self.manifest.chunks} chunks, commit={self.commit is not None}"
 
 
 class Assembler:
     """Accepts the messages of many streams in any order; returns each new chunk decoded once."""
 
     def __init__(
-        self, *, device: torch.device | str = "cpu", limits: wire.Limits = wire.Limits(), role: str = "client"
+        self, *, device: torch.device | str = "cpu", limits: wire.Limits = _LIMITS, role: str = "client"
     ):
         self.device = torch.device(device)
         self.limits = limits
@@ -353,10 +365,13 @@ class Assembler:
             self._commit(state, msg)
             return []
         if state.manifest is None:
-            state.early.setdefault(msg.index, msg)
-            if len(state.early) > self.limits.max_elements:
+            if msg.index not in state.early:
+                state.early[msg.index] = msg
+                state.early_bytes += msg.payload.nbytes
+            if state.early_bytes > MAX_EARLY_BYTES:
                 raise StreamError(
-                    f"stream {msg.stream}: too many chunks before its manifest", reason="too_many_chunks"
+                    f"stream {msg.stream}: over {MAX_EARLY_BYTES >> 20} MiB of chunks before its manifest",
+                    reason="too_many_chunks",
                 )
             return []
         chunk = self._chunk(state.manifest, state, msg)
@@ -375,7 +390,7 @@ class Assembler:
                 reason="commit_mismatch",
             )
         state.manifest = manifest
-        early, state.early = state.early, {}
+        early, state.early, state.early_bytes = state.early, {}, 0
         return [c for c in (self._chunk(manifest, state, m) for m in early.values()) if c is not None]
 
     def _commit(self, state: _State, msg: wire.Message) -> None:
@@ -443,7 +458,7 @@ class Assembler:
         self._streams.pop(stream, None)
 
 
-# Memory-aware flow control --------------------------------------------------------------------------------------
+# Memory-aware flow control ----------------------------------------------------------------------------------
 
 _UNITS = {
     "": 1,
@@ -467,7 +482,7 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class Flow:
-    """Transport settings derived from a memory budget: what a sender keeps in flight, what a receiver prefetches."""
+    """Transport settings from a memory budget: what a sender keeps in flight, what a receiver prefetches."""
 
     window_messages: int
     window_bytes: int
@@ -481,13 +496,14 @@ _WINDOW_SHARE = 4
 
 
 def flow_for_budget(budget: int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Flow:
-    """The window and prefetch that keep a process within ``budget`` bytes (None: fedq's defaults, 16 chunks)."""
+    """The window and prefetch that keep a process within ``budget`` bytes (None: 16 chunks)."""
     if budget is None:
         return Flow(16, 16 * chunk_bytes, 16)
     spare = budget - current_rss_bytes()
     if spare < _WINDOW_SHARE * 2 * chunk_bytes:
         raise StreamError(
-            f"memory budget {budget >> 20} MiB leaves {spare >> 20} MiB above the process's current RSS: too little "
+            f"memory budget {budget >> 20} MiB leaves {spare >> 20} MiB above the process's current RSS: "
+            "too little "
             f"for {chunk_bytes >> 20} MiB chunks",
             reason="memory_budget",
         )
@@ -498,10 +514,8 @@ def flow_for_budget(budget: int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) 
 def _trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps freed 4 MiB buffers otherwise)."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def wait_for_memory(budget: int | None, timeout: float) -> None:
@@ -519,14 +533,15 @@ def wait_for_memory(budget: int | None, timeout: float) -> None:
         time.sleep(0.05)
 
 
-# Receiving from a queue -----------------------------------------------------------------------------------------
+# Receiving from a queue -------------------------------------------------------------------------------------
 
 
 class Receiver:
     """One container stream from a queue: yields its decoded chunks and acks each once the caller has used it.
 
     ``stream=None`` takes the first stream whose manifest arrives. Messages of other streams are acked and
-    skipped; malformed messages are dead-lettered with their reason (the stream then times out if one was ours).
+    skipped; malformed messages are dead-lettered with their reason (the stream then times out if one was
+    ours).
     """
 
     def __init__(
@@ -631,7 +646,7 @@ def receive_container(
 def receive_file(
     transport: Transport, queue: str, path: str | Path, stream: str | None = None, **options: Any
 ) -> Manifest:
-    """Write one stream straight into a safetensors file: preallocated from the manifest, each chunk at its offset.
+    """Write one stream straight into a safetensors file, preallocated from the manifest, chunk by chunk.
 
     The file appears under ``path`` only when the stream is complete; a failure removes the partial file.
     """

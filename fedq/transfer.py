@@ -12,27 +12,48 @@ import argparse
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fedq.codecs import choose_codec, get_codec
+from fedq.codecs import Codec, choose_codec, get_codec
 from fedq.progress import Progress, human_bytes
 from fedq.safetensors import SafetensorsReader
-from fedq.streaming import DEFAULT_TIMEOUT, Manifest, flow_for_budget, parse_size, plan, receive_file, send_container
+from fedq.streaming import (
+    DEFAULT_TIMEOUT,
+    Manifest,
+    flow_for_budget,
+    parse_size,
+    plan,
+    receive_file,
+    send_container,
+)
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names
 from fedq.transport import connect
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="federation namespace (exchange/queue prefix)")
-    parser.add_argument("--amqp-url", default=None, help="broker URL (default: FEDQ_AMQP_URL or the local broker)")
-    parser.add_argument("--memory-budget", default="512MiB", help="process memory budget; sets window/prefetch")
-    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload bytes per chunk")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a tty)")
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="federation namespace (exchange/queue prefix)"
+    )
+    parser.add_argument(
+        "--amqp-url", default=None, help="broker URL (default: FEDQ_AMQP_URL or the local broker)"
+    )
+    parser.add_argument(
+        "--memory-budget", default="512MiB", help="process memory budget; sets window/prefetch"
+    )
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload bytes per chunk"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (also off when stderr is not a tty)"
+    )
 
 
 def add_send_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="a .safetensors file, or a torch state dict saved with torch.save")
+    parser.add_argument(
+        "file", type=Path, help="a .safetensors file, or a torch state dict saved with torch.save"
+    )
     parser.add_argument("--codec", default="fp32", help="codec for large tensors (tiny ones stay fp32)")
     parser.add_argument("--stream", default=None, help="stream id (default: a new random id, printed)")
     _common(parser)
@@ -40,14 +61,18 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_receive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="the safetensors file to write (appears only when complete)")
-    parser.add_argument("--stream", default=None, help="stream id to take (default: the first one that starts)")
+    parser.add_argument(
+        "--stream", default=None, help="stream id to take (default: the first one that starts)"
+    )
     parser.add_argument(
         "--offset",
         choices=["first", "last", "next"],
         default="first",
-        help="where to start reading the models stream: the oldest retained message, the last one, or new ones",
+        help="where to read the models stream from: the oldest retained message, the last one, or new ones",
     )
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds of silence before giving up")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds of silence before giving up"
+    )
     _common(parser)
 
 
@@ -62,17 +87,19 @@ def run_send(args: argparse.Namespace) -> int:
     flow = flow_for_budget(budget, args.chunk_bytes)
     tensors = _open(args.file)
     stream = args.stream or uuid.uuid4().hex
-    meta = {"kind": "full", "source": args.file.name}
+    meta: dict[str, Any] = {"kind": "full", "source": args.file.name}
     if isinstance(tensors, SafetensorsReader) and tensors.metadata:
-        meta["metadata"] = tensors.metadata  # type: ignore[assignment]
+        meta["metadata"] = tensors.metadata
 
-    def codec_for(name: str, t: torch.Tensor):  # type: ignore[no-untyped-def]
+    def codec_for(name: str, t: torch.Tensor) -> Codec:
         return choose_codec(name, tuple(t.shape), args.codec)
 
-    manifest, codecs = plan(tensors, stream=stream, meta=meta, codec_for=codec_for, chunk_bytes=args.chunk_bytes)
+    manifest, _ = plan(tensors, stream=stream, meta=meta, codec_for=codec_for, chunk_bytes=args.chunk_bytes)
     progress = Progress("send", _wire_estimate(manifest), quiet=args.quiet)
     names = Names(args.namespace)
-    with connect(args.amqp_url, window_messages=flow.window_messages, window_bytes=flow.window_bytes) as transport:
+    with connect(
+        args.amqp_url, window_messages=flow.window_messages, window_bytes=flow.window_bytes
+    ) as transport:
         stats = send_container(
             transport,
             names.models_exchange,

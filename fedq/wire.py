@@ -127,7 +127,9 @@ def frame_chunk(
     """Frame a slice the caller has already encoded (error feedback needs the payload before it is sent)."""
     raw = memoryview(raw).cast("B")
     if len(raw) != codec.payload_nbytes(count):
-        raise WireError(f"{codec.name} payload of {len(raw)} bytes for {count} elements", reason="length_mismatch")
+        raise WireError(
+            f"{codec.name} payload of {len(raw)} bytes for {count} elements", reason="length_mismatch"
+        )
     payload, compressed = _maybe_lz4(raw)
     header = {
         "kind": CHUNK,
@@ -383,7 +385,7 @@ def decode_tensor(msg: Message, device: torch.device | str = "cpu") -> torch.Ten
 
 
 def _all_finite(x: torch.Tensor) -> bool:
-    """NaN propagates through min/max and Inf shows in them: one reduction, 20x faster than isfinite().all()."""
+    """NaN propagates through min/max and Inf shows in them: one reduction, ~20x faster than isfinite."""
     if not x.numel():
         return True
     lo, hi = torch.aminmax(x)

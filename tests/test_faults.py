@@ -269,6 +269,13 @@ class FedRun:
         self.aggregator = self._popen(cmd, self.tmp / "aggregator.log")
         return self.aggregator
 
+    def start(self, **client_options: Any) -> None:
+        """The aggregator, then (once version 0 is announced, so the topology exists) every client."""
+        self.start_aggregator()
+        self.wait_announced(0)
+        for i in range(CLIENTS):
+            self.start_client(i, **client_options)
+
     def start_client(
         self, i: int, *, first_round: int = 0, mode: str = "wait", slow: float = 0.0, slow_round: int = -1
     ) -> subprocess.Popen[bytes]:
@@ -409,21 +416,21 @@ def run(tmp_path: Path, node: brokers.Node) -> Iterator[FedRun]:
 
 def test_fault_free_baseline(run: FedRun) -> None:
     """The reference run: no fault; also pins the closed form the fault runs are compared with."""
-    run.start_aggregator()
-    for i in range(CLIENTS):
-        run.start_client(i)
+    run.start()
     run.finish()
     result = run.check()
     _baseline.update(result["model"])
     assert dead_letters(run.url, run.names) == 0
 
 
+# The aggregator drops an update still incomplete --update-timeout seconds after its first message, even while
+# the broker (or its own connection) is down; the outage must stay below it (see the report: the late rest of a
+# dropped update is then acked silently and the update is lost although its client saw every confirm).
 def test_broker_restart_mid_transfer(run: FedRun, node: brokers.Node) -> None:
     """rabbitmqctl stop_app / start_app while every client streams its round-1 update and the aggregator
     folds."""
-    run.start_aggregator()
-    for i in range(CLIENTS):
-        run.start_client(i, slow=0.1, slow_round=1)  # ~4.5 s per update in round 1
+    run.update_timeout = 60.0
+    run.start(slow=0.1, slow_round=1)  # ~4.5 s per update in round 1
     run.wait_markers([f"c{i}.r1.sending" for i in range(CLIENTS)])
     time.sleep(0.3)
     node.stop_app()  # the CLI takes ~2 s to act
@@ -441,6 +448,7 @@ def test_client_sigkill_mid_stream(run: FedRun) -> None:
     """A client killed while streaming its round-1 update: the partial update is dropped, the restarted
     client's update counts once."""
     run.start_aggregator()
+    run.wait_announced(0)
     for i in range(CLIENTS):
         run.start_client(i, slow=0.05 if i == 0 else 0.0, slow_round=1)
     run.wait_markers(["c0.r1.sending"])
@@ -455,6 +463,7 @@ def test_client_sigkill_mid_stream(run: FedRun) -> None:
 def test_client_and_aggregator_sigkill_together(run: FedRun) -> None:
     """A client mid-stream and the aggregator SIGKILLed at the same moment, both restarted."""
     run.start_aggregator()
+    run.wait_announced(0)
     for i in range(CLIENTS):
         run.start_client(i, slow=0.05 if i == 0 else 0.0, slow_round=1)
     run.wait_markers(["c0.r1.sending"])
@@ -532,15 +541,13 @@ def test_cluster_node_killed_mid_run(tmp_path: Path, full_cluster: brokers.Clust
     clients stream round 1; clients and aggregator (connected to another node) finish with nothing lost."""
     c = full_cluster
     n1, n2 = c.nodes[0], c.nodes[1]
-    r = FedRun(tmp_path, n1.url, quorum=True)
+    r = FedRun(tmp_path, n1.url, quorum=True, update_timeout=60.0)
     try:
         with connect(n2.url) as t:  # declared through node 2: the quorum queues' leaders start there
             t.declare(r.names, 1, quorum=True)
         leader = _queue_leader(n1, r.names.updates_queue(0))
         assert leader == n2.nodename
-        r.start_aggregator()
-        for i in range(CLIENTS):
-            r.start_client(i, slow=0.03, slow_round=1)
+        r.start(slow=0.1, slow_round=1)
         r.wait_markers([f"c{i}.r1.sending" for i in range(CLIENTS)])
         time.sleep(0.4)
         n2.kill()

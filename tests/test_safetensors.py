@@ -15,7 +15,7 @@ from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec, s
 
 
 def _hand_made(path: Path) -> dict[str, torch.Tensor]:
-    """A file built from the public format description alone, with a header the way other writers lay it out."""
+    """A file built from the public format description alone, its header laid out as other writers do."""
     a = torch.arange(6, dtype=torch.float32).reshape(2, 3) / 4
     b = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
     c = torch.tensor(3.0, dtype=torch.float16)
@@ -26,7 +26,11 @@ def _hand_made(path: Path) -> dict[str, torch.Tensor]:
         "c": {"dtype": "F16", "shape": [], "data_offsets": [28, 30]},
     }
     text = json.dumps(header).encode()
-    data = struct.pack("<6f", *a.flatten().tolist()) + b.view(torch.int16).numpy().tobytes() + c.view(torch.int16).numpy().tobytes()
+    data = (
+        struct.pack("<6f", *a.flatten().tolist())
+        + b.view(torch.int16).numpy().tobytes()
+        + c.view(torch.int16).numpy().tobytes()
+    )
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return {"a": a, "b": b, "c": c}
 
@@ -64,7 +68,9 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
 def test_writer_slices_in_any_order_give_the_same_bytes(tmp_path: Path) -> None:
     tensors = {"a": torch.randn(1000), "b": torch.randn(10, 10).half()}
     reference = save_file(tensors, tmp_path / "ref.safetensors").read_bytes()
-    writer = SafetensorsWriter(tmp_path / "out.safetensors", {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in tensors.items()})
+    writer = SafetensorsWriter(
+        tmp_path / "out.safetensors", {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    )
     assert (tmp_path / "out.safetensors.part").exists() and not (tmp_path / "out.safetensors").exists()
     writer.write("b", 50, tensors["b"].reshape(-1)[50:].float())  # cast back to the tensor's dtype on write
     writer.write("a", 500, tensors["a"][500:])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedq import streaming, wire
-from fedq.codecs import CODECS, get_codec
+from fedq.codecs import CODECS, ErrorFeedback, get_codec
 from fedq.errors import StreamError
 from fedq.safetensors import SafetensorsReader, save_file
 from fedq.topology import Names
@@ -46,7 +46,7 @@ class _Counting(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def items(self):  # type: ignore[override]  # shapes only: plan() must not count as reading
+    def items(self):  # shapes only: plan() must not count as reading
         return self.tensors.items()
 
 
@@ -70,7 +70,9 @@ def _assemble(messages: list[bytes]) -> tuple[streaming.Assembler, dict[str, tor
         for chunk in assembler.add(wire.decode(body)):
             key = chunk.entry.name if chunk.stream == "s" else f"{chunk.stream}/{chunk.entry.name}"
             flat = out.setdefault(key, torch.full((chunk.entry.numel,), float("nan")))
-            assert torch.isnan(flat[chunk.offset : chunk.offset + chunk.values.numel()]).all()  # each chunk once
+            assert torch.isnan(
+                flat[chunk.offset : chunk.offset + chunk.values.numel()]
+            ).all()  # each chunk once
             flat[chunk.offset : chunk.offset + chunk.values.numel()] = chunk.values
     return assembler, out
 
@@ -81,7 +83,9 @@ def test_sender_is_lazy_and_chunks_are_bounded() -> None:
     manifest = wire.decode(next(messages))
     assert manifest.kind == "manifest" and tensors.reads == []
     first = wire.decode(next(messages))
-    assert (first.name, first.offset, first.count) == ("embed.weight", 0, 1024) and tensors.reads == ["embed.weight"]
+    assert (first.name, first.offset, first.count) == ("embed.weight", 0, 1024) and tensors.reads == [
+        "embed.weight"
+    ]
     rest = [wire.decode(m) for m in messages]
     assert len(tensors.reads) == len(tensors)
     chunks = [first, *rest[:-1]]
@@ -99,7 +103,12 @@ def test_chunk_counts_are_multiples_of_the_alignment(codec: str) -> None:
     tail = c.alignment // 2  # a last chunk shorter than the alignment (none when the alignment is 1)
     x = {"w": torch.randn(3 * c.alignment + tail)}
     chunk_bytes = c.payload_nbytes(c.alignment)  # one alignment unit per chunk
-    msgs = [wire.decode(m) for m in streaming.iter_container(x, stream="s", meta={}, codec_for=lambda n, t: c, chunk_bytes=chunk_bytes)]
+    msgs = [
+        wire.decode(m)
+        for m in streaming.iter_container(
+            x, stream="s", meta={}, codec_for=lambda n, t: c, chunk_bytes=chunk_bytes
+        )
+    ]
     counts = [m.count for m in msgs if m.kind == "chunk"]
     assert counts == [c.alignment] * 3 + ([tail] if tail else [])
 
@@ -108,7 +117,9 @@ def test_chunk_counts_are_multiples_of_the_alignment(codec: str) -> None:
 def test_shuffled_duplicated_early_chunks_reassemble(codec: str) -> None:
     tensors = _state_dict()
     c = get_codec(codec)
-    messages = list(streaming.iter_container(tensors, stream="s", meta={}, codec_for=lambda n, t: c, chunk_bytes=2048))
+    messages = list(
+        streaming.iter_container(tensors, stream="s", meta={}, codec_for=lambda n, t: c, chunk_bytes=2048)
+    )
     shuffled = messages + messages[1:8] + [messages[0]]
     random.Random(7).shuffle(shuffled)
     assert wire.decode(shuffled[0]).kind != "manifest"  # chunks before the manifest are part of the test
@@ -151,19 +162,35 @@ def test_inconsistent_streams_raise() -> None:
     messages = list(streaming.iter_container(tensors, stream="s", meta={}, chunk_bytes=4096))
     n = wire.decode(messages[-1]).meta["chunks"]
     extra = wire.encode_chunk(
-        stream="s", index=n, name="norm.scale", dtype=torch.float32, shape=(), offset=0, count=1,
-        codec=get_codec("fp32"), x=torch.ones(1),
+        stream="s",
+        index=n,
+        name="norm.scale",
+        dtype=torch.float32,
+        shape=(),
+        offset=0,
+        count=1,
+        codec=get_codec("fp32"),
+        x=torch.ones(1),
     )
     assert _reason([*messages, extra]) == "too_many_chunks"
     renamed = wire.encode_chunk(
-        stream="s", index=0, name="other", dtype=torch.float32, shape=(300, 40), offset=0, count=1024,
-        codec=get_codec("fp32"), x=torch.ones(1024),
+        stream="s",
+        index=0,
+        name="other",
+        dtype=torch.float32,
+        shape=(300, 40),
+        offset=0,
+        count=1024,
+        codec=get_codec("fp32"),
+        x=torch.ones(1024),
     )
     assert _reason([messages[0], renamed]) == "chunk_mismatch"
     assert _reason([messages[0], wire.encode_control("commit", "s", {"chunks": n + 1})]) == "commit_mismatch"
     other = streaming.iter_container(_state_dict(), stream="s", meta={"x": 1}, chunk_bytes=4096)
     assert _reason([messages[0], next(other)]) == "manifest_mismatch"
-    lying = wire.encode_control("manifest", "s", {"tensors": [["a", "float32", [10], "fp32", 2, 4]], "chunks": 2})
+    lying = wire.encode_control(
+        "manifest", "s", {"tensors": [["a", "float32", [10], "fp32", 2, 4]], "chunks": 2}
+    )
     assert _reason([lying]) == "bad_manifest"  # 10 elements in chunks of 4 take 3 chunks
     with pytest.raises(StreamError):
         next(streaming.iter_container(tensors, stream="s", meta={"chunks": 3}))
@@ -211,7 +238,7 @@ def test_receiver_times_out_on_an_incomplete_stream() -> None:
     assert info.value.reason == "timeout"
 
 
-# Against the real broker -----------------------------------------------------------------------------------------
+# Against the real broker ------------------------------------------------------------------------------------
 
 
 @pytest.mark.broker
@@ -224,8 +251,14 @@ def test_round_trip_through_rabbitmq_equals_the_codecs_own(amqp_url: str, namesp
     with connect(amqp_url) as transport:
         transport.declare(names, 1)
         stats = streaming.send_container(
-            transport, names.updates_exchange, names.shard_key(0), tensors,
-            stream="rt", meta={"update_id": "u1"}, codec_for=lambda n, t: c, chunk_bytes=chunk_bytes,
+            transport,
+            names.updates_exchange,
+            names.shard_key(0),
+            tensors,
+            stream="rt",
+            meta={"update_id": "u1"},
+            codec_for=lambda n, t: c,
+            chunk_bytes=chunk_bytes,
         )
         got = streaming.receive_container(transport, names.updates_queue(0), "rt", timeout=30)
     assert got.manifest.meta == {"update_id": "u1"} and stats.chunks == got.manifest.chunks
@@ -265,10 +298,17 @@ def test_file_to_stream_to_file_is_byte_identical(amqp_url: str, namespace: str,
     with connect(amqp_url) as transport:
         transport.declare(names, 1)
         streaming.send_container(
-            transport, names.updates_exchange, names.shard_key(0), reader,
-            stream="file", meta={"metadata": reader.metadata}, chunk_bytes=64 << 10,
+            transport,
+            names.updates_exchange,
+            names.shard_key(0),
+            reader,
+            stream="file",
+            meta={"metadata": reader.metadata},
+            chunk_bytes=64 << 10,
         )
-        manifest = streaming.receive_file(transport, names.updates_queue(0), tmp_path / "out.safetensors", timeout=30)
+        manifest = streaming.receive_file(
+            transport, names.updates_queue(0), tmp_path / "out.safetensors", timeout=30
+        )
     assert manifest.chunks == 13 + 1 + 1  # 210000 fp32 in 16384s, then b, then the empty c
     assert (tmp_path / "out.safetensors").read_bytes() == source.read_bytes()
 
@@ -283,6 +323,46 @@ def test_incomplete_stream_through_rabbitmq_times_out(amqp_url: str, namespace: 
             transport.publish(names.updates_exchange, names.shard_key(0), body)
         transport.flush()
         with pytest.raises(StreamError) as info:
-            streaming.receive_file(transport, names.updates_queue(0), tmp_path / "out.safetensors", "cut", timeout=1.0)
+            streaming.receive_file(
+                transport, names.updates_queue(0), tmp_path / "out.safetensors", "cut", timeout=1.0
+            )
     assert info.value.reason == "timeout"
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_error_feedback_per_chunk_telescopes() -> None:
+    """Two rounds with feedback: the receiver got the true updates minus the last residual, nothing else."""
+    fb = ErrorFeedback()
+    gen = torch.Generator().manual_seed(4)
+    rounds = [{"w": torch.randn(64, 1024, generator=gen) * 0.02} for _ in range(2)]
+    c = get_codec("nf4")
+    chunk_bytes = c.payload_nbytes(c.alignment)  # four chunks, each with its own residual
+    received = torch.zeros(64 * 1024)
+    for update in rounds:
+        messages = list(
+            streaming.iter_container(
+                update, stream="s", meta={}, codec_for=lambda n, t: c, chunk_bytes=chunk_bytes, feedback=fb
+            )
+        )
+        assert sum(wire.decode(m).kind == "chunk" for m in messages) > 1
+        _, out = _assemble(messages)
+        received += out["w"]
+    per_chunk = streaming.chunk_elements_for(c, chunk_bytes)
+    residual = torch.cat(
+        [
+            fb.compensate("w", torch.zeros(min(per_chunk, 64 * 1024 - lo)), lo)
+            for lo in range(0, 64 * 1024, per_chunk)
+        ]
+    )
+    truth = (rounds[0]["w"] + rounds[1]["w"]).reshape(-1)
+    assert float(residual.abs().max()) > 1e-4  # nf4 drops something, which feedback carries over
+    assert torch.allclose(received, truth - residual, atol=1e-6)
+
+
+def test_wait_for_memory_gives_up_with_a_clear_error() -> None:
+    from fedq.metrics import current_rss_bytes
+
+    streaming.wait_for_memory(current_rss_bytes() * 2, timeout=0.1)  # well under the budget: returns at once
+    with pytest.raises(StreamError) as info:
+        streaming.wait_for_memory(current_rss_bytes() // 2, timeout=0.1)
+    assert info.value.reason == "memory_budget"

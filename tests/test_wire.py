@@ -40,6 +40,11 @@ def _chunk(
     )
 
 
+def _exact(n: int) -> torch.Tensor:
+    """Values exact in binary (no transcendental functions): quantizing them gives the same bytes anywhere."""
+    return ((torch.arange(n) % 97 - 48) / 1024).reshape(-1, 4)
+
+
 def _golden() -> dict[str, Callable[[], bytes]]:
     values = torch.arange(-6, 6, dtype=torch.float32) * 0.125
     sparse = torch.zeros(2048)
@@ -48,6 +53,8 @@ def _golden() -> dict[str, Callable[[], bytes]]:
         "fp32_chunk.bin": lambda: _chunk("fp32", values.reshape(3, 4)),
         "fp16_chunk.bin": lambda: _chunk("fp16", values[4:].half(), index=1, offset=4, shape=(12,)),
         "lz4_chunk.bin": lambda: _chunk("fp32", sparse, index=2, name="frozen.weight"),
+        "int8_chunk.bin": lambda: _chunk("int8", _exact(4096 + 100), index=3, name="q.weight"),
+        "nf4_chunk.bin": lambda: _chunk("nf4", _exact(16384 + 100), index=4, name="q4.weight"),
         "manifest.bin": lambda: wire.encode_control(
             "manifest",
             "golden",
@@ -105,6 +112,13 @@ def test_golden_vectors_decode() -> None:
     expected = torch.zeros(2048)
     expected[::32] = 0.5
     assert torch.equal(wire.decode_tensor(sparse), expected)
+
+    for name, codec, n in (("int8_chunk.bin", "int8", 4196), ("nf4_chunk.bin", "nf4", 16484)):
+        msg = wire.decode((VECTORS / name).read_bytes())
+        assert msg.codec == get_codec(codec) and (msg.count, msg.shape) == (n, (n // 4, 4))
+        c = get_codec(codec)
+        x = _exact(n).reshape(-1)
+        assert torch.equal(wire.decode_tensor(msg), c.decode(*c.encode(x), n, torch.device("cpu")))
 
     manifest = wire.decode((VECTORS / "manifest.bin").read_bytes())
     assert (manifest.kind, manifest.meta["chunks"], manifest.meta["base_version"]) == ("manifest", 3, 7)

@@ -1,15 +1,15 @@
 """``make demo`` / ``fedq demo``: one aggregator and four clients learn Shakespeare over the local broker.
 
 The launcher makes sure a broker answers (starting an installed but stopped RabbitMQ), declares a fresh
-namespace, writes the initial model, starts the aggregator (FedBuff) and the client processes (nf4 updates with
-error feedback, non-IID shards), and prints one line per model version until the target version. It deletes the
-namespace and its temporary files at the end, and Ctrl-C stops every process it started.
+namespace, writes the initial model, starts the aggregator (FedBuff) and the client processes (nf4 updates
+with error feedback, non-IID shards), and prints one line per model version until the target version. It
+deletes the namespace and its temporary files at the end, and Ctrl-C stops every process it started.
 
-Validation loss is measured here: the launcher is itself a reader of the models stream (a ``fedq.client.Client``
-that only receives), so it scores each version it receives on the held-out text without slowing the aggregator.
-Wire bytes, their fp32 equivalent and peak RSS come from the processes' Prometheus endpoints (the counters
-``send_container`` keeps: chunk message bytes; manifests and commits add a few KB per update).
-"""
+Validation loss is measured here: the launcher is itself a reader of the models stream (a
+``fedq.client.Client`` that only receives), so it scores each version it receives on the held-out text without
+slowing the aggregator. Wire bytes, their fp32 equivalent and peak RSS come from the processes' Prometheus
+endpoints (the counters ``send_container`` keeps: chunk message bytes; manifests and commits add a few KB per
+update)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--versions", type=int, default=30, help="run until this model version")
     a("--buffer-size", type=int, default=4, help="FedBuff: updates per version")
-    a("--local-steps", type=int, default=10, help="client steps per update (sent to clients with each version)")
+    a(
+        "--local-steps",
+        type=int,
+        default=10,
+        help="client steps per update (sent to clients with each version)",
+    )
     a("--codec", default="nf4", help="client update codec")
     a("--batch-size", type=int, default=32, help="client sequences per step")
     a("--eval-batches", type=int, default=4, help="validation batches (of 64 sequences) per version")
@@ -131,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-# broker ---------------------------------------------------------------------------------------------------------
+# broker -----------------------------------------------------------------------------------------------------
 def ensure_broker(wait: float = 60.0) -> str:
     """The broker URL to use; starts a local RabbitMQ that is installed but not running.
 
@@ -183,7 +188,7 @@ def _delete_namespace(url: str, namespace: str) -> None:
         print(f"could not delete namespace {namespace} ({exc.reason}); its queues remain", file=sys.stderr)
 
 
-# processes ------------------------------------------------------------------------------------------------------
+# processes --------------------------------------------------------------------------------------------------
 def _write_initial_model(args: argparse.Namespace, vocab_size: int, workdir: Path) -> Path:
     torch.manual_seed(args.seed)
     model = gpt.GPT(model_config(args, vocab_size))
@@ -216,7 +221,11 @@ def _model_flags(args: argparse.Namespace) -> list[str]:
 def _start(
     args: argparse.Namespace, url: str, namespace: str, init: Path, workdir: Path, ports: list[int]
 ) -> list[subprocess.Popen[bytes]]:
-    """The aggregator, then the clients; each in its own session, so Ctrl-C reaches only the launcher."""
+    """The aggregator, then the clients; each in its own session, so Ctrl-C reaches only the launcher.
+
+    The aggregator stops by itself after the last version; the clients run until the launcher has taken the
+    last version's numbers from their metrics endpoints, then it stops them.
+    """
     common = ["--amqp-url", url, "--namespace", namespace]
     aggregator = [
         *("-m", "workers.aggregator", *common, "--strategy", "fedbuff"),
@@ -228,7 +237,7 @@ def _start(
     for k in range(args.clients):
         client = [
             *("-m", "workers.demo_client", *common, "--name", f"client{k}", "--index", str(k)),
-            *("--codec", args.codec, "--batch-size", str(args.batch_size), "--until-version", str(args.versions)),
+            *("--codec", args.codec, "--batch-size", str(args.batch_size)),
             *("--metrics-port", str(ports[k + 1]), *_model_flags(args)),
         ]
         commands.append((f"client{k}", client))
@@ -238,7 +247,11 @@ def _start(
         log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it; closed when we exit
         procs.append(
             subprocess.Popen(
-                [sys.executable, *command], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                [sys.executable, *command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         )
     return procs
@@ -258,7 +271,7 @@ def _stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
             p.wait()
 
 
-# monitoring -----------------------------------------------------------------------------------------------------
+# monitoring -------------------------------------------------------------------------------------------------
 def _monitor(
     args: argparse.Namespace,
     url: str,
@@ -305,7 +318,7 @@ def _check_alive(procs: list[subprocess.Popen[bytes]]) -> None:
     """A child that died with an error ends the run (a client that finished its last version exits 0)."""
     for p in procs:
         if p.poll() not in (None, 0):
-            raise StreamError(f"{' '.join(map(str, p.args))[:120]}... exited with status {p.returncode}")
+            raise StreamError(f"process {p.pid} ({str(p.args)[:100]}...) exited with status {p.returncode}")
 
 
 class _Scraper:
@@ -360,7 +373,9 @@ def _total(lines: list[str], name: str, label: str) -> float:
 def _write_results(args: argparse.Namespace, namespace: str, rows: list[Row]) -> list[Path]:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.results_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")
+    }
     data = {"namespace": namespace, "settings": settings, "versions": [asdict(r) for r in rows]}
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=1))
@@ -388,7 +403,9 @@ def _plot(path: Path, rows: list[Row], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.demo", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m workers.demo",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -53,7 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--local-steps", type=int, default=10, help="steps per update unless the server sends local_steps")
     a("--batch-size", type=int, default=32, help="sequences per step")
     a("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    a("--until-version", type=int, default=0, help="stop after receiving this version (0 = run until stopped)")
+    a(
+        "--until-version",
+        type=int,
+        default=0,
+        help="stop after receiving this version (0 = run until stopped)",
+    )
     a("--threads", type=int, default=1, help="torch CPU threads")
     a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
     add_model_arguments(parser)
@@ -88,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
                     log.info("%s: received version %d, done", args.name, round_.version)
                     return 0
                 steps = int(round_.config.get("local_steps", args.local_steps))
-                batches = shakespeare.sample_batches(tokens, steps, args.batch_size, args.block_size, generator)
+                batches = shakespeare.sample_batches(
+                    tokens, steps, args.batch_size, args.block_size, generator
+                )
                 loss = gpt.train_steps(model, optimizer, batches)
                 sent = client.send(model, num_samples=steps * args.batch_size, metrics={"loss": loss})
                 log.info(

@@ -1,10 +1,9 @@
 """A small character-level GPT (decoder-only transformer) for the demo and the quality benchmark.
 
-It exists to give federated runs a real model that visibly learns in a couple of CPU minutes. Choices that matter
-for federation: linear layers and layer norms carry no biases and the output head is not tied to the token
-embedding, so the state dict is a handful of large matrices (which the codecs compress) plus a few tiny norm
-weights (which stay fp32), and no tensor appears twice under two names.
-"""
+It exists to give federated runs a real model that visibly learns in a couple of CPU minutes. Choices that
+matter for federation: linear layers and layer norms carry no biases and the output head is not tied to the
+token embedding, so the state dict is a handful of large matrices (which the codecs compress) plus a few tiny
+norm weights (which stay fp32), and no tensor appears twice under two names."""
 
 from __future__ import annotations
 
@@ -38,8 +37,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
-        heads = [z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v)]
-        y = F.scaled_dot_product_attention(*heads, is_causal=True)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -65,13 +64,14 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        blocks = [Block(cfg) for _ in range(cfg.n_layer)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(_init_weights)
-        # Residual projections add into the stream once per layer; shrinking them keeps its variance from growing
-        # with depth (GPT-2's scheme).
-        for block in self.blocks:
+        # Residual projections add into the stream once per layer; shrinking them keeps its variance from
+        # growing with depth (GPT-2's scheme).
+        for block in blocks:
             for proj in (block.attn.proj, block.out):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
@@ -119,7 +119,7 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 def train_steps(
     model: GPT, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> float:
-    """One optimizer step per batch; returns the mean training loss (what a client reports with its update)."""
+    """One optimizer step per batch; returns the mean training loss (what a client reports)."""
     model.train()
     total = 0.0
     for x, y in batches:

@@ -1,15 +1,18 @@
-"""tinyshakespeare as federated data: a character vocabulary, per-client shards and a held-out validation split.
+"""tinyshakespeare as federated data: a character vocabulary, per-client shards and a held-out validation
+split.
 
-The text is a run of speeches ("SPEAKER:\\nlines", separated by blank lines). Speeches are the unit of every split,
-so no client ever sees half a speech. A fixed fraction of speeches, drawn with the seed, is held out for validation
-before the rest is dealt to clients, so every split is validated on the same text and settings are comparable.
+The text is a run of speeches ("SPEAKER:\\nlines", separated by blank lines). Speeches are the unit of every
+split, so no client ever sees half a speech. A fixed fraction of speeches, drawn with the seed, is held out
+for validation before the rest is dealt to clients, so every split is validated on the same text and settings
+are comparable.
 
 Splits:
 - ``iid``: speeches shuffled and dealt round-robin; every client sees every speaker and play.
-- ``speaker``: each speaker's speeches all go to one client (speakers assigned largest-first to the client with the
-  fewest characters), so clients differ in voice and vocabulary.
-- ``play``: the text cut into equal contiguous runs; the file is the plays one after another, so each client holds
-  different plays.
+- ``speaker``: each speaker's speeches all go to one client (speakers assigned largest-first to the client
+  with the fewest characters), so clients differ in voice and vocabulary.
+- ``play``: the text cut into equal contiguous runs; the file is the plays one after another, so each client
+  holds different plays.
+
 Everything is a deterministic function of the seed.
 """
 

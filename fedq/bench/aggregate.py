@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
             f"({row['e2e_seconds'] / raw:.2f}x the raw fp32 broker time)",
             flush=True,
         )
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}")

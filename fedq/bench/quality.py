@@ -1,18 +1,18 @@
-"""``fedq bench quality``: does a compressed update learn as well as a full-precision one, and at what wire cost?
+"""``fedq bench quality``: does a compressed update learn as well as a full-precision one, and at what wire
+cost?
 
-One federation per setting, run in this process so that it is fast and exactly repeatable: four clients with the
-same non-IID shards of tinyshakespeare, the same seeds and the same number of client updates (FedAvg rounds:
-every client trains ``--local-steps`` steps from the global model, then its delta travels). Each delta goes
-through the client's real encoding path (``fedq.client.encode_update``: per-tensor codec policy, error feedback,
-wire messages with manifest and commit), the aggregator side decodes the messages with ``fedq.wire`` and folds
-them with the FedAvg strategy's weights into an ``Accumulator``. ``wire_bytes`` counts every message body byte
-(chunks, manifests, commits) of the updates; the model download is the same for every setting and is not
-counted. Centralized training on the pooled shards, for the same number of optimizer steps and samples, is the
-reference row.
+One federation per setting, run in this process so that it is fast and exactly repeatable: four clients with
+the same non-IID shards of tinyshakespeare, the same seeds and the same number of client updates (FedAvg
+rounds: every client trains ``--local-steps`` steps from the global model, then its delta travels). Each delta
+goes through the client's real encoding path (``fedq.client.encode_update``: per-tensor codec policy, error
+feedback, wire messages with manifest and commit), the aggregator side decodes the messages with ``fedq.wire``
+and folds them with the FedAvg strategy's weights into an ``Accumulator``. ``wire_bytes`` counts every message
+body byte (chunks, manifests, commits) of the updates; the model download is the same for every setting and is
+not counted. Centralized training on the pooled shards, for the same number of optimizer steps and samples, is
+the reference row.
 
-Measured on a 2-core CPU (see the README for the table and the command):
-``fedq bench quality --json results/quality.json --plot results/quality.png``
-"""
+Measured on a 2-core CPU (see the README for the table and the command): ``fedq bench quality --json
+results/quality.json --plot results/quality.png``"""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def run_federated(setup: Setup, setting: str, codec: str, feedback: bool) -> Res
 
 
 def run_central(setup: Setup) -> Result:
-    """The reference: one model on the pooled shards, the same number of optimizer steps of the same batch size."""
+    """The reference: one model on the pooled shards, as many optimizer steps of the same batch size."""
     start = time.monotonic()
     corpus, val = _data(setup)
     model = _model(setup, corpus.vocab.size)
@@ -187,7 +187,7 @@ class _LocalClient:
         setup: Setup,
         index: int,
         tokens: torch.Tensor,
-        model: torch.nn.Module,
+        model: gpt.GPT,
         codec: str,
         feedback: bool,
     ) -> None:
@@ -201,7 +201,7 @@ class _LocalClient:
         self.feedback = ErrorFeedback() if feedback else None
         self.num_samples = setup.local_steps * setup.batch_size
 
-    def update(self, global_model: torch.nn.Module, version: int) -> Iterator[bytes]:
+    def update(self, global_model: gpt.GPT, version: int) -> Iterator[bytes]:
         """Train from the global model; the messages of the delta, encoded lazily as the caller reads them."""
         base = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
         self.model.load_state_dict(base)
@@ -252,7 +252,7 @@ def _data(setup: Setup) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
     return corpus, val
 
 
-def _model(setup: Setup, vocab_size: int) -> torch.nn.Module:
+def _model(setup: Setup, vocab_size: int) -> gpt.GPT:
     torch.manual_seed(setup.seed)
     cfg = gpt.GPTConfig(vocab_size, block_size=setup.block_size, n_layer=setup.n_layer, n_embd=setup.n_embd)
     return gpt.GPT(cfg)
@@ -268,7 +268,8 @@ def _print_row(result: Result, results: list[Result]) -> None:
     rel_bytes = f"{result.wire_bytes / fp32.wire_bytes:.4f}" if fp32 and result.wire_bytes else "-"
     mb = f"{result.wire_bytes / 1e6:.2f}" if result.wire_bytes else "-"
     print(
-        f"{result.setting:<8} {result.val_loss:>9.4f} {rel_loss:>8} {mb:>9} {rel_bytes:>11} {result.seconds:>8.1f}"
+        f"{result.setting:<8} {result.val_loss:>9.4f} {rel_loss:>8} {mb:>9} {rel_bytes:>11} "
+        f"{result.seconds:>8.1f}"
     )
 
 
@@ -291,7 +292,7 @@ def write_json(path: Path, setup: Setup, results: list[Result]) -> None:
 
 
 def plot(path: Path, results: list[Result]) -> None:
-    """Validation loss against cumulative update bytes; centralized training is a horizontal reference line."""
+    """Validation loss against cumulative update bytes; centralized training is a horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")

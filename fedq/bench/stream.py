@@ -1,11 +1,11 @@
-"""``fedq bench stream``: peak memory and throughput of regular, container and file streaming through the broker.
+"""``fedq bench stream``: peak memory and throughput of regular, container and file streaming via the broker.
 
 One sender process and one receiver process (spawned, so each one's peak RSS is its own) move a state dict of
 real model shapes through the local broker. The physical baseline, measured in the same run, is raw pika: the
-same number of bytes in the same chunk size, persistent, published with confirms and consumed with acks, through
-the same queue. ``regular`` is the naive way (serialize the whole state dict to one buffer, send it in chunks,
-reassemble, deserialize); ``container`` streams the in-memory state dict; ``file`` streams a safetensors file from
-disk to disk.
+same number of bytes in the same chunk size, persistent, published with confirms and consumed with acks,
+through the same queue. ``regular`` is the naive way (serialize the whole state dict to one buffer, send it in
+chunks, reassemble, deserialize); ``container`` streams the in-memory state dict; ``file`` streams a
+safetensors file from disk to disk.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from fedq.metrics import current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.streaming import (
     Flow,
-    Receiver,
     flow_for_budget,
     parse_size,
     receive_container,
@@ -70,7 +69,7 @@ def _gpt2() -> dict[str, tuple[int, ...]]:
 
 
 def _llama(d: int, ffn: int, layers: int, kv: int, vocab: int = 128256) -> dict[str, tuple[int, ...]]:
-    """Llama shapes from the public configs; lm_head is listed as the state dict holds it (5716 MiB for 3.2-1B)."""
+    """Llama shapes from the public configs; lm_head listed as the state dict holds it (3.2-1B: 5716 MiB)."""
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d)}
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -97,32 +96,44 @@ SHAPES: dict[str, Callable[[], dict[str, tuple[int, ...]]]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="llama-3.2-1b", help="model shapes to stream")
-    parser.add_argument("--codec", action="append", help="codec(s) to run (repeatable; default: fp32 and nf4)")
-    parser.add_argument("--mode", action="append", choices=MODES, help="mode(s) to run (repeatable; default: all)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the model")
-    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload bytes per chunk")
+    parser.add_argument(
+        "--shapes", choices=sorted(SHAPES), default="llama-3.2-1b", help="model shapes to stream"
+    )
+    parser.add_argument(
+        "--codec", action="append", help="codec(s) to run (repeatable; default: fp32 and nf4)"
+    )
+    parser.add_argument(
+        "--mode", action="append", choices=MODES, help="mode(s) to run (repeatable; default: all)"
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the model"
+    )
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload bytes per chunk"
+    )
     parser.add_argument(
         "--memory-budget",
         default="512MiB",
         help="each process's budget: sets the publish window and prefetch, and caps file-mode RSS",
     )
     parser.add_argument("--dir", default=None, help="where file mode writes its files (default: a temp dir)")
-    parser.add_argument("--amqp-url", default=None, help="broker URL (default: FEDQ_AMQP_URL or the local broker)")
+    parser.add_argument(
+        "--amqp-url", default=None, help="broker URL (default: FEDQ_AMQP_URL or the local broker)"
+    )
     parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
 
 
 def run(args: argparse.Namespace) -> int:
     url = args.amqp_url or default_url()
     shapes = SHAPES[args.shapes]()
-    dtype = getattr(torch, args.dtype)
     fp32_bytes = 4 * sum(_numel(s) for s in shapes.values())
     budget = parse_size(args.memory_budget)
     names = Names(f"benchstream{uuid.uuid4().hex[:8]}")
     work = Path(args.dir or tempfile.mkdtemp(prefix="fedq-bench-"))
     print(
         f"{args.shapes}: {sum(_numel(s) for s in shapes.values()) / 1e9:.3f} B parameters, "
-        f"{fp32_bytes / 2**20:.0f} MiB fp32; chunks of {args.chunk_bytes >> 20} MiB; budget {budget >> 20} MiB",
+        f"{fp32_bytes / 2**20:.0f} MiB fp32; chunks of {args.chunk_bytes >> 20} MiB; "
+        f"budget {budget >> 20} MiB",
         flush=True,
     )
     ctx = mp.get_context("spawn")
@@ -190,7 +201,8 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{row['mode']:>9} {row['codec']:>5}: {row['seconds']:7.2f} s, {mb_s:7.1f} MB/s (fp32-equivalent), "
         f"wire {row['wire_bytes'] / 2**20:7.0f} MiB, "
         f"sender peak {row['sender_peak_rss'] / 2**20:6.0f} MiB ({row['sender_peak_rss'] / model:.2f}x), "
-        f"receiver peak {row['receiver_peak_rss'] / 2**20:6.0f} MiB ({row['receiver_peak_rss'] / model:.2f}x), "
+        f"receiver peak {row['receiver_peak_rss'] / 2**20:6.0f} MiB "
+        f"({row['receiver_peak_rss'] / model:.2f}x), "
         f"raw broker same bytes {row['raw_baseline_seconds']:.2f} s "
         f"(throughput {row['raw_baseline_seconds'] / row['seconds']:.2f}x of raw), "
         f"raw fp32 {row['raw_fp32_seconds']:.2f} s (time {row['seconds'] / row['raw_fp32_seconds']:.2f}x)",
@@ -198,10 +210,15 @@ def _print_row(row: dict[str, Any]) -> None:
     )
 
 
-# Processes -------------------------------------------------------------------------------------------------------
+# Processes --------------------------------------------------------------------------------------------------
 
 
-def _pair(ctx: Any, sender: Callable[..., None], receiver: Callable[..., None], job: dict[str, Any]) -> dict[str, Any]:
+def _pair(
+    ctx: Any,
+    sender: Callable[..., dict[str, Any]],
+    receiver: Callable[..., dict[str, Any]],
+    job: dict[str, Any],
+) -> dict[str, Any]:
     """Run a receiver and a sender process; seconds = receiver done - sender started (one monotonic clock)."""
     results = ctx.Queue()
     ready = ctx.Event()
@@ -236,7 +253,9 @@ def _pair(ctx: Any, sender: Callable[..., None], receiver: Callable[..., None], 
     }
 
 
-def _child(work: Callable[..., dict[str, Any]], job: dict[str, Any], ready: Any, results: Any, role: str) -> None:
+def _child(
+    work: Callable[..., dict[str, Any]], job: dict[str, Any], ready: Any, results: Any, role: str
+) -> None:
     # One core each for sender and receiver: torch's intra-op threads spin against each other otherwise
     # (measured on a loaded 2-core machine: a 4 MiB reduction takes 30-50 ms with 2 threads, 1 ms with 1).
     torch.set_num_threads(1)
@@ -326,7 +345,9 @@ def _send_regular(transport: Any, names: Names, tensors: dict[str, torch.Tensor]
         for name, t in tensors.items():
             codec = codec_for(name, t)
             meta, payload = codec.encode(t.reshape(-1))
-            encoded[name] = (codec.name, codec.config(), meta, tuple(t.shape), bytes(payload))
+            # as a uint8 tensor: torch.save pickles bytes as latin-1 text, inflating them by ~1.45x
+            array = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            encoded[name] = (codec.name, codec.config(), meta, tuple(t.shape), array)
         obj: Any = encoded
     else:
         obj = tensors
@@ -335,7 +356,9 @@ def _send_regular(transport: Any, names: Names, tensors: dict[str, torch.Tensor]
     data = buf.getbuffer()
     step = job["chunk_bytes"]
     for lo in range(0, len(data), step):
-        transport.publish(names.updates_exchange, names.shard_key(0), data[lo : lo + step], headers={"total": len(data)})
+        transport.publish(
+            names.updates_exchange, names.shard_key(0), data[lo : lo + step], headers={"total": len(data)}
+        )
     transport.flush()
     return len(data)
 
@@ -353,7 +376,12 @@ def _receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
             assert len(container.tensors) == len(SHAPES[job["shapes"]]())
         else:
             receive_file(
-                transport, queue_name, job["target"], prefetch=flow.prefetch, memory_budget=job["budget"], role="bench"
+                transport,
+                queue_name,
+                job["target"],
+                prefetch=flow.prefetch,
+                memory_budget=job["budget"],
+                role="bench",
             )
         end = time.monotonic()
     return {"end": end, "rss_end": current_rss_bytes()}
@@ -378,12 +406,14 @@ def _receive_regular(transport: Any, queue_name: str, flow: Flow) -> dict[str, t
     if not obj or isinstance(next(iter(obj.values())), torch.Tensor):
         return obj
     return {
-        name: get_codec(codec, **params).decode(meta, payload, _numel(shape), torch.device("cpu")).view(shape)
+        name: get_codec(codec, **params)
+        .decode(meta, payload.numpy().data, _numel(shape), torch.device("cpu"))
+        .view(shape)
         for name, (codec, params, meta, shape, payload) in obj.items()
     }
 
 
-# Raw pika baseline -----------------------------------------------------------------------------------------------
+# Raw pika baseline ------------------------------------------------------------------------------------------
 
 
 def _raw_bodies(nbytes: int, step: int) -> Iterator[bytes]:
@@ -422,7 +452,9 @@ def _raw_receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     channel.basic_qos(prefetch_count=flow.prefetch)
     ready.set()
     got = 0
-    for method, _props, body in channel.consume(Names(job["namespace"]).updates_queue(0), inactivity_timeout=120):
+    for method, _props, body in channel.consume(
+        Names(job["namespace"]).updates_queue(0), inactivity_timeout=120
+    ):
         if method is None:
             raise TimeoutError("raw receive: the publisher went silent")
         got += len(body)
@@ -443,8 +475,8 @@ def _delete_namespace(url: str, names: Names) -> None:
     spec = definitions(names, 1)
     conn = pika.BlockingConnection(pika.URLParameters(url))
     channel = conn.channel()
-    for queue in spec["queues"]:
-        channel.queue_delete(queue["name"])
+    for q in spec["queues"]:
+        channel.queue_delete(q["name"])
     for exchange in spec["exchanges"]:
         channel.exchange_delete(exchange["name"])
     conn.close()
