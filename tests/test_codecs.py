@@ -1,4 +1,4 @@
-"""Codecs: round-trip error within each codec's derived bound, exact sizes, chunking, hostile input, targets."""
+"""Codecs: round trips within each codec's derived error bound, exact sizes, chunking, hostile input."""
 
 from __future__ import annotations
 
@@ -173,6 +173,23 @@ def test_chunked_encode_equals_whole(
     assert nbytes == memoryview(payload).nbytes
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "golden"),
+    [
+        # absmax 1.0 | codes round(x * 127)
+        ("int8", {"block": 64}, "0000803f007f8140e00d005926"),
+        # group step 0.0 | group min 0.97 | scale code 0 | nibbles 7 f, 0 d, 4 8, 7 e, b (7 = NF4's zero)
+        ("nf4", {}, "00000000ec51783f007f0d487eb7"),
+        # the same scales | E2M1 nibbles: sign bit 3, magnitude index bits 0-2
+        ("fp4", {}, "00000000ec51783f0007f5b10640"),
+    ],
+)
+def test_payload_format_is_stable(name: str, params: dict[str, Any], golden: str) -> None:
+    """Golden payloads: a change of layout, nibble order, levels or scale rule breaks compatibility."""
+    x = torch.tensor([0.0, 1.0, -1.0, 0.5, -0.25, 0.1, 0.0, 0.7, 0.3])
+    assert bytes(get_codec(name, **params).encode(x)[1]).hex() == golden
+
+
 def test_alignment_covers_whole_groups() -> None:
     assert get_codec("nf4").alignment == 64 * 256
     assert get_codec("fp4", block=128).alignment == 128 * 256
@@ -216,10 +233,22 @@ def test_encode_refuses_non_finite_values(name: str, bad: float) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))
-@pytest.mark.parametrize("x", [torch.zeros(4, 4), torch.zeros(4, dtype=torch.int32), torch.zeros(3, dtype=torch.float64)])
+@pytest.mark.parametrize(
+    "x", [torch.zeros(4, 4), torch.zeros(4, dtype=torch.int32), torch.zeros(3, dtype=torch.float64)]
+)
 def test_encode_refuses_other_shapes_and_dtypes(name: str, x: torch.Tensor) -> None:
     with pytest.raises(CodecError):
         get_codec(name).encode(x)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_encode_accepts_non_contiguous_and_grad_requiring_input(name: str) -> None:
+    base = torch.randn(2 * 5000, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    x = base[::2]
+    codec = get_codec(name)
+    meta, payload = codec.encode(x)
+    expected = codec.encode(x.detach().clone())
+    assert meta == expected[0] and bytes(payload) == bytes(expected[1])
 
 
 def test_decoded_tensor_does_not_alias_the_payload() -> None:
@@ -232,7 +261,7 @@ def test_decoded_tensor_does_not_alias_the_payload() -> None:
     assert torch.equal(y, x + 1)
 
 
-# ----------------------------------------------------------------------------------------------- hostile input
+# ---------------------------------------------------------------------------------------------- hostile input
 
 JUNK = st.one_of(
     st.none(),
@@ -250,7 +279,9 @@ KEYS = st.one_of(st.sampled_from(["block", "group", "x"]), st.none(), st.integer
 
 @given(
     name=st.one_of(st.sampled_from(sorted(CODECS)), JUNK),
-    params=st.one_of(st.dictionaries(KEYS, st.one_of(st.sampled_from([16, 64, 4096]), JUNK), max_size=3), JUNK),
+    params=st.one_of(
+        st.dictionaries(KEYS, st.one_of(st.sampled_from([16, 64, 4096]), JUNK), max_size=3), JUNK
+    ),
 )
 def test_codec_from_header_accepts_valid_and_raises_codec_error_otherwise(name: Any, params: Any) -> None:
     try:
@@ -334,7 +365,7 @@ def test_truncated_payloads_are_refused_before_any_allocation() -> None:
             codec.decode({"scale": 1.0} if name == "fp16" else {}, b"\0" * 64, 2**62, CPU)
 
 
-# ------------------------------------------------------------------------------------------------------- policy
+# ----------------------------------------------------------------------------------------------------- policy
 
 
 @pytest.mark.parametrize(

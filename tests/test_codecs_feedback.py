@@ -1,4 +1,4 @@
-"""Error feedback: summed sent updates track summed true updates within one residual; without it they drift."""
+"""Error feedback: summed sent updates stay within one residual of summed true updates; without it, drift."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.request
 import uuid
 from dataclasses import asdict, dataclass
@@ -75,7 +76,7 @@ class Row:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--versions", type=int, default=30, help="run until this model version")
+    a("--versions", type=int, default=24, help="run until this model version")
     a("--buffer-size", type=int, default=4, help="FedBuff: updates per version")
     a(
         "--local-steps",
@@ -93,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Ctrl-C, and a SIGTERM from a supervisor, take the same way out: stop the children, delete the namespace.
+    # SIGINT is set explicitly because a shell starting us in the background would have it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -134,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         if not keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
     return status
+
+
+def _interrupt(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 # broker -----------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ Method = Callable[[torch.Tensor], tuple[int, torch.Tensor, float, float]]
 
 def gpt2_shapes() -> list[tuple[str, tuple[int, ...]]]:
     """GPT-2 small (124 M): vocab 50257, context 1024, width 768, 12 layers; lm_head tied to wte."""
-    d, shapes = 768, [("wte.weight", (50257, 768)), ("wpe.weight", (1024, 768))]
+    d = 768
+    shapes: list[tuple[str, tuple[int, ...]]] = [("wte.weight", (50257, d)), ("wpe.weight", (1024, d))]
     for i in range(12):
         p = f"h.{i}."
         shapes += [(p + "ln_1.weight", (d,)), (p + "ln_1.bias", (d,))]
@@ -52,7 +53,7 @@ def llama_3_2_1b_shapes() -> list[tuple[str, tuple[int, ...]]]:
     vocab 128256. Its embeddings are tied (1.236 B parameters), but a PyTorch state dict lists lm_head.weight
     as its own entry; counting it gives the 5716 MiB of fp32 that NVIDIA FLARE reports, so it is included."""
     d, kv, ff, vocab = 2048, 8 * 64, 8192, 128256
-    shapes = [("model.embed_tokens.weight", (vocab, d))]
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, d))]
     for i in range(16):
         p = f"model.layers.{i}."
         shapes += [(p + "self_attn.q_proj.weight", (d, d)), (p + "self_attn.k_proj.weight", (kv, d))]
@@ -203,15 +204,21 @@ def format_table(rows: list[Row]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="gpt2", help="model whose tensor shapes to use")
+    parser.add_argument(
+        "--shapes", choices=sorted(SHAPES), default="gpt2", help="model whose tensor shapes to use"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     parser.add_argument(
-        "--device", default="auto", help="torch device for encode and decode; auto: cuda when available, else cpu"
+        "--device",
+        default="auto",
+        help="torch device for encode and decode; auto: cuda when available, else cpu",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     shapes = SHAPES[args.shapes]()
     n = sum(math.prod(s) for _, s in shapes)
     print(

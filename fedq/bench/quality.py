@@ -1,18 +1,18 @@
-"""``fedq bench quality``: does a compressed update learn as well as a full-precision one, and at what wire
-cost?
+"""``fedq bench quality``: does a compressed update learn as well as a full-precision one, and at what cost?
 
 One federation per setting, run in this process so that it is fast and exactly repeatable: four clients with
-the same non-IID shards of tinyshakespeare, the same seeds and the same number of client updates (FedAvg
-rounds: every client trains ``--local-steps`` steps from the global model, then its delta travels). Each delta
-goes through the client's real encoding path (``fedq.client.encode_update``: per-tensor codec policy, error
-feedback, wire messages with manifest and commit), the aggregator side decodes the messages with ``fedq.wire``
-and folds them with the FedAvg strategy's weights into an ``Accumulator``. ``wire_bytes`` counts every message
-body byte (chunks, manifests, commits) of the updates; the model download is the same for every setting and is
-not counted. Centralized training on the pooled shards, for the same number of optimizer steps and samples, is
-the reference row.
+the same non-IID shards of tinyshakespeare (``play`` split), the same seeds and the same number of client
+updates (FedAvg rounds: every client trains ``--local-steps`` steps from the global model, with its own AdamW
+kept across rounds, then its delta travels). Each delta takes the client's real encoding path (``fedq.client``'s
+lazy delta and codec policy, ``fedq.codecs.ErrorFeedback``, ``fedq.streaming.iter_container``: manifest, chunks,
+commit); the aggregator side decodes every message with ``fedq.wire`` and folds it with the FedAvg strategy's
+weights into an ``Accumulator``. ``wire_bytes`` counts every message body byte of the updates (chunks,
+manifests, commits); the model download is the same for every setting and is not counted. Centralized training
+on the pooled shards, for the same number of optimizer steps of the same batch size, is the reference row.
 
-Measured on a 2-core CPU (see the README for the table and the command): ``fedq bench quality --json
-results/quality.json --plot results/quality.png``"""
+The table in the README was made with ``fedq bench quality --threads 1 --json results/quality.json --plot
+results/quality.png`` on a shared 2-core CPU.
+"""
 
 from __future__ import annotations
 
@@ -76,9 +76,9 @@ class Result:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=4, help="number of clients")
     parser.add_argument(
-        "--rounds", type=int, default=10, help="FedAvg rounds (every client sends once a round)"
+        "--rounds", type=int, default=8, help="FedAvg rounds (every client sends once a round)"
     )
-    parser.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client update")
+    parser.add_argument("--local-steps", type=int, default=8, help="optimizer steps per client update")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
     parser.add_argument("--lr", type=float, default=3e-3, help="client AdamW learning rate")
     parser.add_argument("--split", default="play", help="data split: iid, speaker or play")

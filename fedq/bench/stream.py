@@ -181,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
                 Path(job["target"]).unlink(missing_ok=True)
     finally:
         Path(work / "source.safetensors").unlink(missing_ok=True)
+        if not args.dir:
+            work.rmdir()
         _delete_namespace(url, names)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Codecs: tensor slices <-> compact payloads. Pure functions over torch tensors; nothing here knows of brokers."""
+"""Codecs: tensor slices <-> compact payloads; pure torch functions that know nothing of brokers."""
 
 from __future__ import annotations
 

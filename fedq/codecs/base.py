@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import mmap
 import warnings
 from collections.abc import Iterator
@@ -58,12 +59,14 @@ class Codec(abc.ABC):
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.config().items()))))
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Reject what no codec can encode, before any work is done."""
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Reject what no codec can encode, before any work is done; return x detached and contiguous
+        (a parameter that requires grad may be passed as it is)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.dtype not in FLOAT_DTYPES:
             raise CodecError(
                 f"{self.name}: expected a 1-D float32/float16/bfloat16 tensor, got {_describe(x)}"
             )
+        return x.detach().contiguous()
 
     def check_payload(self, meta: Any, payload: Buffer, count: Any) -> None:
         """Validate untrusted decode arguments so that no size is trusted before it is checked."""
@@ -91,7 +94,7 @@ def _describe(x: Any) -> str:
 
 
 def as_uint8(payload: Buffer, device: torch.device) -> torch.Tensor:
-    """A payload as a read-only uint8 tensor on ``device``: a view on the CPU, one copy to reach another device.
+    """A payload as a read-only uint8 tensor on ``device``: a view on the CPU, a copy on another device.
 
     Decoders only read it and always write their result to new memory, so a caller's bytes are never aliased.
     """
@@ -108,29 +111,27 @@ def empty(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised 1-D tensor for a codec's output.
 
     A decoded tensor is fresh memory, and on this kind of machine (a VM) touching fresh 4 KiB pages costs more
-    than decoding into them: measured, writing a new fp32 buffer runs at ~550 M elem/s with 4 KiB pages and at
-    ~2400 M elem/s with 2 MiB pages. So large CPU outputs are private anonymous maps advised to use huge pages;
-    the tensor keeps its map alive and frees it with its storage. Elsewhere (CUDA, small outputs, or a kernel
-    without transparent huge pages) it is a plain ``torch.empty``.
+    than decoding into them: measured, writing a new fp32 buffer runs at ~550 M elem/s with 4 KiB pages and
+    at ~2400 M elem/s with 2 MiB pages. So large CPU outputs are private anonymous maps advised to use huge
+    pages; the tensor keeps its map alive and frees it with its storage. Elsewhere (CUDA, small outputs, or a
+    kernel without transparent huge pages) it is a plain ``torch.empty``.
     """
     nbytes = count * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if torch.device(device).type != "cpu" or nbytes < _HUGE_MIN_BYTES or advice is None:
         return torch.empty(count, dtype=dtype, device=device)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
+    with contextlib.suppress(OSError):  # THP compiled out: plain pages still work
         region.madvise(advice)
-    except OSError:  # THP compiled out: plain pages still work
-        pass
     return torch.frombuffer(region, dtype=dtype)
 
 
 def to_payload(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes on the CPU as a memoryview, without copying when it already is a contiguous CPU tensor."""
+    """A tensor's bytes on the CPU as a memoryview; no copy for a contiguous CPU tensor."""
     t = t.detach().contiguous()
     if t.device.type != "cpu":
         t = t.cpu()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 def slices(count: int, step: int) -> Iterator[tuple[int, int]]:

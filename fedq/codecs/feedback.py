@@ -1,13 +1,14 @@
 """Error feedback: the part of an update that quantization dropped is added to the next round's update.
 
 Without it, a codec's rounding error is lost every round and the model drifts away from what full-precision
-updates would give; with it, the sum of what was sent over any number of rounds differs from the sum of the true
-updates by one residual only (telescoping: sent_t = x_t + r_{t-1} - r_t).
+updates would give; with it, the sum of what was sent over any number of rounds differs from the sum of the
+true updates by one residual only (telescoping: sent_t = x_t + r_{t-1} - r_t).
 
 Memory: one residual per quantized tensor, kept on the tensor's device: 4 bytes per parameter in float32
 (Llama-3.2-1B: 4.9 GB), 2 in bfloat16 (``ErrorFeedback(torch.bfloat16)``). bfloat16 rounds each residual to 8
-significant bits; measured over 50 rounds of nf4 on N(0, 0.02) updates, the gap between summed sent and summed
-true updates grows from 1.0 residual (float32) to 1.0x-1.1x of one residual (tests/test_codecs_feedback.py).
+significant bits, which measured no worse: over 50 rounds of N(0, 0.02) updates, the gap between summed sent
+and summed true updates was 1.002 (nf4) / 1.001 (int8) residuals with float32 storage, 1.008 / 0.998 with
+bfloat16, and 7.06 / 7.11 without feedback (growing like sqrt(rounds)); see tests/test_codecs_feedback.py.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from fedq.errors import CodecError
 class ErrorFeedback:
     """Residuals keyed by (tensor name, element offset), so a streaming sender can work chunk by chunk.
 
-    Per chunk and round: ``y = fb.compensate(name, x, offset)``, encode ``y``, decode the payload as the receiver
-    will, then ``fb.update(name, y, decoded, offset)``. A whole tensor is the chunk at offset 0. The chunking of a
-    tensor must stay the same across rounds (it does: it follows from the codec's alignment).
+    Per chunk and round: ``y = fb.compensate(name, x, offset)``, encode ``y``, decode the payload as the
+    receiver will, then ``fb.update(name, y, decoded, offset)``. A whole tensor is the chunk at offset 0. The
+    chunking of a tensor must stay the same across rounds (it does: it follows from the codec's alignment).
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:

@@ -11,8 +11,8 @@ from fedq.codecs.base import Buffer, Codec, as_uint8, empty, slices, to_payload
 from fedq.errors import CodecError
 
 # fp16 keeps full precision only above 2**-14; deltas of ~1e-3 fall below it (97% of them, measured). Scaling
-# each chunk so that its largest magnitude maps to 2**14 keeps every value down to 2**-28 of that maximum in the
-# normal range, and leaves a factor of 4 of headroom below the fp16 maximum (65504).
+# each chunk so that its largest magnitude maps to 2**14 keeps every value down to 2**-28 of that maximum in
+# the normal range, and leaves a factor of 4 of headroom below the fp16 maximum (65504).
 _FP16_TARGET = 2.0**14
 _MIN_SCALE = 2.0**-114
 _MAX_SCALE = 2.0**112  # 65504 * scale stays below the fp32 maximum
@@ -27,7 +27,7 @@ class Fp32(Codec):
         return 4 * count
 
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
-        self.check_input(x)
+        x = self.check_input(x)
         return {}, to_payload(x.to(torch.float32))
 
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
@@ -44,8 +44,8 @@ class Bf16(Codec):
         return 2 * count
 
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
-        self.check_input(x)
-        return {}, to_payload(x.to(torch.bfloat16))
+        x = self.check_input(x)
+        return {}, to_payload(empty(x.numel(), torch.bfloat16, x.device).copy_(x))
 
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         self.check_payload(meta, payload, count)
@@ -62,13 +62,14 @@ class Fp16(Codec):
         return 2 * count
 
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
-        self.check_input(x)
-        absmax = float(x.abs().max()) if x.numel() else 0.0
-        if not math.isfinite(absmax):
+        x = self.check_input(x)
+        low, high = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)  # no |x| temporary
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise CodecError("fp16: cannot encode NaN or Inf", reason="nonfinite")
-        # the floor keeps 1/scale finite in fp32; chunks that small decode to (near) zero, an error below 1e-30
+        # the floor keeps 1/scale finite in fp32; chunks that small decode to ~zero, an error below 1e-30
+        absmax = max(-low, high)
         scale = max(absmax / _FP16_TARGET, _MIN_SCALE) if absmax > 0 else 1.0
-        out = torch.empty(x.numel(), dtype=torch.float16, device=x.device)
+        out = empty(x.numel(), torch.float16, x.device)
         for lo, hi in slices(x.numel(), _STEP):
             torch.mul(x[lo:hi].to(torch.float32), 1.0 / scale, out=out[lo:hi])
         return {"scale": scale}, to_payload(out)

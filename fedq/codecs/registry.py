@@ -26,6 +26,10 @@ def get_codec(name: str, **params: Any) -> Codec:
 
 def codec_from_header(name: Any, params: Any) -> Codec:
     """Build a codec from untrusted header fields, validating their types first."""
-    if not isinstance(name, str) or not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+    if (
+        not isinstance(name, str)
+        or not isinstance(params, dict)
+        or not all(isinstance(k, str) for k in params)
+    ):
         raise CodecError(f"codec header must be a name and a map of parameters, got {name!r}, {params!r}")
     return get_codec(name, **params)
