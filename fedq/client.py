@@ -104,7 +104,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
 
 def delta(local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> LazyTensors:
-    """local - base per tensor, in float32 (a bf16 difference would round small updates away)."""
+    """local - base per tensor, in float32 (a bf16 difference would round small updates away).
+
+    The streaming planner reads each value once for its shape before the chunker reads it again, so a delta is
+    computed twice: one subtraction more, never more than one tensor's delta in memory.
+    """
     return LazyTensors(list(local), lambda name: local[name].detach().float() - base[name].float())
 
 

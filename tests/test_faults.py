@@ -305,6 +305,15 @@ class FedRun:
             time.sleep(0.05)
         raise AssertionError(f"version {version} not announced in {timeout}s\n{self.logs()}")
 
+    def wait_log(self, log: str, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in (self.tmp / log).read_text(errors="replace"):
+                return
+            self._check_alive()
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not in {log} after {timeout}s\n{self.logs()}")
+
     def _check_alive(self) -> None:
         procs = {"aggregator": self.aggregator, **{f"client{i}": p for i, p in self.clients.items()}}
         for what, p in procs.items():
@@ -415,6 +424,7 @@ def test_client_sigkill_mid_stream(run: FedRun) -> None:
     time.sleep(0.7)  # ~14 of ~44 messages out
     assert not run.marker("c0.r1.sent")
     run.kill(run.clients[0], "client 0 mid-stream")
+    run.wait_log("aggregator.log", "dropping incomplete stream c0/")  # the partial reached it and is gone
     run.start_client(0, first_round=1)
     run.finish()
     run.check()
@@ -430,6 +440,8 @@ def test_client_and_aggregator_sigkill_together(run: FedRun) -> None:
     run.kill(run.clients[0], "client 0 mid-stream")
     run.kill(run.aggregator, "aggregator")
     run.start_aggregator()
+    # the restarted aggregator finds the partial in its staging area and drops it after the update timeout
+    run.wait_log("aggregator.log", "dropping incomplete stream c0/")
     run.start_client(0, first_round=1)
     run.finish()
     run.check()

@@ -974,13 +974,15 @@ def bad_manifests(k: int) -> Iterator[tuple[bytes, str, bool]]:
     rows = good["tensors"]
     s = f"badman/{k}"
     unknown = [["nope", *rows[0][1:]], *rows[1:]]
-    shape = [[rows[0][0], rows[0][1], [3, 3], *rows[0][3:]], *rows[1:]]
+    # a consistent entry (one chunk of 9 elements) for a tensor the model has with another shape
+    shape = [[rows[0][0], rows[0][1], [3, 3], rows[0][3], 1, rows[0][5]], *rows[1:]]
+    reshaped = {**good, "tensors": shape, "chunks": good["chunks"] - rows[0][4] + 1}
     yield (
         wire.encode_control("manifest", s + "/unknown", {**good, "tensors": unknown}),
         "unknown_tensor",
         True,
     )
-    yield wire.encode_control("manifest", s + "/shape", {**good, "tensors": shape}), "shape_mismatch", True
+    yield wire.encode_control("manifest", s + "/shape", reshaped), "shape_mismatch", True
     yield (
         wire.encode_control("manifest", s + "/noid", {k: v for k, v in good.items() if k != "update_id"}),
         "bad_manifest",
@@ -1021,6 +1023,13 @@ def _counter_value(counter: Any, **labels: str) -> float:
         for s in family.samples
         if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def _by_reason(dead: Counter[tuple[str, str]]) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for (_, reason), n in dead.items():
+        out[reason] += n
+    return out
 
 
 def _drain_dead_letters(broker: str, names: Names) -> list[tuple[str, str]]:
@@ -1152,10 +1161,7 @@ def test_consumer_survives_garbage_and_the_model_is_bit_identical(tmp_path: Path
     elapsed = time.monotonic() - started
 
     got_dead = Counter(_drain_dead_letters(broker, names))
-    by_reason = Counter({r: n for (_, r), n in ledger.dead.items()})
-    got_by_reason: Counter[str] = Counter()
-    for (_, r), n in got_dead.items():
-        got_by_reason[r] += n
+    by_reason, got_by_reason = _by_reason(ledger.dead), _by_reason(got_dead)
     print(
         f"\nconsumer fuzz: {ledger.sent} messages in {elapsed:.1f} s; {sum(got_dead.values())} dead-lettered, "
         f"{ledger.duplicates} duplicates acked, {ledger.orphan_streams} orphan streams dropped"

@@ -2,13 +2,14 @@
 
 One federation per setting, run in this process so that it is fast and exactly repeatable: four clients with
 the same non-IID shards of tinyshakespeare (``play`` split), the same seeds and the same number of client
-updates (FedAvg rounds: every client trains ``--local-steps`` steps from the global model, with its own AdamW
-kept across rounds, then its delta travels). Each delta takes the client's real encoding path (``fedq.client``'s
-lazy delta and codec policy, ``fedq.codecs.ErrorFeedback``, ``fedq.streaming.iter_container``: manifest, chunks,
-commit); the aggregator side decodes every message with ``fedq.wire`` and folds it with the FedAvg strategy's
-weights into an ``Accumulator``. ``wire_bytes`` counts every message body byte of the updates (chunks,
-manifests, commits); the model download is the same for every setting and is not counted. Centralized training
-on the pooled shards, for the same number of optimizer steps of the same batch size, is the reference row.
+updates (FedAvg rounds: every client trains ``--local-steps`` steps from the global model, with its own
+AdamW kept across rounds, then its delta travels). Each delta takes the client's real encoding path
+(``fedq.client``'s lazy delta and codec policy, ``fedq.codecs.ErrorFeedback``,
+``fedq.streaming.iter_container``: manifest, chunks, commit); the aggregator side decodes every message with
+``fedq.wire`` and folds it with the FedAvg strategy's weights into an ``Accumulator``. ``wire_bytes`` counts
+every message body byte of the updates (chunks, manifests, commits); the model download is the same for every
+setting and is not counted. Centralized training on the pooled shards, for the same number of optimizer steps
+of the same batch size, is the reference row.
 
 The table in the README was made with ``fedq bench quality --threads 1 --json results/quality.json --plot
 results/quality.png`` on a shared 2-core CPU.
