@@ -273,6 +273,9 @@ class FedRun:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         self.events.append(f"SIGKILL {what}")
+        self.clients = {i: p for i, p in self.clients.items() if p is not proc}
+        if proc is self.aggregator:
+            self.aggregator = None
 
     def kill_all(self) -> None:
         for proc in self._all:
@@ -395,9 +398,9 @@ def test_fault_free_baseline(run: FedRun) -> None:
     assert dead_letters(run.url, run.names) == 0
 
 
-# The aggregator drops an update still incomplete --update-timeout seconds after its first message, even while
-# the broker (or its own connection) is down, so the outage must stay well below it: the late rest of a dropped
-# update is acked without effect and the update is lost although its client saw every confirm.
+# The aggregator drops an update still incomplete --update-timeout seconds after its first message, even
+# while the broker (or its own connection) is down, so the outage must stay well below it: the late rest of a
+# dropped update is acked without effect and the update is lost although its client saw every confirm.
 def test_broker_restart_mid_transfer(run: FedRun, node: brokers.Node) -> None:
     """rabbitmqctl stop_app / start_app while every client streams its round-1 update and the aggregator
     folds."""

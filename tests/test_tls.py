@@ -2,8 +2,9 @@
 
 A throwaway CA, server certificate (127.0.0.1 / localhost) and client certificate are generated with openssl;
 a throwaway RabbitMQ node (``tests/brokers.py``, never the main broker) listens with TLS only (no plain AMQP
-port), ``verify_peer`` + ``fail_if_no_peer_cert``. A client certificate from another CA, a client without a
-certificate, and a client that does not trust the server's CA are each refused.
+port) as configured by ``broker_config/tls.conf`` (``verify_peer`` + ``fail_if_no_peer_cert``). A client
+certificate from another CA, a client without a certificate, and a client that does not trust the server's CA
+are each refused.
 """
 
 from __future__ import annotations
@@ -24,18 +25,27 @@ from tests import brokers
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
+TLS_CONF = Path(__file__).resolve().parent.parent / "broker_config" / "tls.conf"
+
+
 def tls_conf(port: int, certs: dict[str, Path]) -> str:
-    """The TLS listener section of rabbitmq.conf (what broker_config documents for production)."""
-    return f"""
-listeners.ssl.default = 127.0.0.1:{port}
-ssl_options.cacertfile = {certs["ca"]}
-ssl_options.certfile = {certs["server_cert"]}
-ssl_options.keyfile = {certs["server_key"]}
-ssl_options.verify = verify_peer
-ssl_options.fail_if_no_peer_cert = true
-ssl_options.versions.1 = tlsv1.3
-ssl_options.versions.2 = tlsv1.2
-"""
+    """broker_config/tls.conf (what operators append to rabbitmq.conf), pointed at the throwaway certificates
+    and a free loopback port; its management-over-HTTPS lines are left out (the node runs no management
+    plugin)."""
+    cert_dir = certs["ca"].parent
+    assert certs["server_cert"] == cert_dir / "server.pem" and certs["server_key"] == cert_dir / "server.key"
+    lines = []
+    for line in TLS_CONF.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key.startswith("management."):
+            continue
+        if key == "listeners.ssl.default":
+            line = f"listeners.ssl.default = 127.0.0.1:{port}"
+        lines.append(line.replace("/etc/rabbitmq/tls", str(cert_dir)))
+    conf = "\n".join(lines) + "\n"
+    for required in ("verify_peer", "fail_if_no_peer_cert = true", str(certs["ca"])):
+        assert required in conf, f"{TLS_CONF} lacks {required!r}"
+    return conf
 
 
 class TlsBroker:
@@ -58,6 +68,8 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     reason = brokers.available()
     if reason:
         pytest.skip(f"cannot start a throwaway RabbitMQ node: {reason}")
+    if not TLS_CONF.exists():
+        pytest.skip(f"{TLS_CONF} missing")
     base = tmp_path_factory.mktemp("tls")
     certs = brokers.make_certs(base / "certs")
     port = brokers.free_port()
