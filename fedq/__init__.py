@@ -16,7 +16,7 @@ __all__ = ["Client"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use so that `import fedq.errors` (or the CLI's --help) does not pay for torch and pika.
+    # Imported on first use: `import fedq.errors` (or the CLI's --help) should not pay for torch and pika.
     if name == "Client":
         from fedq.client import Client
 

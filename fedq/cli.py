@@ -14,17 +14,17 @@ import sys
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("aggregator",), "workers.aggregator", "run an aggregator worker (one shard of the federation)"),
     (("client",), "workers.demo_client", "run the demo client: a small GPT trained on tinyshakespeare"),
-    (("demo",), "workers.demo", "run the main demo: one aggregator and four clients on the local broker"),
-    (("send",), "fedq.transfer", "stream a safetensors file (or a torch state dict file) through the broker"),
+    (("demo",), "workers.demo", "run the main demo: an aggregator and four clients on the local broker"),
+    (("send",), "fedq.transfer", "stream a safetensors file through the broker, tensor by tensor"),
     (("receive",), "fedq.transfer", "receive a streamed model into a safetensors file"),
-    (("status",), "fedq.status", "show the state of a federation: queues, versions, clients, dead letters"),
+    (("status",), "fedq.status", "the state of a federation: queues, versions, clients, dead letters"),
     (("broker", "apply"), "fedq.broker", "apply fedq's topology (definitions.json) to a running broker"),
-    (("broker", "definitions"), "fedq.broker", "print the broker definitions fedq declares (JSON)"),
+    (("broker", "definitions"), "fedq.broker", "print the broker definitions fedq declares"),
     (("broker", "add-client"), "fedq.broker", "create a least-privilege broker user for a client"),
     (("broker", "remove-client"), "fedq.broker", "revoke a client's broker user"),
     (("bench", "codecs"), "fedq.bench.codecs", "codec sizes, errors and speeds on real model shapes"),
     (("bench", "stream"), "fedq.bench.stream", "memory and throughput of regular/container/file streaming"),
-    (("bench", "aggregate"), "fedq.bench.aggregate", "aggregator memory and fold throughput vs number of clients"),
+    (("bench", "aggregate"), "fedq.bench.aggregate", "aggregator memory and fold speed vs number of clients"),
     (("bench", "quality"), "fedq.bench.quality", "validation loss vs wire bytes for each codec setting"),
 ]
 
@@ -32,7 +32,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedq",
-        description="Federated learning of large models over RabbitMQ: quantized, streamed, asynchronous updates.",
+        description="Federated learning of large models over RabbitMQ: quantized, streamed, asynchronous.",
         epilog="Every option shows its default. The broker URL comes from --amqp-url or FEDQ_AMQP_URL.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (default: info)")
@@ -43,10 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         if len(words) == 2:
             if words[0] not in groups:
                 group = top.add_parser(words[0], help=f"{words[0]} commands")
-                groups[words[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+                groups[words[0]] = group.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
             parent = groups[words[0]]
         sub = parent.add_parser(
-            words[-1], help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            words[-1],
+            help=help_text,
+            description=help_text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         try:
             module = importlib.import_module(module_name)
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("pika").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if hasattr(args, "_missing"):
         print(f"fedq: this command is not available: {args._missing}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from torch import nn
 
 from fedq import metrics, wire
 from fedq.codecs import Codec, ErrorFeedback, choose_codec, get_codec
-from fedq.errors import ConfigError, StreamError, WireError
+from fedq.errors import ConfigError, StreamError, TransportError, WireError
 from fedq.streaming import Assembler, CodecFor, TensorEntry, send_container, shard_of
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
 from fedq.transport import Delivery, Transport, connect
@@ -185,7 +185,7 @@ class Client:
     def _newest_announcement(self, deadline: float) -> dict[str, Any]:
         """The newest announcement, waiting for one newer than ``self.version``."""
         _, stream = versions_names(self.names)
-        tag = self.transport.consume(stream, prefetch=64, arguments={"x-stream-offset": "last"})
+        tag = self._consume_when_declared(stream, deadline)
         newest: dict[str, Any] | None = None
         try:
             while True:
@@ -207,6 +207,19 @@ class Client:
                     newest = meta
         finally:
             self.transport.cancel(tag)
+
+    def _consume_when_declared(self, stream: str, deadline: float) -> str:
+        """Start reading the versions stream from its last entry, waiting for the aggregator to declare it.
+
+        Clients may not declare queues (least privilege), so a client started before its aggregator waits.
+        """
+        while True:
+            try:
+                return self.transport.consume(stream, prefetch=64, arguments={"x-stream-offset": "last"})
+            except TransportError as exc:
+                if exc.reason != "not_found" or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     def _load(self, model: Model, version: int, shards: int, models_from: float, deadline: float) -> None:
         """Copy every chunk of version ``version`` into the model's tensors as it arrives."""

@@ -1,8 +1,8 @@
 """One hierarchy of typed errors.
 
-Every error carries a short machine-readable ``reason`` (a slug such as ``checksum`` or ``stale``). Workers use it
-as the ``reason`` label of the rejection metric and as the ``x-fedq-reason`` header of the dead-lettered message,
-so an operator can count and grep failures without parsing prose.
+Every error carries a short machine-readable ``reason`` (a slug such as ``checksum`` or ``stale``). Workers
+use it as the ``reason`` label of the rejection metric and as the ``x-fedq-reason`` header of the
+dead-lettered message, so an operator can count and grep failures without parsing prose.
 """
 
 from __future__ import annotations
@@ -50,6 +50,6 @@ class StreamError(FedqError):
 
 
 class RejectedUpdate(FedqError):
-    """The aggregator refuses an update: stale, unauthorised, unknown tensor, wrong shape, norm out of bounds."""
+    """The aggregator refuses an update: stale, unauthorised, unknown tensor, wrong shape, norm too large."""
 
     reason = "rejected"

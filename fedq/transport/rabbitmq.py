@@ -431,6 +431,10 @@ class RabbitTransport(Transport):
             exc, pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError
         ):
             self._die(TransportError(f"{self.name}: broker refused the login: {exc!r}", reason="auth"))
+        elif _is_certificate_failure(exc):
+            self._die(
+                TransportError(f"{self.name}: TLS certificate verification failed: {exc!r}", reason="tls")
+            )
         else:
             self._connection_lost(exc)
 
@@ -720,3 +724,20 @@ def _declare_queue(queue: dict[str, Any], channel: Channel, done: Callable[[Any]
 
 def _bind(binding: dict[str, Any], channel: Channel, done: Callable[[Any], None]) -> None:
     channel.queue_bind(binding["destination"], binding["source"], binding["routing_key"], callback=done)
+
+
+def _is_certificate_failure(exc: BaseException) -> bool:
+    """Whether a failed connection attempt was a TLS verification failure: retrying cannot fix it."""
+    seen: list[object] = [exc]
+    while seen:
+        item = seen.pop()
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(item, BaseException):
+            seen.extend(item.args)
+            seen.extend(getattr(item, "exceptions", None) or [])
+            if item.__cause__ is not None:
+                seen.append(item.__cause__)
+        elif isinstance(item, list | tuple):
+            seen.extend(item)
+    return False
