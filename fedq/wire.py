@@ -321,6 +321,11 @@ def _chunk(header: dict[str, Any], payload: memoryview, limits: Limits, wire_byt
         raise WireError(
             f"lz4 payload of {sent_len} bytes is not smaller than {raw_len}", reason="length_mismatch"
         )
+    if header["lz4"] and raw_len > lz4_max_raw_len(sent_len):
+        # checked before decompressing: the decompressor allocates the declared size up front
+        raise WireError(
+            f"lz4 payload of {sent_len} bytes cannot decompress to {raw_len} bytes", reason="length_mismatch"
+        )
     if not header["lz4"] and sent_len != raw_len:
         raise WireError(
             f"uncompressed payload is {sent_len} bytes, header says {raw_len}", reason="length_mismatch"
@@ -354,8 +359,14 @@ def _shape(dims: list[Any], limits: Limits) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def lz4_max_raw_len(compressed_len: int) -> int:
+    """The most bytes an lz4 block of ``compressed_len`` bytes can decompress to (lz4's maximum ratio is 255:1
+    plus a few bytes of literals), so a declared size above it is a lie and is refused without allocating."""
+    return 255 * compressed_len + 64
+
+
 def _unlz4(payload: memoryview, raw_len: int) -> memoryview:
-    """Decompress into at most ``raw_len`` bytes (already checked against the limits)."""
+    """Decompress into at most ``raw_len`` bytes (already checked against the limits and the lz4 ratio)."""
     try:
         out = lz4.block.decompress(payload, uncompressed_size=raw_len)
     except lz4.block.LZ4BlockError as exc:

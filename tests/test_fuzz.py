@@ -637,13 +637,6 @@ def test_enormous_declared_sizes_allocate_nothing() -> None:
     assert n >= 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fedq/wire.py _unlz4: lz4.block.decompress(uncompressed_size=raw_len) allocates the declared "
-    "raw_len "
-    "(up to 64 MiB) before it finds the block short; a 161-byte message costs 64 MiB. Fix: refuse "
-    "raw_len > 255 * len + 64 (lz4's maximum ratio) as length_mismatch before decompressing.",
-)
 def test_lz4_decompression_is_bounded_by_the_message_size() -> None:
     """A tiny lz4 payload claiming a 64 MiB raw size should be refused without a 64 MiB buffer."""
     h, _ = split(_template("fp32.whole").body)
@@ -1184,13 +1177,6 @@ def _publish_all(t: Transport, names: Names, bodies: list[bytes]) -> None:
     t.flush()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEAD_LETTERED is counted twice per dead letter: fedq/aggregation/service.py:211 (role "
-    "aggregator) and fedq/transport/memory.py:359 / rabbitmq.py:348 (the transport's role, 'client' for "
-    "the aggregator worker, which connects without role=). Grafana sums by reason, so it shows 2x. "
-    "Fix: count in one place (drop service.py:211) and pass role='aggregator' in workers/aggregator.py.",
-)
 def test_a_dead_letter_is_counted_once(tmp_path: Path) -> None:
     broker, names, config = _setup(tmp_path)
     before = _counter_value(metrics.DEAD_LETTERED)
@@ -1209,14 +1195,6 @@ def _dead_letters_so_far(broker: str, names: Names) -> list[bytes]:
         return [m.body for m in named_broker(broker).queues[names.dead_letter_queue].messages]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fedq/aggregation/service.py _validate checks update_id only against self.complete, not "
-    "self.finished_updates: an already-folded update id re-sent under a new stream id is acked, put in "
-    "self.complete, ignored by _on_committed, and its staging file is never deleted (_expire skips complete "
-    "streams): a disk leak any client can repeat, and no dead letter. Fix: in _validate raise "
-    "RejectedUpdate(reason='duplicate_update') when info['update_id'] in self.finished_updates.",
-)
 def test_a_replayed_update_id_is_dead_lettered_and_unstaged(tmp_path: Path) -> None:
     broker, names, config = _setup(tmp_path)
     worker = AggregatorThread(broker, config)

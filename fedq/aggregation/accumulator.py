@@ -2,7 +2,8 @@
 
 Sums are float32 on the fold device whatever the wire codec, so folding order changes the result only by float
 rounding. Tensors are allocated on first touch and can be released one at a time (``pop``): the service folds
-tensor by tensor, so at most one tensor's accumulator needs to be alive next to the global model.
+tensor by tensor, so at most one tensor's accumulator needs to be alive next to the global model; the
+aggregator service goes further and folds one window (a chunk's slice) at a time into ``window``'s buffer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Accumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.weight_sum = 0.0
         self.count = 0
+        self._window: torch.Tensor | None = None
 
     def fold(self, name: str, offset: int, values: torch.Tensor, weight: float) -> None:
         """Add ``weight * values`` to elements ``offset .. offset+len(values)`` of tensor ``name``
@@ -33,6 +35,15 @@ class Accumulator:
         """Count one folded update; kept apart from ``fold`` because an update spans many slices."""
         self.weight_sum += weight
         self.count += 1
+
+    def window(self, count: int) -> torch.Tensor:
+        """A zeroed float32 scratch sum of ``count`` elements for windowed folding (``x[lo:hi] += scale ·
+        Σ fᵢ Δᵢ[lo:hi]`` one window at a time). Its buffer is kept and reused by the next call: fresh memory
+        costs page faults on every window, and the fold then never holds more than the largest window."""
+        if self._window is None or self._window.numel() < count:
+            self._window = None  # the old buffer goes before the larger one comes
+            self._window = torch.empty(count, dtype=torch.float32, device=self.device)
+        return self._window[:count].zero_()
 
     def get(self, name: str) -> torch.Tensor:
         """The sum for ``name`` in its shape (zeros when nothing was folded into it)."""

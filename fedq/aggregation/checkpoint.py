@@ -69,14 +69,29 @@ def read_model(path: Path, device: torch.device, names: set[str] | None = None) 
         with SafetensorsReader(path) as reader:
             for name in reader:
                 if names is None or name in names:
-                    out[name] = reader[name].to(device=device, dtype=torch.float32, copy=True)
-                    reader.release(name, 0, reader.specs[name].numel)
+                    out[name] = _copy_released(reader, name, device)
         return out
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     for name, t in state.items():
         if isinstance(t, torch.Tensor) and t.is_floating_point() and (names is None or name in names):
             out[name] = t.to(device=device, dtype=torch.float32, copy=True)
     return out
+
+
+_COPY_STEP = 1 << 22  # elements per slice of a tensor copied out of a mapped file
+
+
+def _copy_released(reader: SafetensorsReader, name: str, device: torch.device) -> torch.Tensor:
+    """A float32 copy of one mapped tensor, slice by slice, each slice's file pages dropped once copied: the
+    load never holds more than one slice of the file next to the copies (a large embedding is ~150 MiB)."""
+    spec = reader.specs[name]
+    src = reader[name].reshape(-1)
+    out = torch.empty(spec.numel, dtype=torch.float32, device=device)
+    for lo in range(0, spec.numel, _COPY_STEP):
+        hi = min(lo + _COPY_STEP, spec.numel)
+        out[lo:hi].copy_(src[lo:hi])
+        reader.release(name, lo, hi - lo)
+    return out.view(spec.shape)
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -3,18 +3,26 @@
 Life of an update on shard i (one container stream per shard, see fedq/docs/architecture.md):
 
 1. Every delivery of the stream (manifest, chunks, commit) is validated (wire format, sender, tensor names and
-   shapes), appended to the stream's staging file, fsynced, and only then acked (``staging``).
-2. When the stream is complete (manifest + every chunk + commit), its chunks are decoded once to refuse
-   NaN/Inf and to measure its delta's squared norm, its staleness is checked, and the shard reports
-   "committed" to the leader (shard 0; a local call when this is the leader).
+   shapes), appended to the stream's staging file, fsynced, and only then acked (``staging``). A chunk is
+   also decoded right away, while the rest of the update is still on the network: NaN/Inf (or a payload the
+   codec refuses) is noted against the stream, and the chunk's squared norm is kept in the staging index.
+2. When the stream is complete (manifest + every chunk + commit), it is checked as a whole (staleness, the
+   commit's chunk count, each chunk's slice, dtype and codec against the manifest, the chunks' noted
+   errors), its squared norm is the sum of its chunks', and the shard reports "committed" to the leader
+   (shard 0; a local call when this is the leader). Only chunks without a current note are decoded here:
+   after a restart (notes are not persisted; the staged bytes are, so they are recomputed), or for a "full"
+   update whose global moved since the chunk arrived.
 3. The leader's ``Planner`` decides the next version: which updates, with which fold factors, and the step's
    scale. It journals the plan (fsync), sends it to every other shard on the control exchange, and applies it
    itself.
-4. Applying a plan: for each tensor, the planned updates' staged chunks are decoded and folded into a
-   one-tensor ``Accumulator`` (so memory is the global model + one tensor, not one model per client), then
-   x += scale · Σ fᵢ Δᵢ. The checkpoint (model + state: version, finished streams, leader state) is written
-   atomically, the covered staging files are deleted, this shard's part of the model is published on the
-   models exchange, "stepped" is reported to the leader, and only then is the plan delivery acked.
+4. Applying a plan: each tensor is folded one window (one chunk of the planned update with the largest
+   chunks) at a time: the planned updates' staged chunks over the window are decoded (the only decode at
+   plan time) and folded into a window-sized ``Accumulator``, then x[window] += scale · Σ fᵢ Δᵢ[window]. So
+   memory is the global model + a chunk or two, however many clients and however large a tensor. The
+   checkpoint (model + state: version, finished streams, leader state) is written atomically, the covered
+   staging files are deleted, this shard's part of the model is published on the models exchange (streamed
+   from the model tensors, no copy), "stepped" is reported to the leader, and only then is the plan delivery
+   acked.
 5. The leader announces version v on the versions exchange once every shard has stepped to v.
 
 Exactly once: the accumulator is never persisted. A version is folded entirely from staging files inside one
@@ -36,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +57,7 @@ from fedq import metrics, wire
 from fedq.aggregation import checkpoint
 from fedq.aggregation.accumulator import Accumulator
 from fedq.aggregation.planner import Plan, Planner
-from fedq.aggregation.staging import ChunkRef, Staged, StagingArea
+from fedq.aggregation.staging import Check, ChunkRef, Staged, StagingArea
 from fedq.aggregation.strategies import NormBound, Strategy
 from fedq.errors import RejectedUpdate, StreamError, WireError
 from fedq.streaming import Manifest, send_container, shard_of
@@ -59,6 +68,10 @@ log = logging.getLogger(__name__)
 ROLE = "aggregator"
 JOURNAL = "leader.journal"
 MAX_BATCH = 64
+# Client metrics become Prometheus label values: bounded so that no client can blow up the label cardinality.
+MAX_CLIENT_METRICS = 8  # metric names per client (per process lifetime); further names are ignored
+METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]{0,31}")
+_NORM_BLOCK = 1 << 18  # elements per float64 block of the squared-norm pass (2 MiB of temporaries)
 
 
 @dataclass
@@ -93,6 +106,7 @@ class _Complete:
     kind: str
     norm_sq: float
     metrics: dict[str, float]
+    by_tensor: dict[str, list[ChunkRef]] = field(default_factory=dict)  # chunks of each tensor, by offset
 
 
 class Aggregator:
@@ -100,6 +114,10 @@ class Aggregator:
 
     def __init__(self, transport: Transport, settings: Settings) -> None:
         self.t = transport
+        if getattr(transport, "role", ROLE) != ROLE:
+            # The transport counts the dead letters; an aggregator's connection is the aggregator's alone, so
+            # they are counted as the aggregator's even where the caller connected without role="aggregator".
+            transport.role = ROLE  # type: ignore[attr-defined]
         self.s = settings
         self.leader = settings.shard == 0
         self.dir = settings.state_dir / f"shard-{settings.shard}"
@@ -111,6 +129,10 @@ class Aggregator:
         self.complete: dict[str, _Complete] = {}  # update id -> complete stream
         self.rejected: set[str] = set()  # streams refused since the last checkpoint
         self.stepped: dict[int, dict[int, float]] = {}  # leader: version -> shard -> models-stream time
+        self.client_metrics: dict[str, set[str]] = {}  # client -> metric names exported for it
+        # Deliveries are acked a batch at a time (one fsync per batch), half the prefetch at most: the broker
+        # always has credit to keep sending while a batch is decoded, so the network overlaps the decoding.
+        self.batch = max(1, min(MAX_BATCH, settings.prefetch // 2))
         self.version_time = time.monotonic()
         self.planner: Planner | None = None
         self._load()
@@ -191,7 +213,7 @@ class Aggregator:
                 self._guard(delivery, self._on_control)
             else:
                 self._guard(delivery, lambda d: self._on_update_message(d, to_ack, completed))
-            if len(to_ack) >= MAX_BATCH:
+            if len(to_ack) >= self.batch:
                 break
             delivery = self.t.get(0)
         self._flush_batch(to_ack, completed)
@@ -208,8 +230,7 @@ class Aggregator:
             "shard %d: refused a message from %s: %s (%s)", self.s.shard, delivery.user_id, reason, detail
         )
         metrics.REJECTED.labels(ROLE, reason).inc()
-        metrics.DEAD_LETTERED.labels(ROLE, reason).inc()
-        self.t.dead_letter(delivery, reason, detail[:500])
+        self.t.dead_letter(delivery, reason, detail[:500])  # the transport counts DEAD_LETTERED
 
     def _flush_batch(self, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]) -> None:
         if not to_ack and not completed:
@@ -250,6 +271,7 @@ class Aggregator:
             return
         if msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "staged").inc()
+            staged.chunks[msg.index].check = self._check_chunk(staged, msg)
         if _is_complete(staged):
             completed.append((staged, delivery))
         else:
@@ -314,17 +336,32 @@ class Aggregator:
                 f"(max staleness {self.s.max_staleness})",
                 reason="stale",
             )
+        if info["update_id"] in self.finished_updates:
+            raise RejectedUpdate(
+                f"update id {info['update_id']} was folded or refused already", reason="duplicate_update"
+            )
         if info["update_id"] in self.complete:
             raise RejectedUpdate(
                 f"update id {info['update_id']} is already staged", reason="duplicate_update"
             )
+        _check_commit(staged, manifest)
         _check_coverage(staged, manifest)
         norm_sq = 0.0
-        for ref in staged.chunks.values():
-            values = self._decode(staged, ref, info["kind"])
-            norm_sq += float(values.double().pow(2).sum())
+        by_tensor: dict[str, list[ChunkRef]] = {}
+        for index in sorted(staged.chunks):
+            ref = staged.chunks[index]
+            check = ref.check
+            if check is None or not self._current(check, info["kind"]):
+                check = ref.check = self._measure_staged(staged, ref, info["kind"])
+            if check.error is not None:
+                reason, detail = check.error
+                raise WireError(detail, reason=reason)
+            norm_sq += check.norm_sq
+            by_tensor.setdefault(ref.name, []).append(ref)
         if not math.isfinite(norm_sq):
             raise RejectedUpdate(f"update {info['update_id']} has an infinite norm", reason="norm_bound")
+        for refs in by_tensor.values():
+            refs.sort(key=lambda r: r.offset)
         return _Complete(
             staged,
             info["update_id"],
@@ -334,7 +371,37 @@ class Aggregator:
             info["kind"],
             norm_sq,
             info["metrics"],
+            by_tensor,
         )
+
+    # decoding -----------------------------------------------------------------------------------------------
+    def _check_chunk(self, staged: Staged, msg: wire.Message) -> Check:
+        """Decode a chunk as it arrives: its error, or its squared norm (for the kind known so far)."""
+        kind = "full" if (staged.manifest or {}).get("kind") == "full" else "delta"
+        try:
+            values = wire.decode_tensor(msg, self.s.device)
+        except WireError as exc:
+            return Check(error=(exc.reason, str(exc)))
+        return self._measure(values, msg.name, msg.offset, kind)
+
+    def _measure_staged(self, staged: Staged, ref: ChunkRef, kind: str) -> Check:
+        try:
+            values = wire.decode_tensor(self.staging.read(staged, ref), self.s.device)
+        except WireError as exc:
+            return Check(error=(exc.reason, str(exc)))
+        return self._measure(values, ref.name, ref.offset, kind)
+
+    def _measure(self, values: torch.Tensor, name: str, offset: int, kind: str) -> Check:
+        if kind == "full":
+            values = values - self.model[name].reshape(-1)[offset : offset + values.numel()]
+        return Check(norm_sq=_norm_sq(values), kind=kind, version=self.version)
+
+    def _current(self, check: Check, kind: str) -> bool:
+        """Whether a chunk's note still holds: errors and delta norms always; a full update's norm only while
+        the global it was measured against is current."""
+        if check.error is not None:
+            return True
+        return check.kind == kind and (kind == "delta" or check.version == self.version)
 
     def _decode(self, staged: Staged, ref: ChunkRef, kind: str) -> torch.Tensor:
         """A staged chunk as a delta slice on the fold device (full weights minus the current global)."""
@@ -519,24 +586,30 @@ class Aggregator:
                 )
             entries.append((entry, c))
         fold_seconds, folded = 0.0, 0
+        acc = Accumulator({}, self.s.device)  # one window's sums, its buffer reused from window to window
         for name in self.shapes:
-            acc = Accumulator({name: self.shapes[name]}, self.s.device)
-            for entry, c in entries:
-                for ref in c.staged.chunks.values():
-                    if ref.name == name:
-                        t0 = time.perf_counter()
-                        acc.fold(name, ref.offset, self._decode(c.staged, ref, c.kind), entry.factor)
-                        fold_seconds += time.perf_counter() - t0
-                        folded += ref.count
-            self.model[name].add_(acc.pop(name), alpha=plan.scale)
+            flat = self.model[name].view(-1)
+            parts = [(entry, c, c.by_tensor.get(name, [])) for entry, c in entries]
+            for lo, hi in _windows(flat.numel(), [refs for _, _, refs in parts]):
+                t0 = time.perf_counter()
+                window = acc.window(hi - lo)
+                for entry, c, refs in parts:
+                    for ref in refs:
+                        start, end = max(ref.offset, lo), min(ref.offset + ref.count, hi)
+                        if start >= end:
+                            continue
+                        values = self._decode(c.staged, ref, c.kind)[start - ref.offset : end - ref.offset]
+                        window[start - lo : end - lo].add_(values, alpha=entry.factor)
+                        folded += end - start
+                flat[lo:hi].add_(window, alpha=plan.scale)
+                fold_seconds += time.perf_counter() - t0
         device = self.s.device.type
         metrics.FOLDED_PARAMS.labels(device).inc(folded)
         metrics.FOLD_SECONDS.labels(device).inc(fold_seconds)
         for entry, c in entries:
             metrics.STALENESS.observe(entry.staleness)
             metrics.CLIENT_LAST_UPDATE.labels(c.client).set(time.time())
-            for key, value in c.metrics.items():
-                metrics.CLIENT_METRIC.labels(c.client, key).set(value)
+            self._export_metrics(c.client, c.metrics)
             metrics.UPDATES.labels(ROLE, "folded").inc()
         for update_id, reason in plan.dropped:
             metrics.REJECTED.labels(ROLE, reason).inc()
@@ -569,8 +642,22 @@ class Aggregator:
         self._publish_model()
         self._report_stepped()
 
+    def _export_metrics(self, client: str, values: dict[str, float]) -> None:
+        """Client metrics as gauges, at most ``MAX_CLIENT_METRICS`` names per client (names already passed
+        ``METRIC_NAME`` in ``_update_meta``): label cardinality stays bounded whatever clients send."""
+        names = self.client_metrics.setdefault(client, set())
+        for key, value in values.items():
+            if key not in names:
+                if len(names) >= MAX_CLIENT_METRICS:
+                    continue
+                names.add(key)
+            metrics.CLIENT_METRIC.labels(client, key).set(value)
+
     def _checkpoint(self, planner_state: dict[str, Any]) -> None:
         checkpoint.save(self.dir, self.version, self.model, self._state(planner_state))
+        # the checkpoint lists refused streams among the finished ones; so does memory from now on, as after a
+        # restart from this checkpoint (their late messages are acked without effect either way)
+        self.finished |= self.rejected
         self.rejected.clear()
 
     def _state(self, planner_state: dict[str, Any]) -> dict[str, Any]:
@@ -670,18 +757,34 @@ def _update_meta(manifest: Manifest) -> dict[str, Any]:
     kind = meta.get("kind", "delta")
     if not isinstance(update_id, str) or not update_id:
         raise RejectedUpdate("manifest has no update_id", reason="bad_manifest")
-    if not isinstance(base, int) or isinstance(base, bool) or not isinstance(samples, int) or samples < 0:
-        raise RejectedUpdate("manifest base_version/num_samples must be integers", reason="bad_manifest")
+    if (
+        not isinstance(base, int)
+        or isinstance(base, bool)
+        or base < 0
+        or not isinstance(samples, int)
+        or isinstance(samples, bool)
+        or samples < 0
+    ):
+        raise RejectedUpdate(
+            "manifest base_version/num_samples must be non-negative integers", reason="bad_manifest"
+        )
     if kind not in ("delta", "full"):
         raise RejectedUpdate(f"update kind {kind!r}: expected delta or full", reason="bad_manifest")
     raw_metrics = meta.get("metrics") or {}
     if not isinstance(raw_metrics, dict):
         raise RejectedUpdate("manifest metrics must be a map", reason="bad_manifest")
-    clean = {
-        str(k)[:64]: float(v)
-        for k, v in list(raw_metrics.items())[:16]
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
+    clean: dict[str, float] = {}
+    for k, v in raw_metrics.items():
+        if len(clean) >= MAX_CLIENT_METRICS:
+            break
+        if (
+            isinstance(k, str)
+            and METRIC_NAME.fullmatch(k)
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+        ):
+            clean[k] = float(v)
     return {
         "update_id": update_id,
         "base_version": base,
@@ -691,8 +794,19 @@ def _update_meta(manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def _check_commit(staged: Staged, manifest: Manifest) -> None:
+    """The commit declares the manifest's chunk count (a stream is complete by the manifest's count)."""
+    declared = (staged.commit or {}).get("chunks")
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared != manifest.chunks:
+        raise StreamError(
+            f"stream {staged.stream}: commit of {declared!r:.40} chunks, manifest {manifest.chunks}",
+            reason="commit_mismatch",
+        )
+
+
 def _check_coverage(staged: Staged, manifest: Manifest) -> None:
-    """Chunk i is exactly the slice the manifest assigns to index i, and there is no other chunk."""
+    """Chunk i is exactly the slice the manifest assigns to index i, with the manifest's dtype and codec, and
+    there is no other chunk."""
     for index, ref in staged.chunks.items():
         if index >= manifest.chunks:
             raise RejectedUpdate(f"chunk {index} of a {manifest.chunks}-chunk stream", reason="bad_manifest")
@@ -702,3 +816,30 @@ def _check_coverage(staged: Staged, manifest: Manifest) -> None:
                 f"chunk {index} ({ref.name} {ref.offset}+{ref.count}) is not the slice the manifest assigns",
                 reason="bad_manifest",
             )
+        if (ref.dtype, ref.codec) != (wire.DTYPE_NAMES[entry.dtype], entry.codec):
+            raise RejectedUpdate(
+                f"chunk {index} of {ref.name} is {ref.dtype}/{ref.codec}, the manifest says "
+                f"{wire.DTYPE_NAMES[entry.dtype]}/{entry.codec}",
+                reason="bad_manifest",
+            )
+
+
+def _norm_sq(values: torch.Tensor) -> float:
+    """Σ x² in float64, block by block (a whole-chunk float64 copy would cost 2x the chunk and be slow)."""
+    total = 0.0
+    for block in values.reshape(-1).split(_NORM_BLOCK):
+        wide = block.double()
+        total += float(torch.dot(wide, wide))
+    return total
+
+
+def _windows(numel: int, parts: list[list[ChunkRef]]) -> list[tuple[int, int]]:
+    """The fold windows of one tensor: the chunk slices of the planned update with the largest chunks (every
+    complete update covers the tensor exactly, so these cover it too; another update's chunk then overlaps at
+    most two windows). None when no planned update has this tensor."""
+    widest = max(parts, key=lambda refs: max((r.count for r in refs), default=0), default=[])
+    if not widest:
+        return []
+    windows = [(r.offset, r.offset + r.count) for r in widest]
+    assert windows[0][0] == 0 and windows[-1][1] == numel, "a complete update covers its tensors"
+    return windows

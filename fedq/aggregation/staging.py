@@ -10,7 +10,9 @@ ones are on disk.
 
 An update whose commit never arrives contributes nothing: nothing is folded before the plan that names it, and
 its file is deleted once it has waited ``--update-timeout``. Keeping the chunks encoded (4-bit where the
-client sent nf4) keeps the disk traffic at wire size; they are decoded once, at fold time.
+client sent nf4) keeps the disk traffic at wire size. The aggregator decodes each chunk when it arrives (to
+refuse NaN/Inf and measure the update's norm while the rest of the update is still on the network; the result
+is kept in the index, ``ChunkRef.check``) and once more when a plan folds it.
 
 File format: a sequence of records ``>IH`` (body length, user length), the AMQP user id (UTF-8), the message
 body. A torn last record (crash mid-append) is cut off when the directory is reopened.
@@ -37,8 +39,19 @@ SUFFIX = ".stage"
 
 
 @dataclass
+class Check:
+    """What decoding a staged chunk found: its error, or its delta's squared norm (for an update ``kind``
+    measured against the global of ``version``; a "delta" norm does not depend on the version)."""
+
+    norm_sq: float = 0.0
+    kind: str = "delta"
+    version: int = 0
+    error: tuple[str, str] | None = None  # (reason, detail) of the WireError the chunk raised
+
+
+@dataclass
 class ChunkRef:
-    """Where a staged chunk is, and the slice it claims (validated at commit)."""
+    """Where a staged chunk is, and the slice, dtype and codec it claims (validated at commit)."""
 
     pos: int  # file offset of the message body
     length: int
@@ -46,6 +59,11 @@ class ChunkRef:
     offset: int
     count: int
     shape: tuple[int, ...]
+    dtype: str = "float32"
+    codec: str = "fp32"
+    # Set by the aggregator when the chunk arrives (decoded once, overlapping the network). Memory only: after
+    # a restart it is None and the chunk is decoded again from this file when its stream completes.
+    check: Check | None = None
 
 
 @dataclass
@@ -183,7 +201,10 @@ def _index(staged: Staged, msg: wire.Message, pos: int, length: int) -> None:
     elif msg.kind == wire.COMMIT:
         staged.commit = msg.meta
     else:
-        staged.chunks[msg.index] = ChunkRef(pos, length, msg.name, msg.offset, msg.count, msg.shape)
+        codec = msg.codec.name if msg.codec is not None else ""
+        staged.chunks[msg.index] = ChunkRef(
+            pos, length, msg.name, msg.offset, msg.count, msg.shape, wire.DTYPE_NAMES[msg.dtype], codec
+        )
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -30,14 +31,14 @@ import torch
 
 from fedq import wire
 from fedq.aggregation.accumulator import Accumulator
-from fedq.bench.stream import SHAPES, _delete_namespace, _pair, _raw_receive, _raw_send
+from fedq.bench.stream import SHAPES, delete_namespace, raw_receive, raw_send, run_pair
 from fedq.codecs import get_codec
 from fedq.safetensors import SafetensorsWriter, TensorSpec
 from fedq.streaming import send_container
 from fedq.topology import DEFAULT_CHUNK_BYTES, Names
 from fedq.transport import connect, default_url
 
-_FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version 1: folded")
+_FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version 1: folded .* in ([0-9.]+) s, scale")
 _FILL = 1 << 24
 
 
@@ -54,10 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of the clients, the fold-throughput loop and the aggregator (--threads)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     url = args.amqp_url or default_url()
+    torch.set_num_threads(max(1, args.threads))
+    logging.getLogger("pika").setLevel(logging.WARNING)  # one INFO line per connection event otherwise
     shapes = SHAPES[args.shapes]()
     numel = sum(_numel(s) for s in shapes.values())
     fp32_bytes = 4 * numel
@@ -85,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
         "budget": 512 << 20,
     }
     try:
-        raw = _pair(mp.get_context("spawn"), _raw_send, _raw_receive, job)["seconds"]
+        raw = run_pair(mp.get_context("spawn"), raw_send, raw_receive, job)["seconds"]
     finally:
-        _delete_namespace(url, raw_names)
+        delete_namespace(url, raw_names)
     print(f"raw broker time of the fp32 bytes: {raw:.2f} s ({fp32_bytes / raw / 1e6:.0f} MB/s)", flush=True)
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:
@@ -103,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
             f"{clients:3d} clients: aggregator peak RSS {row['aggregator_peak_rss'] / 2**20:.0f} MiB "
             f"({row['aggregator_peak_rss'] / fp32_bytes:.2f}x the fp32 model), "
             f"e2e {row['e2e_seconds']:.2f} s "
-            f"({row['e2e_seconds'] / raw:.2f}x the raw fp32 broker time)",
+            f"({row['e2e_seconds'] / raw:.2f}x the raw fp32 broker time), "
+            f"plan-time fold {row['aggregator_fold_seconds']:.2f} s "
+            f"({row['aggregator_fold_mparams_s']:.0f} M parameters/s)",
             flush=True,
         )
     if args.dir is None:
@@ -152,6 +163,8 @@ def _one_run(
         device,
         "--chunk-bytes",
         str(args.chunk_bytes),
+        "--threads",
+        str(args.threads),
     ]
     try:
         with open(log, "wb") as out:
@@ -174,15 +187,19 @@ def _one_run(
         _, status, usage = os.wait4(proc.pid, 0)
         if status != 0:
             raise RuntimeError(f"aggregator failed ({status}); see {log}")
-        folded = next(m.group(1) for line in log.read_text().splitlines() if (m := _FOLDED.match(line)))
-        folded_at = datetime.strptime(folded, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        match = next(m for line in log.read_text().splitlines() if (m := _FOLDED.match(line)))
+        folded_at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        fold_seconds = float(match.group(2))
         return {
             "clients": clients,
             "aggregator_peak_rss": usage.ru_maxrss * 1024,
             "e2e_seconds": folded_at - start,
+            # the plan-time fold inside the aggregator (read, decode and fold of every planned update)
+            "aggregator_fold_seconds": fold_seconds,
+            "aggregator_fold_mparams_s": clients * _params(delta) / max(fold_seconds, 1e-3) / 1e6,
         }
     finally:
-        _delete_namespace(url, names)
+        delete_namespace(url, names)
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
@@ -255,6 +272,10 @@ def _write_model(path: Path, shapes: dict[str, tuple[int, ...]], *, scale: float
         for lo in range(0, n, _FILL):
             writer.write(name, lo, torch.randn(min(_FILL, n - lo), generator=g) * scale)
     writer.commit()
+
+
+def _params(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
 
 
 def _numel(shape: tuple[int, ...]) -> int:

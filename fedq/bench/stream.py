@@ -158,10 +158,10 @@ def run(args: argparse.Namespace) -> int:
                 }
                 if mode == "file" and not Path(job["source"]).exists():
                     _in_child(ctx, _write_source, job)
-                result = _pair(ctx, _send, _receive, job)
+                result = run_pair(ctx, _send, _receive, job)
                 for n in (result["wire_bytes"], fp32_bytes):
                     if n not in raw_cache:
-                        raw_cache[n] = _pair(ctx, _raw_send, _raw_receive, {**job, "nbytes": n})["seconds"]
+                        raw_cache[n] = run_pair(ctx, raw_send, raw_receive, {**job, "nbytes": n})["seconds"]
                 row = {
                     "mode": mode,
                     "codec": codec,
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         Path(work / "source.safetensors").unlink(missing_ok=True)
         if not args.dir:
             work.rmdir()
-        _delete_namespace(url, names)
+        delete_namespace(url, names)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
@@ -215,7 +215,7 @@ def _print_row(row: dict[str, Any]) -> None:
 # Processes --------------------------------------------------------------------------------------------------
 
 
-def _pair(
+def run_pair(
     ctx: Any,
     sender: Callable[..., dict[str, Any]],
     receiver: Callable[..., dict[str, Any]],
@@ -424,7 +424,7 @@ def _raw_bodies(nbytes: int, step: int) -> Iterator[bytes]:
         yield block[: min(step, nbytes - lo)]
 
 
-def _raw_send(job: dict[str, Any], ready: Any) -> dict[str, Any]:
+def raw_send(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     import pika
 
     names = Names(job["namespace"])
@@ -445,7 +445,7 @@ def _raw_send(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     return {"start": start, "wire_bytes": job["nbytes"]}
 
 
-def _raw_receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
+def raw_receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     import pika
 
     flow = flow_for_budget(job["budget"], job["chunk_bytes"])
@@ -469,7 +469,7 @@ def _raw_receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     return {"end": end}
 
 
-def _delete_namespace(url: str, names: Names) -> None:
+def delete_namespace(url: str, names: Names) -> None:
     import pika
 
     from fedq.topology import definitions
