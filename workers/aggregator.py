@@ -166,7 +166,21 @@ def run(args: argparse.Namespace) -> int:
         window_messages=max(2, window_bytes // max(1, settings.chunk_bytes) * 4),
     ) as transport:
         Aggregator(transport, settings).run()
+    log.info("shard %d stopped; peak RSS %d bytes", settings.shard, _peak_rss())
     return 0
+
+
+def _peak_rss() -> int:
+    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: that one starts from the RSS of the parent at
+    fork (Linux keeps it across exec), so a worker started by a large launcher would report the launcher's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return metrics.peak_rss_bytes()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="stop after receiving this version (0 = run until stopped)",
     )
+    a(
+        "--eval-batches",
+        type=int,
+        default=1,
+        help="held-out batches on which each received global model is scored (0 = none)",
+    )
     a("--threads", type=int, default=1, help="torch CPU threads")
     a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
     add_model_arguments(parser)
@@ -79,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     model = gpt.GPT(model_config(args, corpus.vocab.size))
     optimizer = gpt.make_optimizer(model, args.lr)
     generator = torch.Generator().manual_seed(args.seed * 1000 + args.index + 2)
+    held_out = shakespeare.validation_batches(
+        corpus, args.eval_batches, args.batch_size, args.block_size, args.seed
+    )
     try:
         with Client(
             args.name,
@@ -92,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.until_version and round_.version >= args.until_version:
                     log.info("%s: received version %d, done", args.name, round_.version)
                     return 0
+                if held_out:  # federated evaluation: every client scores the global model it received
+                    metrics.VALIDATION_LOSS.labels("client").set(gpt.evaluate(model, held_out))
                 steps = int(round_.config.get("local_steps", args.local_steps))
                 batches = shakespeare.sample_batches(
                     tokens, steps, args.batch_size, args.block_size, generator

@@ -1,8 +1,11 @@
 """``fedq bench aggregate``: aggregator memory vs number of client updates, fold throughput, end-to-end time.
 
 For each client count N, a fresh aggregator process (``workers.aggregator``, FedBuff with K = N, one version)
-receives N nf4 delta updates through the local broker; its peak RSS comes from ``wait4`` on that process, so
-it is the aggregator's alone. ``e2e_seconds`` is the time from the first client's encode start to the
+receives N nf4 delta updates through the local broker. Its peak RSS is the high-water mark of its own address
+space (``VmHWM``, polled from /proc while it runs, and the value the worker logs when it stops), not
+``wait4``'s ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's ``ru_maxrss`` across
+``exec``, so ``ru_maxrss`` of a process started by this one (which holds an update of model size) reports at
+least this process's RSS. ``e2e_seconds`` is the time from the first client's encode start to the
 aggregator's "folded" log line (wall clocks of one machine). In the same run, the raw broker time of the
 model's fp32 bytes (pika publish -> consume of pre-made bodies, same chunk size, persistent) is measured with
 fedq.bench.stream's baseline, and fold throughput (decode + fold, no broker) is timed in this process on the
@@ -21,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -40,6 +44,7 @@ from fedq.transport import connect, default_url
 
 _FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version 1: folded .* in ([0-9.]+) s, scale")
 _FILL = 1 << 24
+_PEAK = re.compile(r"peak RSS (\d+) bytes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +174,7 @@ def _one_run(
     try:
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
+        peak = _PeakRss(proc.pid)
         _wait_for(log, "version 0 announced", proc)
         codec = get_codec(args.codec)
         start = time.time()
@@ -184,15 +190,17 @@ def _one_run(
                     codec_for=lambda name, t: codec,
                     chunk_bytes=args.chunk_bytes,
                 )
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
+        peak.stop()
         if status != 0:
             raise RuntimeError(f"aggregator failed ({status}); see {log}")
         match = next(m for line in log.read_text().splitlines() if (m := _FOLDED.match(line)))
         folded_at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         fold_seconds = float(match.group(2))
+        logged = [int(m.group(1)) for line in log.read_text().splitlines() if (m := _PEAK.search(line))]
         return {
             "clients": clients,
-            "aggregator_peak_rss": usage.ru_maxrss * 1024,
+            "aggregator_peak_rss": max([peak.bytes, *logged]),
             "e2e_seconds": folded_at - start,
             # the plan-time fold inside the aggregator (read, decode and fold of every planned update)
             "aggregator_fold_seconds": fold_seconds,
@@ -200,6 +208,31 @@ def _one_run(
         }
     finally:
         delete_namespace(url, names)
+
+
+class _PeakRss:
+    """Polls a process's VmHWM (the high-water mark of its RSS, which only grows) until ``stop``."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid, self.interval, self.bytes = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            self.bytes = max(self.bytes, int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                pass  # gone (or a zombie without an address space)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
