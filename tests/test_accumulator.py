@@ -52,3 +52,13 @@ def test_out_of_range_slice_and_unknown_tensor_are_refused() -> None:
         acc.fold("a", 3, torch.ones(2), 1.0)
     with pytest.raises(KeyError):
         acc.fold("zz", 0, torch.ones(1), 1.0)
+
+
+def test_window_is_zeroed_and_reuses_its_buffer() -> None:
+    acc = Accumulator({})
+    w = acc.window(8)
+    w.add_(torch.ones(8), alpha=2.0)
+    again = acc.window(5)
+    assert again.tolist() == [0.0] * 5
+    assert again.data_ptr() == w.data_ptr()  # no fresh memory per window
+    assert acc.window(16).tolist() == [0.0] * 16

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _peak_rss() -> int:
-    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: that one starts from the RSS of the parent at
+    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: that one starts from the parent's RSS at
     fork (Linux keeps it across exec), so a worker started by a large launcher would report the launcher's."""
     try:
         with open("/proc/self/status") as f:
