@@ -108,7 +108,19 @@ VALIDATION_LOSS = Gauge("fedq_validation_loss", "Validation loss of the global m
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak RSS (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak RSS.
+
+    Linux's ``VmHWM`` first: ``ru_maxrss`` survives exec, so a worker started by a large parent (the demo
+    launcher, a benchmark) would report the parent's peak. ``ru_maxrss`` (KiB on Linux, bytes on macOS)
+    elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
