@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 # (command words, module, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -65,14 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure_logging(verbose: bool) -> None:
+    """Operator-readable logs on stderr; pika's own chatter only with --verbose."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pika").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def standalone(
+    prog: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    argv: list[str] | None = None,
+) -> int:
+    """Run one command module as its own program (``python -m workers.aggregator``), as ``fedq`` would."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    return run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     if hasattr(args, "_missing"):
         print(f"fedq: this command is not available: {args._missing}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -62,10 +63,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def slice_of(self, index: int) -> tuple[int, int]:
         """(offset, count) of chunk ``index`` of the stream, which must belong to this tensor."""

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import torch
 
 from fedq.broker import Management, management_url_for, q, vhost_of
+from fedq.cli import standalone
 from fedq.client import Client
 from fedq.errors import FedqError, StreamError, TransportError
 from fedq.safetensors import save_file
@@ -411,13 +412,7 @@ def _plot(path: Path, rows: list[Row], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.demo",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone("python -m workers.demo", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import types
 import torch
 
 from fedq import metrics
+from fedq.cli import standalone
 from fedq.client import Client
 from fedq.topology import DEFAULT_NAMESPACE
 from fedq.transport import default_url
@@ -124,20 +125,7 @@ def _stop(signum: int, frame: types.FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.demo_client",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return run(args)
+    return standalone("python -m workers.demo_client", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
