@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedq import wire
+from fedq import metrics, wire
 from fedq.aggregation.strategies import FedAsync, FedAvg, FedBuff
 from fedq.codecs import get_codec
-from fedq.streaming import receive_container
+from fedq.streaming import iter_container, receive_container
 from fedq.topology import Names
-from fedq.transport import connect
+from fedq.transport import Transport, connect
 from fedq.transport.base import REASON_HEADER
 from tests.aggregation_helpers import (
     Worker,
@@ -100,6 +101,71 @@ def test_incomplete_update_is_dropped_and_contributes_nothing(tmp_path: Path) ->
         worker.join(30)
     d = delta_for(1, x0)
     _close(model_of(tmp_path / "state"), {n: x0[n] + d[n] for n in x0})
+
+
+def _dropped_incomplete() -> float:
+    return sum(
+        s.value
+        for family in metrics.UPDATES.collect()
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels == {"role": "aggregator", "event": "dropped_incomplete"}
+    )
+
+
+def _publish_slowly(t: Transport, names: Names, bodies: list[bytes], gap: float) -> None:
+    """Each message confirmed, then a pause: a client on a slow link."""
+    for body in bodies:
+        t.publish(names.updates_exchange, names.shard_key(0), body)
+        t.flush()
+        time.sleep(gap)
+
+
+def test_update_timeout_counts_inactivity_and_late_messages_are_dead_lettered(tmp_path: Path) -> None:
+    """A stream that takes longer than the timeout but never pauses that long is folded; one that goes quiet
+    for longer is dropped, and what comes of it later is dead-lettered ("expired"), not acked silently."""
+    broker, names = _memory(tmp_path)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    timeout, gap = 0.8, 0.25
+    worker = Worker(
+        f"memory://aggregator@{broker}",
+        settings(
+            names,
+            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
+            init,
+            tmp_path / "state",
+            max_versions=2,
+            update_timeout=timeout,
+        ),
+    )
+    d_slow, d_quiet, d_ok = (delta_for(i, x0) for i in range(3))
+
+    def messages(update_id: str, delta: dict[str, torch.Tensor], base_version: int) -> list[bytes]:
+        meta = {"update_id": update_id, "base_version": base_version, "kind": "delta", "num_samples": 1}
+        return list(iter_container(delta, stream=f"update/{update_id}/s0", meta=meta, chunk_bytes=4096))
+
+    with connect(f"memory://alice@{broker}") as alice:
+        slow = messages("slow", d_slow, 0)
+        assert len(slow) * gap > 2 * timeout  # the whole transfer outlasts the timeout
+        _publish_slowly(alice, names, slow, gap)
+        wait_version(tmp_path / "state", 1)
+        quiet = messages("quiet", d_quiet, 1)
+        dropped = _dropped_incomplete()
+        _publish_slowly(alice, names, quiet[:-2], 0)
+        deadline = time.monotonic() + 10 * timeout
+        while _dropped_incomplete() == dropped:
+            assert time.monotonic() < deadline, "the quiet stream was not dropped"
+            time.sleep(0.05)
+        _publish_slowly(alice, names, quiet[-2:], 0)  # its last chunk and commit, too late
+        send_update(alice, names, d_ok, shards=1, update_id="ok", base_version=1)
+        worker.join(30)
+        alice.consume(names.dead_letter_queue, prefetch=10)
+        late = []
+        while (delivery := alice.get(0.5)) is not None:
+            late.append((delivery.body, delivery.headers.get(REASON_HEADER)))
+            alice.ack(delivery)
+    assert late == [(body, "expired") for body in quiet[-2:]]
+    _close(model_of(tmp_path / "state"), {n: x0[n] + d_slow[n] + d_ok[n] for n in x0})
 
 
 def test_stale_update_is_dead_lettered_with_its_reason(tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--update-timeout",
         type=float,
         default=600.0,
-        help="drop an update whose commit has not come after (s)",
+        help="drop an incomplete update after this long without a message of it (s); its late messages are "
+        "dead-lettered (reason expired)",
     )
     a("--norm-bound", type=float, default=0.0, help="L2 bound on an update's delta (0 = off)")
     a(
@@ -54,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "cpu", "cuda"),
         default="auto",
         help="fold device (auto: CUDA when present)",
+    )
+    a(
+        "--quorum",
+        action="store_true",
+        help="declare the update/control/dead-letter queues as quorum queues, for a RabbitMQ cluster; must "
+        "match how the broker was set up",
     )
     a("--state-dir", type=Path, default=Path("fedq-state"), help="checkpoints and staging files")
     a("--init", type=Path, required=True, help="initial model (safetensors or torch state dict), version 0")
@@ -134,6 +141,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         prefetch=max(2, args.memory_budget // max(args.chunk_bytes, 1)),
         client_config=_client_config(args.config),
         chunk_bytes=args.chunk_bytes,
+        quorum=args.quorum,
     )
 
 

@@ -31,7 +31,8 @@ checkpoint that contains its result. Killed at any point, a shard restarts from 
 staging files, re-reports what is complete, and gets unacked deliveries (and the unacked plan) back from the
 broker. Streams already folded or refused are remembered ("finished") in the checkpoint, so their redelivered
 or duplicate messages are acked without effect; duplicate chunks of a staged stream are recognised by (stream,
-chunk index).
+chunk index). An incomplete stream is dropped after ``update_timeout`` seconds without a message of it (see
+``_expire``); it is remembered too, and its late messages are dead-lettered ("expired"), not acked silently.
 
 Full updates are turned into deltas against the global they are folded into (Δ = x_client − x_v): FedAsync's
 mixing formula is then exact, and FedAvg of full updates is the exact weighted average. Their norm (for the
@@ -92,6 +93,9 @@ class Settings:
     prefetch: int = 16
     client_config: dict[str, Any] = field(default_factory=dict)
     chunk_bytes: int = 4 << 20
+    quorum: bool = (
+        False  # quorum update/control/dead-letter queues (a cluster); must match the broker's setup
+    )
 
 
 @dataclass
@@ -128,6 +132,9 @@ class Aggregator:
         self.staging = StagingArea(self.dir / "staging")
         self.complete: dict[str, _Complete] = {}  # update id -> complete stream
         self.rejected: set[str] = set()  # streams refused since the last checkpoint
+        self.expired: set[str] = (
+            set()
+        )  # streams dropped for inactivity: their late messages are dead-lettered
         self.stepped: dict[int, dict[int, float]] = {}  # leader: version -> shard -> models-stream time
         self.client_metrics: dict[str, set[str]] = {}  # client -> metric names exported for it
         # Deliveries are acked a batch at a time (one fsync per batch), half the prefetch at most: the broker
@@ -155,6 +162,7 @@ class Aggregator:
             self.published = state["published"]
             self.published_at = state["published_at"]
             self.announced = state.get("announced", -1)
+            self.expired = set(state.get("expired", []))
             self.last_plan = Plan.from_json(state["last_plan"]) if state.get("last_plan") else None
             log.info("shard %d: resumed at version %d from %s", self.s.shard, self.version, self.dir)
         if self.leader:
@@ -173,7 +181,7 @@ class Aggregator:
 
     def start(self) -> None:
         """Declare, consume, and redo whatever a crash may have left half done."""
-        self.t.declare(self.s.names, self.s.shards)
+        self.t.declare(self.s.names, self.s.shards, quorum=self.s.quorum)
         self.t.consume(self.s.names.updates_queue(self.s.shard), prefetch=self.s.prefetch)
         self.t.consume(self.s.names.control_queue(self.s.shard), prefetch=self.s.shards * 4 + 4)
         for stream in [s for s in self.staging.streams if s in self.finished]:
@@ -251,6 +259,12 @@ class Aggregator:
         if not delivery.user_id:
             raise RejectedUpdate("update message without a validated AMQP user_id", reason="unauthorised")
         msg = wire.decode(delivery.body)
+        if msg.stream in self.expired:
+            raise RejectedUpdate(
+                f"stream {msg.stream} was dropped after {self.s.update_timeout:g} s without a message; "
+                "this late part of it is not used",
+                reason="expired",
+            )
         if msg.stream in self.finished or msg.stream in self.rejected:
             metrics.CHUNKS.labels(ROLE, "duplicate").inc()
             self.t.ack(delivery)
@@ -412,19 +426,25 @@ class Aggregator:
         return values
 
     def _expire(self) -> None:
-        """Drop streams that stayed incomplete past the timeout: they contribute nothing."""
+        """Drop incomplete streams that got no message for the update timeout: they contribute nothing.
+
+        Inactivity, not age: a slow client, or a broker outage that holds its messages back, must not cost an
+        update that is still coming. A dropped stream is remembered (``expired``) so that its late messages
+        are dead-lettered, where the client's loss shows, instead of being acked without effect.
+        """
         now = time.monotonic()
         complete_streams = {c.staged.stream for c in self.complete.values()}
         for stream, staged in list(self.staging.streams.items()):
-            if stream not in complete_streams and now - staged.first_seen > self.s.update_timeout:
+            if stream not in complete_streams and now - staged.last_seen > self.s.update_timeout:
                 log.warning(
-                    "shard %d: dropping incomplete stream %s after %.0f s",
+                    "shard %d: dropping incomplete stream %s after %g s without a message",
                     self.s.shard,
                     stream,
                     self.s.update_timeout,
                 )
                 metrics.UPDATES.labels(ROLE, "dropped_incomplete").inc()
-                self._refuse_stream(stream)
+                self.expired.add(stream)
+                self.staging.remove(stream)
 
     # coordination -------------------------------------------------------------------------------------------
     def _control(self, shard: int, body: dict[str, Any]) -> None:
@@ -666,6 +686,7 @@ class Aggregator:
             "shards": self.s.shards,
             "finished": sorted(self.finished | self.rejected),
             "finished_updates": sorted(self.finished_updates),
+            "expired": sorted(self.expired),
             "published": self.published,
             "published_at": self.published_at,
             "announced": self.announced,

@@ -9,8 +9,8 @@ bounds the deliveries in flight, and a crash loses nothing: unacked messages com
 ones are on disk.
 
 An update whose commit never arrives contributes nothing: nothing is folded before the plan that names it, and
-its file is deleted once none of its messages has arrived for ``--update-timeout`` (inactivity, not age: a slow
-client or a broker outage must not cost an update that is still coming). Keeping the chunks encoded (4-bit where the
+its file is deleted once no message of it has arrived for ``--update-timeout`` (inactivity, not age: a slow
+client or a broker outage must not cost an update still coming). Keeping the chunks encoded (4-bit where the
 client sent nf4) keeps the disk traffic at wire size. The aggregator decodes each chunk when it arrives (to
 refuse NaN/Inf and measure the update's norm while the rest of the update is still on the network; the result
 is kept in the index, ``ChunkRef.check``) and once more when a plan folds it.
@@ -78,8 +78,8 @@ class Staged:
     chunks: dict[int, ChunkRef] = field(default_factory=dict)
     commit: dict[str, Any] | None = None
     nbytes: int = 0
-    # When a message of the stream was last staged (monotonic, memory only): the update timeout counts from it.
-    # A stream reloaded after a restart starts its clock at the restart, the time its sender had no chance.
+    # When a message of the stream was last staged (monotonic, memory only): the update timeout counts from
+    # it. A stream reloaded after a restart starts its clock at the restart: its sender had no chance before.
     last_seen: float = field(default_factory=time.monotonic)
 
     @property
