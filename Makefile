@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench services
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fedq workers tests
 	$(BIN)/mypy fedq
 
-test: lint
+services:
+	bash .ci/services
+
+test: lint services
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)

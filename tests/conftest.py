@@ -71,3 +71,13 @@ def _delete_quietly(management: Management, path: str) -> None:
     except TransportError as exc:
         if exc.reason != "http_404":
             raise
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under FEDQ_NO_SKIP (set by .ci/run) a skip fails: in CI it can only mean missing infrastructure."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if os.environ.get("FEDQ_NO_SKIP") and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and FEDQ_NO_SKIP forbids skips: {report.longrepr}"
