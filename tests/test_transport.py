@@ -267,7 +267,14 @@ def test_full_queue_makes_publisher_wait_until_drained(
         queue = management.get(f"/queues/{q(vhost)}/{q(names.updates_queue(0))}")
         assert queue["message_bytes"] <= 1 << 20
         consumer.consume(names.updates_queue(0), prefetch=4)
-        got = drain(consumer, timeout=5.0)
+        # wait for every message, not for a quiet spell: on a loaded machine the publisher's nack back-off
+        # can leave the queue idle for seconds while it still owes messages
+        got: list[Delivery] = []
+        deadline = time.monotonic() + 120
+        while len(got) < count and time.monotonic() < deadline:
+            if (delivery := consumer.get(1.0)) is not None:
+                got.append(delivery)
+                consumer.ack(delivery)
         thread.join(60)
     finally:
         publisher.close()
