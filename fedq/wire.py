@@ -8,6 +8,7 @@ from a declared size, so a hostile or corrupt message costs at most its own leng
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Mapping
@@ -393,6 +394,20 @@ def decode_tensor(msg: Message, device: torch.device | str = "cpu") -> torch.Ten
     if not _all_finite(x):
         raise WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")
     return x
+
+
+def chunk_sq_norm(msg: Message, device: torch.device | str = "cpu") -> float:
+    """Σ x² of the chunk's values (``Codec.sq_norm``, without a full decode where the codec allows), with
+    ``decode_tensor``'s errors: a payload the codec refuses (``codec``), NaN or Inf (``nonfinite``)."""
+    if msg.kind != CHUNK or msg.codec is None:
+        raise WireError(f"a {msg.kind} message carries no tensor", reason="bad_kind")
+    try:
+        total = msg.codec.sq_norm(msg.codec_meta, msg.payload, msg.count, torch.device(device))
+    except CodecError as exc:
+        raise WireError(f"{msg.codec.name} payload of {msg.name!r}: {exc}", reason="codec") from None
+    if not math.isfinite(total):
+        raise WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")
+    return total
 
 
 def _all_finite(x: torch.Tensor) -> bool:

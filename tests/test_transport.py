@@ -207,7 +207,7 @@ def test_memory_full_queue_makes_publisher_wait() -> None:
         publisher.flush()
         done.set()
 
-    thread = threading.Thread(target=publish_all)
+    thread = threading.Thread(target=publish_all, daemon=True)
     thread.start()
     time.sleep(0.3)
     assert not done.is_set() and operator.queue_length(names.updates_queue(0)) == 3
@@ -259,7 +259,7 @@ def test_full_queue_makes_publisher_wait_until_drained(
             errors.append(exc)
         done.set()
 
-    thread = threading.Thread(target=publish_all)
+    thread = threading.Thread(target=publish_all, daemon=True)
     thread.start()
     try:
         time.sleep(3.0)

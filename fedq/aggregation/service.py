@@ -4,12 +4,14 @@ Life of an update on shard i (one container stream per shard, see fedq/docs/arch
 
 1. Every delivery of the stream (manifest, chunks, commit) is validated (wire format, sender, tensor names and
    shapes), appended to the stream's staging file, fsynced, and only then acked (``staging``). A chunk is
-   also decoded right away, while the rest of the update is still on the network: NaN/Inf (or a payload the
-   codec refuses) is noted against the stream, and the chunk's squared norm is kept in the staging index.
+   also checked right away, while the rest of the update is still on the network: NaN/Inf (or a payload the
+   codec refuses) is noted against the stream, and the chunk's squared norm is kept in the staging index. A
+   delta's norm comes from the codec's ``sq_norm`` (quantized codecs compute it from their codes and block
+   scales, without a full decode); a full update's needs the decoded values (x_client − x_global).
 2. When the stream is complete (manifest + every chunk + commit), it is checked as a whole (staleness, the
    commit's chunk count, each chunk's slice, dtype and codec against the manifest, the chunks' noted
    errors), its squared norm is the sum of its chunks', and the shard reports "committed" to the leader
-   (shard 0; a local call when this is the leader). Only chunks without a current note are decoded here:
+   (shard 0; a local call when this is the leader). Only chunks without a current note are measured here:
    after a restart (notes are not persisted; the staged bytes are, so they are recomputed), or for a "full"
    update whose global moved since the chunk arrived.
 3. The leader's ``Planner`` decides the next version: which updates, with which fold factors, and the step's
@@ -60,6 +62,7 @@ from fedq.aggregation.accumulator import Accumulator
 from fedq.aggregation.planner import Plan, Planner
 from fedq.aggregation.staging import Check, ChunkRef, Staged, StagingArea
 from fedq.aggregation.strategies import NormBound, Strategy
+from fedq.codecs.base import sum_sq
 from fedq.errors import RejectedUpdate, StreamError, WireError
 from fedq.streaming import Manifest, send_container, shard_of
 from fedq.topology import Names, versions_names
@@ -72,7 +75,6 @@ MAX_BATCH = 64
 # Client metrics become Prometheus label values: bounded so that no client can blow up the label cardinality.
 MAX_CLIENT_METRICS = 8  # metric names per client (per process lifetime); further names are ignored
 METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]{0,31}")
-_NORM_BLOCK = 1 << 18  # elements per float64 block of the squared-norm pass (2 MiB of temporaries)
 
 
 @dataclass
@@ -390,25 +392,26 @@ class Aggregator:
 
     # decoding -----------------------------------------------------------------------------------------------
     def _check_chunk(self, staged: Staged, msg: wire.Message) -> Check:
-        """Decode a chunk as it arrives: its error, or its squared norm (for the kind known so far)."""
+        """Check a chunk as it arrives: its error, or its squared norm (for the kind known so far)."""
         kind = "full" if (staged.manifest or {}).get("kind") == "full" else "delta"
-        try:
-            values = wire.decode_tensor(msg, self.s.device)
-        except WireError as exc:
-            return Check(error=(exc.reason, str(exc)))
-        return self._measure(values, msg.name, msg.offset, kind)
+        return self._measure(msg, kind)
 
     def _measure_staged(self, staged: Staged, ref: ChunkRef, kind: str) -> Check:
+        return self._measure(self.staging.read(staged, ref), kind)
+
+    def _measure(self, msg: wire.Message, kind: str) -> Check:
+        """A delta's squared norm comes from the codec's ``sq_norm`` (no full decode for quantized codecs); a
+        full update's is of x_client - x_global, which needs the decoded values."""
         try:
-            values = wire.decode_tensor(self.staging.read(staged, ref), self.s.device)
+            if kind == "full":
+                values = wire.decode_tensor(msg, self.s.device)
+                values = values - self.model[msg.name].reshape(-1)[msg.offset : msg.offset + values.numel()]
+                norm_sq = sum_sq(values)
+            else:
+                norm_sq = wire.chunk_sq_norm(msg, self.s.device)
         except WireError as exc:
             return Check(error=(exc.reason, str(exc)))
-        return self._measure(values, ref.name, ref.offset, kind)
-
-    def _measure(self, values: torch.Tensor, name: str, offset: int, kind: str) -> Check:
-        if kind == "full":
-            values = values - self.model[name].reshape(-1)[offset : offset + values.numel()]
-        return Check(norm_sq=_norm_sq(values), kind=kind, version=self.version)
+        return Check(norm_sq=norm_sq, kind=kind, version=self.version)
 
     def _current(self, check: Check, kind: str) -> bool:
         """Whether a chunk's note still holds: errors and delta norms always; a full update's norm only while
@@ -843,15 +846,6 @@ def _check_coverage(staged: Staged, manifest: Manifest) -> None:
                 f"{wire.DTYPE_NAMES[entry.dtype]}/{entry.codec}",
                 reason="bad_manifest",
             )
-
-
-def _norm_sq(values: torch.Tensor) -> float:
-    """Σ x² in float64, block by block (a whole-chunk float64 copy would cost 2x the chunk and be slow)."""
-    total = 0.0
-    for block in values.reshape(-1).split(_NORM_BLOCK):
-        wide = block.double()
-        total += float(torch.dot(wide, wide))
-    return total
 
 
 def _windows(numel: int, parts: list[list[ChunkRef]]) -> list[tuple[int, int]]:

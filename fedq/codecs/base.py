@@ -19,6 +19,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Outputs at least this large are mapped with transparent huge pages (see ``empty``).
 _HUGE_MIN_BYTES = 4 << 20
+_NORM_BLOCK = 1 << 18  # elements per float64 block of ``sum_sq`` (2 MiB of temporaries)
 
 
 class Codec(abc.ABC):
@@ -48,6 +49,14 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         """Decode a payload to a 1-D float32 tensor of ``count`` elements on ``device``."""
+
+    def sq_norm(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
+    ) -> float:
+        """Σ x² over ``decode(meta, payload, count)``, accumulated in float64; NaN/Inf in the decoded values
+        make it non-finite. Raises ``CodecError`` where ``decode`` would. This default decodes; a codec whose
+        payload allows it computes the sum without materialising the decoded values."""
+        return sum_sq(self.decode(meta, payload, count, torch.device(device)))
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -85,6 +94,15 @@ class Codec(abc.ABC):
                 f"({expected} bytes expected)",
                 reason="codec_size",
             )
+
+
+def sum_sq(values: torch.Tensor) -> float:
+    """Σ x² in float64, block by block (a whole-tensor float64 copy would cost 2x the tensor and be slow)."""
+    total = 0.0
+    for block in values.reshape(-1).split(_NORM_BLOCK):
+        wide = block.double()
+        total += float(torch.dot(wide, wide))
+    return total
 
 
 def _describe(x: Any) -> str:

@@ -132,6 +132,29 @@ class Int8(Codec):
             rows[full * b :].mul_(scale[lo // b + full : lo // b + full + 1])
         return out
 
+    def sq_norm(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
+    ) -> float:
+        """Σ x² without decoding: Σ_blocks (absmax/127)² · Σ code², codes squared in cache-sized steps."""
+        self.check_payload(meta, payload, count)
+        dev = torch.device(device)
+        b, nblocks = self.block, -(-count // self.block)
+        buf = as_uint8(payload, dev)
+        absmax, codes = buf[: 4 * nblocks].view(torch.float32), buf[4 * nblocks :].view(torch.int8)
+        _check_scales(self.name, absmax)
+        scale = absmax / 127.0
+        if nblocks and not bool(torch.isfinite(scale.amax() * 128.0)):
+            # code * scale can overflow fp32 in decode (code -128, absmax near the fp32 maximum): decode it
+            return super().sq_norm(meta, payload, count, dev)
+        sums = torch.zeros(nblocks, dtype=torch.float64, device=dev)
+        step = b * max(1, _STEP // b)
+        tmp = torch.empty(min(step, count), dtype=torch.float32, device=dev)
+        for lo, hi in slices(count, step):
+            v = tmp[: hi - lo].copy_(codes[lo:hi])
+            _block_sums(v.mul_(v), b, sums[lo // b :])
+        wide = scale.double()
+        return float(torch.dot(sums, wide.mul_(wide)))
+
 
 @functools.lru_cache(maxsize=64)
 def _tables(levels: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +170,24 @@ def _tables(levels: tuple[float, ...], device: torch.device) -> tuple[torch.Tens
     byte = torch.arange(256)
     pairs = torch.stack([lv[byte >> 4], lv[byte & 15]], dim=1).to(torch.float32).contiguous()
     return encode.to(device), pairs.view(torch.int64).view(-1).to(device)
+
+
+def _block_sums(v: torch.Tensor, width: int, out: torch.Tensor) -> None:
+    """Add the sums of consecutive runs of ``width`` in v (the last may be partial) to out[0], out[1], ..."""
+    full = v.numel() // width
+    if full:
+        out[:full] += v[: full * width].view(full, width).sum(dim=1)
+    if v.numel() > full * width:
+        out[full] += v[full * width :].sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _square_tables(levels: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(byte -> level[hi]² + level[lo]², byte -> level[hi]²) in float32, from the float32 levels of decode."""
+    sq = torch.tensor(levels, dtype=torch.float32).double().square()
+    byte = torch.arange(256)
+    both = (sq[byte >> 4] + sq[byte & 15]).to(torch.float32)
+    return both.to(device), sq[byte >> 4].to(torch.float32).to(device)
 
 
 def _group_rows(values: torch.Tensor) -> torch.Tensor:
@@ -272,6 +313,36 @@ class FourBit(Codec):
             rows = -(-(hi - lo) // b)
             out[lo : lo + rows * b].view(rows, b).mul_(scales[lo // b : lo // b + rows, None])
         return out[:count]
+
+    def sq_norm(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
+    ) -> float:
+        """Σ x² without decoding: Σ_blocks s² · Σ level², the level sums by one gather per packed byte.
+
+        Codes are bounded (|level| <= 1), so NaN/Inf can only come from the block scales; a scale that
+        overflows makes its s² (and the result) non-finite, as it makes the decoded values non-finite."""
+        self.check_payload(meta, payload, count)
+        dev = torch.device(device)
+        half = self.block // 2  # bytes per block
+        nblocks, ngroups = self._sizes(count)
+        buf = as_uint8(payload, dev)
+        g_step = buf[: 4 * ngroups].view(torch.float32)
+        g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
+        _check_scales(self.name, g_step, g_low)
+        scales = _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low).double()
+        packed = buf[8 * ngroups + nblocks :]
+        both, high = _square_tables(self.levels, dev)
+        sums = torch.zeros(nblocks, dtype=torch.float64, device=dev)
+        pairs = count // 2  # bytes with two elements; an odd count's last byte has one, in its high nibble
+        step = half * max(1, _STEP // half)
+        idx = torch.empty(min(step, pairs), dtype=torch.int32, device=dev)
+        vals = torch.empty(min(step, pairs), dtype=torch.float32, device=dev)
+        for lo, hi in slices(pairs, step):
+            i = idx[: hi - lo].copy_(packed[lo:hi])
+            _block_sums(torch.index_select(both, 0, i, out=vals[: hi - lo]), half, sums[lo // half :])
+        if count % 2:
+            sums[(count - 1) // self.block] += high[packed[pairs].long()].double()
+        return float(torch.dot(sums, scales.mul_(scales)))
 
 
 def _normal_float_levels() -> tuple[float, ...]:

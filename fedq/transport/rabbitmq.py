@@ -369,6 +369,10 @@ class RabbitTransport(Transport):
         finally:
             self._post(self._shutdown)
             self._thread.join(timeout=CALL_TIMEOUT)
+            with self._cond:  # wake any thread still waiting on this transport: nothing will confirm now
+                if self._fatal is None:
+                    self._fatal = TransportError(f"{self.name}: transport closed", reason="closed")
+                self._cond.notify_all()
 
     def _post(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the I/O thread; after a fatal error there is none and nothing left to do."""
