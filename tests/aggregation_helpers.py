@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,20 @@ def model_of(state_dir: Path, shards: int = 1) -> dict[str, torch.Tensor]:
         assert loaded is not None
         out.update(loaded[0])
     return out
+
+
+def memory_broker(shards: int = 2) -> tuple[str, Names]:
+    """A fresh in-process broker name and namespace, with the topology for ``shards`` shards declared."""
+    name = f"agg-{uuid.uuid4().hex[:8]}"
+    names = Names(f"t{uuid.uuid4().hex[:8]}")
+    with connect(f"memory://setup@{name}") as t:
+        t.declare(names, shards)
+    return name, names
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
+    """Same tensor names, each within ``tol`` relative difference (max abs diff / max abs of ``b``)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        diff = float((a[name] - b[name]).abs().max()) / max(float(b[name].abs().max()), 1e-12)
+        assert diff <= tol, f"{name}: relative difference {diff}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,9 @@ from fedq.transport import Transport, connect
 from fedq.transport.base import REASON_HEADER
 from tests.aggregation_helpers import (
     Worker,
+    assert_close,
     delta_for,
+    memory_broker,
     model_of,
     send_update,
     settings,
@@ -30,23 +31,8 @@ from tests.aggregation_helpers import (
 )
 
 
-def _memory(tmp_path: Path) -> tuple[str, Names]:
-    name = f"agg-{uuid.uuid4().hex[:8]}"
-    names = Names(f"t{uuid.uuid4().hex[:8]}")
-    with connect(f"memory://setup@{name}") as t:
-        t.declare(names, 2)
-    return name, names
-
-
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        diff = float((a[name] - b[name]).abs().max()) / max(float(b[name].abs().max()), 1e-12)
-        assert diff <= tol, f"{name}: relative difference {diff}"
-
-
 def test_fedbuff_two_versions_with_staleness_and_server_lr(tmp_path: Path) -> None:
-    broker, names = _memory(tmp_path)
+    broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     strategy = FedBuff(buffer_size=2, server_lr=0.5, staleness="polynomial:0.5")
@@ -65,7 +51,7 @@ def test_fedbuff_two_versions_with_staleness_and_server_lr(tmp_path: Path) -> No
         bf16 = {n: t.to(torch.bfloat16).float() for n, t in d[1].items()}
         x1 = {n: x0[n] + 0.5 * (d[0][n] + bf16[n]) / 2 for n in x0}
         x2 = {n: x1[n] + 0.5 * (d[2][n] / math.sqrt(2) + d[3][n]) / 2 for n in x0}
-        _close(model_of(tmp_path / "state"), x2)
+        assert_close(model_of(tmp_path / "state"), x2)
         # the published stream of version 2 carries the same model
         got = receive_container(
             alice,
@@ -74,12 +60,12 @@ def test_fedbuff_two_versions_with_staleness_and_server_lr(tmp_path: Path) -> No
             consume_arguments={"x-stream-offset": "first"},
             timeout=10,
         )
-        _close(dict(got.tensors), x2)
+        assert_close(dict(got.tensors), x2)
         assert got.manifest.meta["version"] == 2
 
 
 def test_incomplete_update_is_dropped_and_contributes_nothing(tmp_path: Path) -> None:
-    broker, names = _memory(tmp_path)
+    broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -100,7 +86,7 @@ def test_incomplete_update_is_dropped_and_contributes_nothing(tmp_path: Path) ->
         send_update(alice, names, delta_for(1, x0), shards=1, update_id="ok", base_version=0)
         worker.join(30)
     d = delta_for(1, x0)
-    _close(model_of(tmp_path / "state"), {n: x0[n] + d[n] for n in x0})
+    assert_close(model_of(tmp_path / "state"), {n: x0[n] + d[n] for n in x0})
 
 
 def _dropped_incomplete() -> float:
@@ -123,7 +109,7 @@ def _publish_slowly(t: Transport, names: Names, bodies: list[bytes], gap: float)
 def test_update_timeout_counts_inactivity_and_late_messages_are_dead_lettered(tmp_path: Path) -> None:
     """A stream that takes longer than the timeout but never pauses that long is folded; one that goes quiet
     for longer is dropped, and what comes of it later is dead-lettered ("expired"), not acked silently."""
-    broker, names = _memory(tmp_path)
+    broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     timeout, gap = 0.8, 0.25
@@ -165,11 +151,11 @@ def test_update_timeout_counts_inactivity_and_late_messages_are_dead_lettered(tm
             late.append((delivery.body, delivery.headers.get(REASON_HEADER)))
             alice.ack(delivery)
     assert late == [(body, "expired") for body in quiet[-2:]]
-    _close(model_of(tmp_path / "state"), {n: x0[n] + d_slow[n] + d_ok[n] for n in x0})
+    assert_close(model_of(tmp_path / "state"), {n: x0[n] + d_slow[n] + d_ok[n] for n in x0})
 
 
 def test_stale_update_is_dead_lettered_with_its_reason(tmp_path: Path) -> None:
-    broker, names = _memory(tmp_path)
+    broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -199,11 +185,11 @@ def test_stale_update_is_dead_lettered_with_its_reason(tmp_path: Path) -> None:
             alice.ack(delivery)
     assert reasons == ["stale"]
     expected = {n: x0[n] + 0.5 * d[0][n] + 0.5 * d[1][n] + 0.5 * d[3][n] for n in x0}
-    _close(model_of(tmp_path / "state"), expected)
+    assert_close(model_of(tmp_path / "state"), expected)
 
 
 def test_full_updates_fedavg_and_duplicates_count_once(tmp_path: Path) -> None:
-    broker, names = _memory(tmp_path)
+    broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -216,11 +202,11 @@ def test_full_updates_fedavg_and_duplicates_count_once(tmp_path: Path) -> None:
         send_update(alice, names, xa, shards=1, update_id="a", base_version=0, kind="full", num_samples=1)
         send_update(bob, names, xb, shards=1, update_id="b", base_version=0, kind="full", num_samples=3)
         worker.join(30)
-    _close(model_of(tmp_path / "state"), {n: (xa[n] + 3 * xb[n]) / 4 for n in x0}, tol=1e-5)
+    assert_close(model_of(tmp_path / "state"), {n: (xa[n] + 3 * xb[n]) / 4 for n in x0}, tol=1e-5)
 
 
 def test_bad_input_is_dead_lettered_and_the_model_is_untouched(tmp_path: Path) -> None:
-    broker, names = _memory(tmp_path)
+    broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -261,7 +247,7 @@ def test_bad_input_is_dead_lettered_and_the_model_is_untouched(tmp_path: Path) -
             alice.ack(delivery)
     assert {"bad_magic", "unknown_tensor", "shape_mismatch", "nonfinite"} <= reasons
     d = delta_for(1, x0)
-    _close(model_of(tmp_path / "state"), {n: x0[n] + d[n] for n in x0})
+    assert_close(model_of(tmp_path / "state"), {n: x0[n] + d[n] for n in x0})
     assert state(tmp_path / "state")["version"] == 1
 
 
@@ -294,11 +280,11 @@ def _sharded_run(url_for, names: Names, tmp: Path, shards: int) -> dict[str, tor
 def test_two_shards_equal_one_in_memory(tmp_path: Path) -> None:
     models = []
     for shards in (1, 2):
-        broker, names = _memory(tmp_path)
+        broker, names = memory_broker(2)
         run_dir = tmp_path / f"run{shards}"
         run_dir.mkdir()
         models.append(_sharded_run(lambda user, b=broker: f"memory://{user}@{b}", names, run_dir, shards))
-    _close(models[1], models[0])
+    assert_close(models[1], models[0])
 
 
 @pytest.mark.broker
@@ -311,4 +297,4 @@ def test_two_shards_equal_one_on_the_broker(tmp_path: Path, amqp_url: str, names
         run_dir = tmp_path / f"run{shards}"
         run_dir.mkdir()
         models.append(_sharded_run(lambda user: amqp_url, names, run_dir, shards))
-    _close(models[1], models[0])
+    assert_close(models[1], models[0])

@@ -20,7 +20,9 @@ from fedq.transport import Transport, connect
 from fedq.transport.base import REASON_HEADER
 from tests.aggregation_helpers import (
     Worker,
+    assert_close,
     delta_for,
+    memory_broker,
     model_of,
     send_update,
     settings,
@@ -29,21 +31,6 @@ from tests.aggregation_helpers import (
     wait_version,
     write_init,
 )
-
-
-def _memory() -> tuple[str, Names]:
-    name = f"agg-{uuid.uuid4().hex[:8]}"
-    names = Names(f"t{uuid.uuid4().hex[:8]}")
-    with connect(f"memory://setup@{name}") as t:
-        t.declare(names, 1)
-    return name, names
-
-
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        diff = float((a[name] - b[name]).abs().max()) / max(float(b[name].abs().max()), 1e-12)
-        assert diff <= tol, f"{name}: relative difference {diff}"
 
 
 def _messages(
@@ -104,7 +91,7 @@ def _dead_letter_reasons(t: Transport, names: Names) -> list[str]:
 
 def test_updates_with_different_chunk_layouts_fold_like_whole_tensors(tmp_path: Path) -> None:
     """Windows follow one update's chunks; others' chunks straddle them (sizes, codecs, full weights)."""
-    broker, names = _memory()
+    broker, names = memory_broker(1)
     x0 = small_model(scale=4)
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -144,11 +131,11 @@ def test_updates_with_different_chunk_layouts_fold_like_whole_tensors(tmp_path: 
         worker.join(30)
     bf16 = {n: t.to(torch.bfloat16).float() for n, t in d1.items()}
     expected = {n: x0[n] + (d0[n] + 2 * bf16[n] + (x2[n] - x0[n])) / 4 for n in x0}
-    _close(model_of(tmp_path / "state"), expected, tol=1e-5)
+    assert_close(model_of(tmp_path / "state"), expected, tol=1e-5)
 
 
 def test_commit_count_dtype_codec_and_base_version_are_checked(tmp_path: Path) -> None:
-    broker, names = _memory()
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -188,13 +175,13 @@ def test_commit_count_dtype_codec_and_base_version_are_checked(tmp_path: Path) -
         reasons = _dead_letter_reasons(alice, names)
     assert reasons == ["bad_manifest", "bad_manifest", "bad_manifest", "commit_mismatch"]
     ok = delta_for(1, x0)
-    _close(model_of(tmp_path / "state"), {n: x0[n] + ok[n] for n in x0})
+    assert_close(model_of(tmp_path / "state"), {n: x0[n] + ok[n] for n in x0})
     assert not list((tmp_path / "state" / "shard-0" / "staging").glob("*.stage"))
 
 
 def test_a_refused_stream_stays_refused_after_a_version_step(tmp_path: Path) -> None:
     """Before and after a restart alike: late messages of a refused stream are acked without effect."""
-    broker, names = _memory()
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -222,7 +209,7 @@ def test_a_refused_stream_stays_refused_after_a_version_step(tmp_path: Path) -> 
 
 
 def test_client_metric_labels_are_bounded(tmp_path: Path) -> None:
-    broker, names = _memory()
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -258,7 +245,7 @@ def test_client_metric_labels_are_bounded(tmp_path: Path) -> None:
 def test_norm_bound_after_a_restart_uses_the_recomputed_norm(tmp_path: Path) -> None:
     """Chunk norms are measured on arrival and kept in memory only: a restarted worker measures its staged
     streams again, and the clip factor comes out the same."""
-    broker, names = _memory()
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     d0, d1 = delta_for(0, x0, 1.0), delta_for(1, x0, 0.001)
@@ -289,4 +276,4 @@ def test_norm_bound_after_a_restart_uses_the_recomputed_norm(tmp_path: Path) -> 
         send_update(alice, names, d1, shards=1, update_id="b", base_version=0)
         second.join(30)
     expected = {n: x0[n] + (0.5 * d0[n] + d1[n]) / 2 for n in x0}
-    _close(model_of(tmp_path / "state"), expected, tol=1e-5)
+    assert_close(model_of(tmp_path / "state"), expected, tol=1e-5)

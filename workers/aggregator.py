@@ -12,6 +12,7 @@ import torch
 from fedq import metrics
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import NormBound, make_strategy
+from fedq.cli import standalone
 from fedq.errors import ConfigError
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names
 from fedq.transport import connect, default_url
@@ -192,20 +193,7 @@ def _peak_rss() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.aggregator",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return run(args)
+    return standalone("python -m workers.aggregator", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
