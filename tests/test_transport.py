@@ -264,7 +264,11 @@ def test_full_queue_makes_publisher_wait_until_drained(
     try:
         time.sleep(3.0)
         assert not done.is_set(), "the publisher finished although the queue holds at most 1 MiB"
-        queue = management.get(f"/queues/{q(vhost)}/{q(names.updates_queue(0))}")
+        # the management API fills in a new queue's statistics only at its next collection (every few seconds)
+        path = f"/queues/{q(vhost)}/{q(names.updates_queue(0))}"
+        stats_deadline = time.monotonic() + 30
+        while "message_bytes" not in (queue := management.get(path)) and time.monotonic() < stats_deadline:
+            time.sleep(0.5)
         assert queue["message_bytes"] <= 1 << 20
         consumer.consume(names.updates_queue(0), prefetch=4)
         # wait for every message, not for a quiet spell: on a loaded machine the publisher's nack back-off
