@@ -13,7 +13,7 @@ import torch
 
 from fedq.aggregation import checkpoint
 from fedq.aggregation.service import Aggregator, Settings
-from fedq.aggregation.strategies import Strategy
+from fedq.aggregation.strategies import FedBuff, Strategy
 from fedq.codecs import get_codec
 from fedq.safetensors import save_file
 from fedq.streaming import iter_container, send_container, shard_of
@@ -155,3 +155,9 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: fl
     for name in a:
         diff = float((a[name] - b[name]).abs().max()) / max(float(b[name].abs().max()), 1e-12)
         assert diff <= tol, f"{name}: relative difference {diff}"
+
+
+def one_step_worker(broker: str, names: Names, init: Path, state_dir: Path, **options: Any) -> Worker:
+    """An in-memory aggregator that steps after every update with weight 1 (x += Δ): easy to predict."""
+    strategy = FedBuff(buffer_size=1, server_lr=1.0, staleness="constant")
+    return Worker(f"memory://aggregator@{broker}", settings(names, strategy, init, state_dir, **options))

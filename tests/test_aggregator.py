@@ -22,6 +22,7 @@ from tests.aggregation_helpers import (
     delta_for,
     memory_broker,
     model_of,
+    one_step_worker,
     send_update,
     settings,
     small_model,
@@ -68,17 +69,7 @@ def test_incomplete_update_is_dropped_and_contributes_nothing(tmp_path: Path) ->
     broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
-    worker = Worker(
-        f"memory://aggregator@{broker}",
-        settings(
-            names,
-            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
-            init,
-            tmp_path / "state",
-            max_versions=1,
-            update_timeout=0.5,
-        ),
-    )
+    worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=1, update_timeout=0.5)
     with connect(f"memory://alice@{broker}") as alice:
         send_update(
             alice, names, delta_for(9, x0, 5.0), shards=1, update_id="dead", base_version=0, commit=False
@@ -113,17 +104,7 @@ def test_update_timeout_counts_inactivity_and_late_messages_are_dead_lettered(tm
     x0 = small_model()
     init = write_init(tmp_path, x0)
     timeout, gap = 0.8, 0.25
-    worker = Worker(
-        f"memory://aggregator@{broker}",
-        settings(
-            names,
-            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
-            init,
-            tmp_path / "state",
-            max_versions=2,
-            update_timeout=timeout,
-        ),
-    )
+    worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=2, update_timeout=timeout)
     d_slow, d_quiet, d_ok = (delta_for(i, x0) for i in range(3))
 
     def messages(update_id: str, delta: dict[str, torch.Tensor], base_version: int) -> list[bytes]:
@@ -209,16 +190,7 @@ def test_bad_input_is_dead_lettered_and_the_model_is_untouched(tmp_path: Path) -
     broker, names = memory_broker(2)
     x0 = small_model()
     init = write_init(tmp_path, x0)
-    worker = Worker(
-        f"memory://aggregator@{broker}",
-        settings(
-            names,
-            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
-            init,
-            tmp_path / "state",
-            max_versions=1,
-        ),
-    )
+    worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=1)
     key = names.shard_key(0)
     nan = {n: torch.full_like(t, float("nan")) for n, t in x0.items()}
     with connect(f"memory://mallory@{broker}") as mallory, connect(f"memory://alice@{broker}") as alice:

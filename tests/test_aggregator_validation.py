@@ -24,6 +24,7 @@ from tests.aggregation_helpers import (
     delta_for,
     memory_broker,
     model_of,
+    one_step_worker,
     send_update,
     settings,
     small_model,
@@ -138,16 +139,7 @@ def test_commit_count_dtype_codec_and_base_version_are_checked(tmp_path: Path) -
     broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
-    worker = Worker(
-        f"memory://aggregator@{broker}",
-        settings(
-            names,
-            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
-            init,
-            tmp_path / "state",
-            max_versions=1,
-        ),
-    )
+    worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=1)
     d = delta_for(3, x0)
     commit = _messages(d, "commit")
     commit[-1] = wire.encode_control(wire.COMMIT, "update/commit", {"chunks": 999})
@@ -184,16 +176,7 @@ def test_a_refused_stream_stays_refused_after_a_version_step(tmp_path: Path) -> 
     broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
-    worker = Worker(
-        f"memory://aggregator@{broker}",
-        settings(
-            names,
-            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
-            init,
-            tmp_path / "state",
-            max_versions=2,
-        ),
-    )
+    worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=2)
     refused = _messages(delta_for(2, x0), "refused", base_version=-1)
     before = _count(metrics.CHUNKS, role="aggregator", event="duplicate")
     with connect(f"memory://mallory@{broker}") as mallory, connect(f"memory://alice@{broker}") as alice:
@@ -212,16 +195,7 @@ def test_client_metric_labels_are_bounded(tmp_path: Path) -> None:
     broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
-    worker = Worker(
-        f"memory://aggregator@{broker}",
-        settings(
-            names,
-            FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
-            init,
-            tmp_path / "state",
-            max_versions=3,
-        ),
-    )
+    worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=3)
     client = f"eve{uuid.uuid4().hex[:6]}"
     with connect(f"memory://{client}@{broker}") as eve:
         for version in range(3):
