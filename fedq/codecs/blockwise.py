@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedq.codecs.base import Buffer, Codec, as_uint8, empty, slices, to_payload
+from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, empty, slices, to_payload
 from fedq.errors import CodecError
 
 _STEP = 1 << 20  # elements per step (4 MiB of fp32 temporaries): the fastest of 2**16..2**22, measured
+_FOLD_STEP = 1 << 18  # decode_add's step: its 1 MiB scratch stays in L2 while it is added to the sum
 _TINY = 2.0**-112  # block maxima below this count as 0, keeping reciprocals like 2048/absmax finite in fp32
 GROUP = 256  # blocks per double-quantization group: one fp32 step + one fp32 minimum per group
 # A 4-bit block's scale is this fraction of its absmax: the one or two largest elements are clipped by <= 3%,
@@ -132,6 +133,26 @@ class Int8(Codec):
             rows[full * b :].mul_(scale[lo // b + full : lo // b + full + 1])
         return out
 
+    def decode_add(
+        self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
+    ) -> None:
+        """Codes converted a cache-sized step at a time, then ``out += codes * (alpha * absmax / 127)``."""
+        self.check_payload(meta, payload, count)
+        check_out(self.name, out, count)
+        b, nblocks = self.block, -(-count // self.block)
+        buf = as_uint8(payload, out.device)
+        absmax, codes = buf[: 4 * nblocks].view(torch.float32), buf[4 * nblocks :].view(torch.int8)
+        _check_scales(self.name, absmax)
+        if nblocks and not bool(torch.isfinite(absmax.amax() * (128.0 / 127.0))):
+            # a code of -128 could overflow: the generic path checks the decoded values themselves
+            super().decode_add(meta, payload, count, out, alpha)
+            return
+        scale = absmax * (alpha / 127.0)
+        step = b * max(1, _STEP // b)
+        tmp = torch.empty(min(step, count), dtype=torch.float32, device=out.device)
+        for lo, hi in slices(count, step):
+            _add_rows(out[lo:hi], tmp[: hi - lo].copy_(codes[lo:hi]), scale[lo // b :], b)
+
     def sq_norm(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> float:
@@ -170,6 +191,17 @@ def _tables(levels: tuple[float, ...], device: torch.device) -> tuple[torch.Tens
     byte = torch.arange(256)
     pairs = torch.stack([lv[byte >> 4], lv[byte & 15]], dim=1).to(torch.float32).contiguous()
     return encode.to(device), pairs.view(torch.int64).view(-1).to(device)
+
+
+def _add_rows(out: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, width: int) -> None:
+    """out += values * scale of its run, for consecutive runs of ``width`` (the last may be partial)."""
+    full = values.numel() // width
+    if full:
+        out[: full * width].view(full, width).addcmul_(
+            values[: full * width].view(full, width), scales[:full, None]
+        )
+    if values.numel() > full * width:
+        out[full * width :].addcmul_(values[full * width :], scales[full : full + 1])
 
 
 def _block_sums(v: torch.Tensor, width: int, out: torch.Tensor) -> None:
@@ -313,6 +345,38 @@ class FourBit(Codec):
             rows = -(-(hi - lo) // b)
             out[lo : lo + rows * b].view(rows, b).mul_(scales[lo // b : lo // b + rows, None])
         return out[:count]
+
+    def decode_add(
+        self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
+    ) -> None:
+        """Levels gathered into a cache-sized scratch, then ``out += levels * (alpha * block scale)``.
+
+        Levels lie in [-1, 1], so finite block scales are all the finiteness check there is to make.
+        """
+        self.check_payload(meta, payload, count)
+        check_out(self.name, out, count)
+        b = self.block
+        nblocks, ngroups = self._sizes(count)
+        device = out.device
+        buf = as_uint8(payload, device)
+        g_step = buf[: 4 * ngroups].view(torch.float32)
+        g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
+        _check_scales(self.name, g_step, g_low)
+        scales = _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low)
+        if nblocks and not bool(torch.isfinite(scales.amax())):
+            raise CodecError(f"{self.name}: block scale overflows", reason="nonfinite")
+        scales.mul_(alpha)
+        packed = buf[8 * ngroups + nblocks :]
+        _, table = _tables(self.levels, device)
+        step = b * max(1, _FOLD_STEP // b)
+        pairs = min(step, count) // 2 + 1
+        idx = torch.empty(pairs, dtype=torch.int32, device=device)
+        tmp = torch.empty(2 * pairs, dtype=torch.float32, device=device)
+        for lo, hi in slices(count, step):
+            i = idx[: -(-(hi - lo) // 2)]
+            i.copy_(packed[lo // 2 : lo // 2 + len(i)])
+            torch.index_select(table, 0, i, out=tmp[: 2 * len(i)].view(torch.int64))
+            _add_rows(out[lo:hi], tmp[: hi - lo], scales[lo // b :], b)
 
     def sq_norm(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
