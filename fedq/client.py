@@ -242,7 +242,7 @@ class Client:
                 msg = wire.decode(delivery.body)
                 if msg.stream in wanted:
                     for chunk in assembler.add(msg):
-                        _copy_into(targets, may_add, chunk.entry, chunk.offset, chunk.values)
+                        _copy_into(targets, may_add, chunk.entry, chunk.offset, chunk.values())
                 self.transport.ack(delivery)
         finally:
             self.transport.cancel(tag)

@@ -26,6 +26,7 @@ import torch
 
 from fedq import wire
 from fedq.codecs import Codec, ErrorFeedback, get_codec
+from fedq.codecs.base import zeros
 from fedq.errors import StreamError, WireError
 from fedq.metrics import CHUNKS, COMPRESSION_RATIO, FP32_BYTES, WIRE_BYTES, current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
@@ -317,13 +318,30 @@ def shard_of(sizes: Mapping[str, int], shards: int) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A decoded chunk: elements ``offset .. offset+count`` of tensor ``entry.name``, as float32."""
+    """An accepted chunk: elements ``offset .. offset+count`` of tensor ``entry.name``, still encoded.
+
+    The consumer decodes it: ``values()`` as a new float32 tensor, or ``add_to`` straight into a destination
+    (a tensor being rebuilt, a sum), which skips the decoded copy. Both raise ``WireError`` for a payload
+    the codec refuses or NaN/Inf, before anything is written.
+    """
 
     stream: str
     index: int
     entry: TensorEntry
     offset: int
-    values: torch.Tensor
+    message: wire.Message
+    device: torch.device
+
+    @property
+    def count(self) -> int:
+        return self.message.count
+
+    def values(self) -> torch.Tensor:
+        return wire.decode_tensor(self.message, self.device)
+
+    def add_to(self, out: torch.Tensor, alpha: float = 1.0) -> None:
+        """``out += alpha * values()``; ``out`` is float32 with ``count`` elements."""
+        wire.add_tensor(self.message, out, alpha)
 
 
 @dataclass
@@ -424,10 +442,9 @@ class Assembler:
         if msg.index in state.seen:
             CHUNKS.labels(self.role, "duplicate").inc()
             return None
-        values = wire.decode_tensor(msg, self.device)
         state.seen.add(msg.index)
         CHUNKS.labels(self.role, "received").inc()
-        return Chunk(msg.stream, msg.index, entry, offset, values)
+        return Chunk(msg.stream, msg.index, entry, offset, msg, self.device)
 
     def manifest(self, stream: str) -> Manifest | None:
         state = self._streams.get(stream)
@@ -634,8 +651,12 @@ def receive_container(
     for chunk in receiver.chunks():
         entry = chunk.entry
         if entry.name not in tensors:
-            tensors[entry.name] = torch.empty(entry.numel, dtype=entry.dtype, device=chunk.values.device)
-        tensors[entry.name][chunk.offset : chunk.offset + chunk.values.numel()] = chunk.values
+            tensors[entry.name] = zeros(entry.numel, entry.dtype, chunk.device)
+        target = tensors[entry.name][chunk.offset : chunk.offset + chunk.count]
+        if entry.dtype == torch.float32:
+            chunk.add_to(target)  # into zeros: the values, decoded where they stay
+        else:
+            target.copy_(chunk.values())
     assert receiver.manifest is not None  # a complete stream has one
     shaped = {t.name: tensors[t.name].view(t.shape) for t in receiver.manifest.tensors}
     return Container(receiver.manifest, shaped)
@@ -650,6 +671,7 @@ def receive_file(
     """
     receiver = Receiver(transport, queue, stream, **options)
     writer: SafetensorsWriter | None = None
+    scratch = torch.empty(0)  # decoded values, reused chunk after chunk: fresh pages cost more than decoding
     try:
         for chunk in receiver.chunks():
             if writer is None:
@@ -658,7 +680,11 @@ def receive_file(
                 writer = SafetensorsWriter(
                     path, receiver.manifest.specs(), metadata if isinstance(metadata, dict) else None
                 )
-            writer.write(chunk.entry.name, chunk.offset, chunk.values)
+            if scratch.numel() < chunk.count:
+                scratch = torch.empty(chunk.count, device=chunk.device)
+            values = scratch[: chunk.count].zero_()
+            chunk.add_to(values)
+            writer.write(chunk.entry.name, chunk.offset, values)
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -70,10 +70,8 @@ def _assemble(messages: list[bytes]) -> tuple[streaming.Assembler, dict[str, tor
         for chunk in assembler.add(wire.decode(body)):
             key = chunk.entry.name if chunk.stream == "s" else f"{chunk.stream}/{chunk.entry.name}"
             flat = out.setdefault(key, torch.full((chunk.entry.numel,), float("nan")))
-            assert torch.isnan(
-                flat[chunk.offset : chunk.offset + chunk.values.numel()]
-            ).all()  # each chunk once
-            flat[chunk.offset : chunk.offset + chunk.values.numel()] = chunk.values
+            assert torch.isnan(flat[chunk.offset : chunk.offset + chunk.count]).all()  # each chunk once
+            flat[chunk.offset : chunk.offset + chunk.count] = chunk.values()
     return assembler, out
 
 

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from fedq import wire
-from fedq.aggregation.accumulator import Accumulator
 from fedq.bench.stream import SHAPES, delete_namespace, raw_receive, raw_send, run_pair
 from fedq.codecs import get_codec
 from fedq.safetensors import SafetensorsWriter, TensorSpec
@@ -249,29 +248,29 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: floa
 def _fold_throughput(
     delta: dict[str, torch.Tensor], codec_name: str, chunk_bytes: int, device: torch.device
 ) -> float:
-    """M parameters/s of wire decode + Accumulator.fold over (up to) 256 M parameters of encoded chunks."""
+    """M parameters/s of the aggregator's fold path over (up to) 256 M parameters of encoded chunks: wire
+    decode (header, checksum) + ``wire.add_tensor`` into model-sized float32 sums on the fold device."""
     codec = get_codec(codec_name)
     per_chunk = max(1, chunk_bytes // codec.payload_nbytes(codec.alignment)) * codec.alignment
-    bodies: list[tuple[str, bytes]] = []
+    bodies: list[bytes] = []
+    names: set[str] = set()
     total = 0
     for name, t in delta.items():
+        names.add(name)
         flat = t.reshape(-1)
         for lo in range(0, flat.numel(), per_chunk):
             piece = flat[lo : lo + per_chunk]
             bodies.append(
-                (
-                    name,
-                    wire.encode_chunk(
-                        stream="bench",
-                        index=len(bodies),
-                        name=name,
-                        dtype=t.dtype,
-                        shape=tuple(t.shape),
-                        offset=lo,
-                        count=piece.numel(),
-                        codec=codec,
-                        x=piece,
-                    ),
+                wire.encode_chunk(
+                    stream="bench",
+                    index=len(bodies),
+                    name=name,
+                    dtype=t.dtype,
+                    shape=tuple(t.shape),
+                    offset=lo,
+                    count=piece.numel(),
+                    codec=codec,
+                    x=piece,
                 )
             )
             total += piece.numel()
@@ -279,13 +278,13 @@ def _fold_throughput(
                 break
         if total >= 256 << 20:
             break
-    acc = Accumulator({n: tuple(t.shape) for n, t in delta.items()}, device)
+    sums = {n: torch.zeros(t.numel(), device=device) for n, t in delta.items() if n in names}
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for name, body in bodies:
+    for body in bodies:
         msg = wire.decode(body)
-        acc.fold(name, msg.offset, wire.decode_tensor(msg, device), 1.0)
+        wire.add_tensor(msg, sums[msg.name][msg.offset : msg.offset + msg.count], 1.0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return total / (time.perf_counter() - start) / 1e6

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedq.codecs.base import Buffer, Codec, as_uint8, empty, slices, to_payload
+from fedq.codecs.base import Buffer, Codec, all_finite, as_uint8, check_out, empty, slices, to_payload
 from fedq.errors import CodecError
 
 # fp16 keeps full precision only above 2**-14; deltas of ~1e-3 fall below it (97% of them, measured). Scaling
@@ -35,6 +35,17 @@ class Fp32(Codec):
         out = empty(count, torch.float32, device)
         out.view(torch.uint8).copy_(as_uint8(payload, device))
         return out
+
+    def decode_add(
+        self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
+    ) -> None:
+        """The payload's values are added where they lie (a view on the CPU): no decoded copy."""
+        self.check_payload(meta, payload, count)
+        check_out(self.name, out, count)
+        values = as_uint8(payload, out.device).view(torch.float32)
+        if not all_finite(values):
+            raise CodecError("fp32: payload holds NaN or Inf", reason="nonfinite")
+        out.add_(values, alpha=alpha)
 
 
 class Bf16(Codec):
