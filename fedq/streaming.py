@@ -643,23 +643,52 @@ class Container:
 
 
 def receive_container(
-    transport: Transport, queue: str, stream: str | None = None, **options: Any
+    transport: Transport,
+    queue: str,
+    stream: str | None = None,
+    *,
+    into: Mapping[str, torch.Tensor] | None = None,
+    **options: Any,
 ) -> Container:
-    """Rebuild a whole state dict (each tensor in its original dtype) from one stream."""
+    """Rebuild a whole state dict (each tensor in its original dtype) from one stream.
+
+    ``into``: tensors of the stream's names, shapes and dtypes to receive into (a model's state dict, as a
+    client holds one), so that no model-sized memory is allocated: fresh pages cost more than the transfer on
+    a loaded machine. Tensors it lacks are allocated; a tensor it has with another shape or dtype is a
+    ``StreamError`` (reason ``shape``).
+    """
     receiver = Receiver(transport, queue, stream, **options)
     tensors: dict[str, torch.Tensor] = {}
     for chunk in receiver.chunks():
         entry = chunk.entry
         if entry.name not in tensors:
-            tensors[entry.name] = zeros(entry.numel, entry.dtype, chunk.device)
+            tensors[entry.name] = _destination(entry, into, chunk.device)
         target = tensors[entry.name][chunk.offset : chunk.offset + chunk.count]
         if entry.dtype == torch.float32:
-            chunk.add_to(target)  # into zeros: the values, decoded where they stay
+            if into is not None:
+                target.zero_()  # the caller's tensor holds old values; fresh zeros need no clearing
+            chunk.add_to(target)  # the values, decoded where they stay
         else:
             target.copy_(chunk.values())
     assert receiver.manifest is not None  # a complete stream has one
     shaped = {t.name: tensors[t.name].view(t.shape) for t in receiver.manifest.tensors}
     return Container(receiver.manifest, shaped)
+
+
+def _destination(
+    entry: TensorEntry, into: Mapping[str, torch.Tensor] | None, device: torch.device
+) -> torch.Tensor:
+    """The flat tensor a stream's tensor is rebuilt in: the caller's, or fresh zeros."""
+    given = None if into is None else into.get(entry.name)
+    if given is None:
+        return zeros(entry.numel, entry.dtype, device)
+    if tuple(given.shape) != entry.shape or given.dtype != entry.dtype or not given.is_contiguous():
+        raise StreamError(
+            f"{entry.name}: the stream has {entry.shape} {entry.dtype}, the destination "
+            f"{tuple(given.shape)} {given.dtype}{'' if given.is_contiguous() else ' (not contiguous)'}",
+            reason="shape",
+        )
+    return given.detach().view(-1)
 
 
 def receive_file(

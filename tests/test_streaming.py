@@ -284,6 +284,30 @@ def test_duplicated_and_reordered_through_rabbitmq(amqp_url: str, namespace: str
 
 
 @pytest.mark.broker
+def test_receive_into_an_existing_state_dict(amqp_url: str, namespace: str) -> None:
+    """Received in place: the caller's tensors (old values overwritten) are the result, duplicated and
+    reordered chunks included; a destination of another shape is refused before anything is written."""
+    names = Names(namespace)
+    tensors = _state_dict()
+    messages = list(streaming.iter_container(tensors, stream="in", meta={}, chunk_bytes=2048))
+    shuffled = messages + messages[1:6]
+    random.Random(3).shuffle(shuffled)
+    into = {n: torch.full_like(t, 7.0) for n, t in tensors.items()}
+    with connect(amqp_url) as transport:
+        transport.declare(names, 1)
+        for body in shuffled + messages:
+            transport.publish(names.updates_exchange, names.shard_key(0), body)
+        transport.flush()
+        got = streaming.receive_container(transport, names.updates_queue(0), "in", into=into, timeout=30)
+        wrong = {n: torch.zeros(t.numel() + 1, dtype=t.dtype) for n, t in tensors.items()}
+        with pytest.raises(StreamError) as info:
+            streaming.receive_container(transport, names.updates_queue(0), "in", into=wrong, timeout=30)
+    assert info.value.reason == "shape" and all(bool((w == 0).all()) for w in wrong.values())
+    for name, t in tensors.items():
+        assert torch.equal(into[name], t) and got.tensors[name].data_ptr() == into[name].data_ptr()
+
+
+@pytest.mark.broker
 def test_file_to_stream_to_file_is_byte_identical(amqp_url: str, namespace: str, tmp_path: Path) -> None:
     names = Names(namespace)
     gen = torch.Generator().manual_seed(1)

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     )
     ctx = mp.get_context("spawn")
     rows: list[dict[str, Any]] = []
-    raw_cache: dict[int, float] = {}
+    raw_cache: dict[int, dict[str, Any]] = {}
     with connect(url) as transport:
         transport.declare(names, 1)
     try:
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 result = run_pair(ctx, _send, _receive, job)
                 for n in (result["wire_bytes"], fp32_bytes):
                     if n not in raw_cache:
-                        raw_cache[n] = run_pair(ctx, raw_send, raw_receive, {**job, "nbytes": n})["seconds"]
+                        raw_cache[n] = run_pair(ctx, raw_send, raw_receive, {**job, "nbytes": n})
                 row = {
                     "mode": mode,
                     "codec": codec,
@@ -172,8 +172,14 @@ def run(args: argparse.Namespace) -> int:
                     "model_fp32_bytes": fp32_bytes,
                     "wire_bytes": result["wire_bytes"],
                     "seconds": result["seconds"],
-                    "raw_baseline_seconds": raw_cache[result["wire_bytes"]],
-                    "raw_fp32_seconds": raw_cache[fp32_bytes],
+                    "sender_cpu_seconds": result["sender_cpu_seconds"],
+                    "receiver_cpu_seconds": result["receiver_cpu_seconds"],
+                    "raw_baseline_seconds": raw_cache[result["wire_bytes"]]["seconds"],
+                    "raw_fp32_seconds": raw_cache[fp32_bytes]["seconds"],
+                    "raw_baseline_cpu_seconds": [
+                        raw_cache[result["wire_bytes"]][k]
+                        for k in ("sender_cpu_seconds", "receiver_cpu_seconds")
+                    ],
                     "memory_budget": budget,
                 }
                 rows.append(row)
@@ -205,8 +211,10 @@ def _print_row(row: dict[str, Any]) -> None:
         f"sender peak {row['sender_peak_rss'] / 2**20:6.0f} MiB ({row['sender_peak_rss'] / model:.2f}x), "
         f"receiver peak {row['receiver_peak_rss'] / 2**20:6.0f} MiB "
         f"({row['receiver_peak_rss'] / model:.2f}x), "
+        f"CPU sender {row['sender_cpu_seconds']:.1f} s, receiver {row['receiver_cpu_seconds']:.1f} s, "
         f"raw broker same bytes {row['raw_baseline_seconds']:.2f} s "
-        f"(throughput {row['raw_baseline_seconds'] / row['seconds']:.2f}x of raw), "
+        f"(CPU {row['raw_baseline_cpu_seconds'][0]:.1f} + {row['raw_baseline_cpu_seconds'][1]:.1f} s; "
+        f"throughput {row['raw_baseline_seconds'] / row['seconds']:.2f}x of raw), "
         f"raw fp32 {row['raw_fp32_seconds']:.2f} s (time {row['seconds'] / row['raw_fp32_seconds']:.2f}x)",
         flush=True,
     )
@@ -251,6 +259,8 @@ def run_pair(
         "seconds": recv["end"] - send["start"],
         "sender_peak_rss": send["peak_rss"],
         "receiver_peak_rss": recv["peak_rss"],
+        "sender_cpu_seconds": send["cpu_seconds"],
+        "receiver_cpu_seconds": recv["cpu_seconds"],
         "wire_bytes": send["wire_bytes"],
     }
 
@@ -263,11 +273,18 @@ def _child(
     torch.set_num_threads(1)
     try:
         out = work(job, ready)
-        out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out["peak_rss"] = usage.ru_maxrss * 1024
+        out["cpu_seconds"] = usage.ru_utime + usage.ru_stime - out.pop("cpu_at_start")
         results.put((role, out))
     except BaseException as exc:  # reported to the parent, which stops the pair
         results.put((role, f"{type(exc).__name__}: {exc}"))
         raise
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _in_child(ctx: Any, work: Callable[[dict[str, Any]], None], job: dict[str, Any]) -> None:
@@ -320,7 +337,7 @@ def _send(job: dict[str, Any], ready: Any) -> dict[str, Any]:
         else:
             tensors = _random_state_dict(job)
         ready.wait()
-        start = time.monotonic()
+        start, cpu_at_start = time.monotonic(), _cpu()
         if job["mode"] == "regular":
             wire_bytes = _send_regular(transport, names, tensors, job)
         else:
@@ -336,7 +353,7 @@ def _send(job: dict[str, Any], ready: Any) -> dict[str, Any]:
                 role="bench",
             )
             wire_bytes = stats.wire_bytes
-    return {"start": start, "wire_bytes": wire_bytes}
+    return {"start": start, "wire_bytes": wire_bytes, "cpu_at_start": cpu_at_start}
 
 
 def _send_regular(transport: Any, names: Names, tensors: dict[str, torch.Tensor], job: dict[str, Any]) -> int:
@@ -369,12 +386,17 @@ def _receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     flow = flow_for_budget(job["budget"], job["chunk_bytes"])
     names = Names(job["namespace"])
     queue_name = names.updates_queue(0)
+    # container mode receives into a state dict of the model's shapes, as a client receives into its model
+    model = _random_state_dict(job) if job["mode"] == "container" else None
     with _transport(job, flow) as transport:
         ready.set()
+        cpu_at_start = _cpu()
         if job["mode"] == "regular":
             _receive_regular(transport, queue_name, flow)
         elif job["mode"] == "container":
-            container = receive_container(transport, queue_name, prefetch=flow.prefetch, role="bench")
+            container = receive_container(
+                transport, queue_name, into=model, prefetch=flow.prefetch, role="bench"
+            )
             assert len(container.tensors) == len(SHAPES[job["shapes"]]())
         else:
             receive_file(
@@ -386,7 +408,7 @@ def _receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
                 role="bench",
             )
         end = time.monotonic()
-    return {"end": end, "rss_end": current_rss_bytes()}
+    return {"end": end, "rss_end": current_rss_bytes(), "cpu_at_start": cpu_at_start}
 
 
 def _receive_regular(transport: Any, queue_name: str, flow: Flow) -> dict[str, torch.Tensor]:
@@ -433,7 +455,7 @@ def raw_send(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     channel.confirm_delivery()
     props = pika.BasicProperties(delivery_mode=2)
     ready.wait()
-    start = time.monotonic()
+    start, cpu_at_start = time.monotonic(), _cpu()
     for body in _raw_bodies(job["nbytes"], job["chunk_bytes"]):
         while True:
             try:
@@ -442,7 +464,7 @@ def raw_send(job: dict[str, Any], ready: Any) -> dict[str, Any]:
             except pika.exceptions.NackError:  # the queue is at its length limit: wait for the consumer
                 time.sleep(0.05)
     conn.close()
-    return {"start": start, "wire_bytes": job["nbytes"]}
+    return {"start": start, "wire_bytes": job["nbytes"], "cpu_at_start": cpu_at_start}
 
 
 def raw_receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
@@ -453,6 +475,7 @@ def raw_receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     channel = conn.channel()
     channel.basic_qos(prefetch_count=flow.prefetch)
     ready.set()
+    cpu_at_start = _cpu()
     got = 0
     for method, _props, body in channel.consume(
         Names(job["namespace"]).updates_queue(0), inactivity_timeout=120
@@ -466,7 +489,7 @@ def raw_receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
     end = time.monotonic()
     channel.cancel()
     conn.close()
-    return {"end": end}
+    return {"end": end, "cpu_at_start": cpu_at_start}
 
 
 def delete_namespace(url: str, names: Names) -> None:
