@@ -16,6 +16,7 @@ import math
 import mmap
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +27,8 @@ from fedq.errors import StreamError
 DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's bound
+_BLOCK = 4096  # O_DIRECT alignment of file positions, lengths and memory (a page: enough for any disk)
+_RUN_BUFFER = 8 << 20  # bytes per O_DIRECT write
 
 
 class TensorSpec(NamedTuple):
@@ -143,7 +146,15 @@ def layout(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None =
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file slice by slice into ``path + ".part"``; ``commit`` renames it into place."""
+    """Writes a safetensors file slice by slice into ``path + ".part"``; ``commit`` renames it into place.
+
+    Slices that continue the previous one (a stream arrives in order) go through ``_DirectRun``: O_DIRECT
+    writes of whole aligned blocks from a reused buffer, on a background thread. Buffered writes cost this
+    kind of machine (a VM) about 1 s of kernel CPU per GB, measured 3.5-24 s for 5.9 GB, against 0.75 s with
+    O_DIRECT; on a two-core machine that CPU is the broker's. The header, the unaligned edges of a run and
+    out-of-order slices are written through the page cache; no block is written both ways. Where the file
+    system refuses O_DIRECT (tmpfs), everything is buffered.
+    """
 
     def __init__(
         self,
@@ -162,12 +173,14 @@ class SafetensorsWriter:
         self.nbytes = offset
         self._part = self.path.with_name(self.path.name + ".part")
         self._fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._run: _DirectRun | None = None
         try:
             if offset:
                 os.posix_fallocate(
                     self._fd, 0, offset
                 )  # fail now, not mid-transfer, when the disk is too small
             os.pwrite(self._fd, head, 0)
+            self._run = _DirectRun.open(self._part, self._fd)
         except OSError:
             self.abort()
             raise
@@ -180,22 +193,117 @@ class SafetensorsWriter:
                 f"{name}: slice {offset}+{values.numel()} outside {spec.shape}", reason="length_mismatch"
             )
         data = values.detach().reshape(-1).to("cpu", spec.dtype).contiguous()
-        view = data.view(torch.uint8).numpy().data
+        view = data.view(torch.uint8).numpy().data.cast("B")
         position = self._begin[name] + offset * spec.dtype.itemsize
-        while len(view):
-            written = os.pwrite(self._fd, view, position)
-            view, position = view[written:], position + written
+        if self._run is not None:
+            self._run.write(position, view)
+        else:
+            _pwrite_all(self._fd, view, position)
 
     def commit(self) -> Path:
         """fsync, then rename into place: a reader never sees a half-written file under ``path``."""
+        if self._run is not None:
+            self._run.close()
+            self._run = None
         os.fsync(self._fd)
         os.close(self._fd)
         os.replace(self._part, self.path)
         return self.path
 
     def abort(self) -> None:
+        if self._run is not None:
+            with contextlib.suppress(OSError):
+                self._run.close()
+            self._run = None
         os.close(self._fd)
         self._part.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
+    while len(view):
+        written = os.pwrite(fd, view, position)
+        view, position = view[written:], position + written
+
+
+class _DirectRun:
+    """The current run of consecutive bytes, written with O_DIRECT in whole ``_BLOCK``-aligned buffers.
+
+    Two page-aligned buffers: one fills while a background thread writes the other (``os.pwrite`` releases
+    the GIL), so the disk works while the next chunks arrive. A write elsewhere than the run's end flushes the
+    run (its unaligned tail through ``fd``, the page cache) and starts a new one, whose bytes up to the next
+    block boundary also go through ``fd``.
+    """
+
+    def __init__(self, direct_fd: int, fd: int) -> None:
+        self._direct, self._fd = direct_fd, fd
+        self._buffers = [mmap.mmap(-1, _RUN_BUFFER), mmap.mmap(-1, _RUN_BUFFER)]  # page-aligned
+        self._current = 0
+        self._start = -1  # file position of the current buffer's first byte (block-aligned); -1: no run
+        self._filled = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedq-direct-write")
+        self._pending: Future[None] | None = None
+
+    @classmethod
+    def open(cls, path: Path, fd: int) -> _DirectRun | None:
+        flag = getattr(os, "O_DIRECT", None)
+        if flag is None:
+            return None
+        try:
+            return cls(os.open(path, os.O_WRONLY | flag), fd)
+        except OSError:  # the file system does not support O_DIRECT
+            return None
+
+    def write(self, position: int, view: memoryview) -> None:
+        if self._start < 0 or position != self._start + self._filled:
+            self._flush_tail()
+            head = min(len(view), -position % _BLOCK)
+            _pwrite_all(self._fd, view[:head], position)
+            view, position = view[head:], position + head
+            self._start, self._filled = position, 0
+            if not len(view):
+                self._start = -1
+                return
+        while len(view):
+            n = min(len(view), _RUN_BUFFER - self._filled)
+            buffer = self._buffers[self._current]
+            buffer[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == _RUN_BUFFER:
+                self._submit(_RUN_BUFFER)
+                self._start += _RUN_BUFFER
+                self._filled = 0
+
+    def _submit(self, nbytes: int) -> None:
+        """Write the current buffer's first ``nbytes`` (whole blocks) at the run's start, on the thread."""
+        self._wait()
+        buffer = memoryview(self._buffers[self._current])[:nbytes]
+        self._pending = self._pool.submit(_pwrite_all, self._direct, buffer, self._start)
+        self._current = 1 - self._current
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _flush_tail(self) -> None:
+        if self._start < 0:
+            return
+        whole = self._filled - self._filled % _BLOCK
+        tail = memoryview(self._buffers[self._current])[whole : self._filled]
+        if whole:
+            self._submit(whole)
+        _pwrite_all(self._fd, tail, self._start + whole)
+        tail.release()
+        self._start, self._filled = -1, 0
+
+    def close(self) -> None:
+        try:
+            self._flush_tail()
+            self._wait()
+        finally:
+            self._pool.shutdown()
+            os.close(self._direct)
 
 
 def save_file(
