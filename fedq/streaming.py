@@ -217,35 +217,46 @@ def _messages(
     codecs: dict[str, Codec],
     feedback: ErrorFeedback | None,
 ) -> Iterator[tuple[bytes, TensorEntry | None]]:
-    release = tensors.release if isinstance(tensors, SafetensorsReader) else None
     yield wire.encode_control(wire.MANIFEST, manifest.stream, manifest.to_meta()), None
+    for entry, index, piece in _pieces(tensors, manifest):
+        codec = codecs[entry.name]
+        offset, count = entry.slice_of(index)
+        if feedback is not None:
+            piece = feedback.compensate(entry.name, piece, offset)
+        codec_meta, raw = codec.encode(piece)
+        if feedback is not None:  # the residual is what the receiver's decode will not reproduce
+            feedback.update(entry.name, piece, codec.decode(codec_meta, raw, count, piece.device), offset)
+        body = wire.frame_chunk(
+            stream=manifest.stream,
+            index=index,
+            name=entry.name,
+            dtype=entry.dtype,
+            shape=entry.shape,
+            offset=offset,
+            count=count,
+            codec=codec,
+            codec_meta=codec_meta,
+            raw=raw,
+        )
+        yield body, entry
+    yield wire.encode_control(wire.COMMIT, manifest.stream, {"chunks": manifest.chunks}), None
+
+
+def _pieces(
+    tensors: Mapping[str, torch.Tensor], manifest: Manifest
+) -> Iterator[tuple[TensorEntry, int, torch.Tensor]]:
+    """(entry, chunk index, the chunk's elements) in stream order; a file's slices are read from disk one
+    ahead (``SafetensorsReader.stream``), an in-memory tensor's are views."""
+    if isinstance(tensors, SafetensorsReader):
+        order = [(e, i) for e in manifest.tensors for i in range(e.first, e.first + e.chunks)]
+        slices = [(e.name, *e.slice_of(i)) for e, i in order]
+        yield from ((e, i, piece) for (e, i), piece in zip(order, tensors.stream(slices), strict=True))
+        return
     for entry in manifest.tensors:
         flat = tensors[entry.name].reshape(-1)
-        codec = codecs[entry.name]
         for index in range(entry.first, entry.first + entry.chunks):
             offset, count = entry.slice_of(index)
-            piece = flat[offset : offset + count]
-            if feedback is not None:
-                piece = feedback.compensate(entry.name, piece, offset)
-            codec_meta, raw = codec.encode(piece)
-            if feedback is not None:  # the residual is what the receiver's decode will not reproduce
-                feedback.update(entry.name, piece, codec.decode(codec_meta, raw, count, piece.device), offset)
-            body = wire.frame_chunk(
-                stream=manifest.stream,
-                index=index,
-                name=entry.name,
-                dtype=entry.dtype,
-                shape=entry.shape,
-                offset=offset,
-                count=count,
-                codec=codec,
-                codec_meta=codec_meta,
-                raw=raw,
-            )
-            yield body, entry
-            if release is not None:  # the file pages of this slice are not needed again: keep RSS flat
-                release(entry.name, offset, count)
-    yield wire.encode_control(wire.COMMIT, manifest.stream, {"chunks": manifest.chunks}), None
+            yield entry, index, flat[offset : offset + count]
 
 
 @dataclass

@@ -170,3 +170,20 @@ def test_release_gives_the_pages_back(tmp_path: Path) -> None:
     assert touched - before > 60 << 20
     assert touched - released > 60 << 20
     assert float(reader["big"][-5:].sum()) == 5.0  # still readable after the release
+
+
+def test_stream_reads_slices_from_disk_as_the_map_shows_them(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(2)
+    tensors = {
+        "h": torch.randn(1001, generator=gen).half(),  # odd: the next tensor starts off a 4-byte boundary
+        "w": torch.randn(5000, generator=gen),
+        "e": torch.zeros(0),
+    }
+    path = save_file(tensors, tmp_path / "m.safetensors")
+    slices = [("w", 4999, 1), ("h", 0, 1001), ("w", 0, 3), ("e", 0, 0), ("w", 1234, 2000), ("h", 7, 0)]
+    with SafetensorsReader(path) as reader:
+        got = [t.clone() for t in reader.stream(slices)]
+        want = [reader[n].reshape(-1)[o : o + c] for n, o, c in slices]
+        assert all(g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with pytest.raises(StreamError):
+            list(reader.stream([("w", 4990, 11)]))
