@@ -370,3 +370,35 @@ def test_heartbeats_survive_long_cpu_work(amqp_url: str, names: Names) -> None:
 def test_connect_to_a_dead_port_fails_with_transport_error() -> None:
     with pytest.raises(TransportError):
         connect("amqp://guest:guest@127.0.0.1:1/%2F", reconnect_timeout=1.0)
+
+
+@pytest.mark.broker
+def test_large_messages_arrive_whole_with_wide_reads_on_our_connection_only(
+    amqp_url: str, ns_names: Names
+) -> None:
+    """Our connections read the socket in 256 KiB pieces (pika: 4 KiB); multi-frame messages still arrive
+    byte for byte, and a plain pika connection in the same process keeps pika's own read size."""
+    import os
+
+    import pika
+
+    bodies = [os.urandom((4 << 20) + 5), os.urandom(131_067), os.urandom(1)]
+    with connect(amqp_url) as t:
+        t.declare(ns_names, 1)
+        for body in bodies:
+            t.publish(ns_names.updates_exchange, ns_names.shard_key(0), body)
+        t.flush()
+        t.consume(ns_names.updates_queue(0), prefetch=4)
+        got = []
+        for _ in bodies:
+            delivery = t.get(timeout=30)
+            assert delivery is not None
+            got.append(delivery.body)
+            t.ack(delivery)
+        assert t._connection._transport._MAX_RECV_BYTES == 256 << 10
+    assert got == bodies
+    plain = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        assert plain._impl._transport._MAX_RECV_BYTES == 4096
+    finally:
+        plain.close()
