@@ -15,6 +15,7 @@ import json
 import math
 import mmap
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,8 @@ DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's bound
 _BLOCK = 4096  # O_DIRECT alignment of file positions, lengths and memory (a page: enough for any disk)
 _RUN_BUFFER = 8 << 20  # bytes per O_DIRECT write
+_RUN_BUFFERS = 4  # a writer's buffers: up to three writes in flight
+_READ_AHEAD = 2  # slices a file reader reads ahead of the one in use
 
 
 class TensorSpec(NamedTuple):
@@ -120,32 +123,38 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
     def stream(self, slices: Iterable[tuple[str, int, int]]) -> Iterator[torch.Tensor]:
         """Elements ``offset .. offset+count`` of each (name, offset, count), in order, read from disk.
 
-        Reads bypass the page cache (O_DIRECT, where the file system allows it) into two reused buffers, the
-        next slice read by a background thread while the caller uses the current one: faulting a file in
-        through the map costs the kernel more CPU than the transfer (see ``SafetensorsWriter``), and the
-        process holds two slices whatever the file's size. A yielded tensor is valid until the next one is
-        asked for.
+        Reads bypass the page cache (O_DIRECT, where the file system allows it) into reused buffers, the next
+        ``_READ_AHEAD`` slices read by background threads while the caller uses the current one: faulting a
+        file in through the map costs the kernel more CPU than the transfer (see ``SafetensorsWriter``), and
+        the process holds ``_READ_AHEAD + 1`` slices whatever the file's size. A yielded tensor is valid until
+        the next one is asked for.
         """
         todo = list(slices)
         if not todo:
             return
         ranges = [self._range(*s) for s in todo]
-        size = max(end - first for first, _, end in ranges)
-        buffers = [mmap.mmap(-1, max(size, 1)), mmap.mmap(-1, max(size, 1))]  # page-aligned
+        size = max(max(end - first for first, _, end in ranges), 1)
+        buffers = [mmap.mmap(-1, size) for _ in range(_READ_AHEAD + 1)]  # page-aligned
         fd = _open_direct(self.path)
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedq-direct-read") as pool:
-                pending = pool.submit(_read_range, fd, buffers[0], ranges[0])
+            with ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix="fedq-direct-read") as pool:
+                reads: deque[Future[None]] = deque()
+                for i in range(min(_READ_AHEAD, len(todo))):
+                    reads.append(pool.submit(_read_range, fd, buffers[i], ranges[i]))
                 for i, (name, _, count) in enumerate(todo):
-                    pending.result()
-                    if i + 1 < len(todo):
-                        pending = pool.submit(_read_range, fd, buffers[(i + 1) % 2], ranges[i + 1])
-                    first, start, _ = ranges[i]
+                    reads.popleft().result()
+                    ahead = i + _READ_AHEAD
+                    if ahead < len(todo):  # into the buffer of slice i - 1, which the caller is done with
+                        buffer = buffers[ahead % len(buffers)]
+                        reads.append(pool.submit(_read_range, fd, buffer, ranges[ahead]))
                     dtype = self.specs[name].dtype
                     if not count:
                         yield torch.empty(0, dtype=dtype)
                         continue
-                    yield torch.frombuffer(buffers[i % 2], dtype=dtype, count=count, offset=start - first)
+                    first, start, _ = ranges[i]
+                    yield torch.frombuffer(
+                        buffers[i % len(buffers)], dtype=dtype, count=count, offset=start - first
+                    )
         finally:
             os.close(fd)
 
@@ -296,20 +305,21 @@ def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
 class _DirectRun:
     """The current run of consecutive bytes, written with O_DIRECT in whole ``_BLOCK``-aligned buffers.
 
-    Two page-aligned buffers: one fills while a background thread writes the other (``os.pwrite`` releases
-    the GIL), so the disk works while the next chunks arrive. A write elsewhere than the run's end flushes the
-    run (its unaligned tail through ``fd``, the page cache) and starts a new one, whose bytes up to the next
-    block boundary also go through ``fd``.
+    ``_RUN_BUFFERS`` page-aligned buffers: one fills while background threads write the others
+    (``os.pwrite`` releases the GIL; more than one write in flight keeps a virtual disk busy), so the disk
+    works while the next chunks arrive. A write elsewhere than the run's end flushes the run (its unaligned
+    tail through ``fd``, the page cache) and starts a new one, whose bytes up to the next block boundary also
+    go through ``fd``.
     """
 
     def __init__(self, direct_fd: int, fd: int) -> None:
         self._direct, self._fd = direct_fd, fd
-        self._buffers = [mmap.mmap(-1, _RUN_BUFFER), mmap.mmap(-1, _RUN_BUFFER)]  # page-aligned
+        self._buffers = [mmap.mmap(-1, _RUN_BUFFER) for _ in range(_RUN_BUFFERS)]  # page-aligned
         self._current = 0
         self._start = -1  # file position of the current buffer's first byte (block-aligned); -1: no run
         self._filled = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedq-direct-write")
-        self._pending: Future[None] | None = None
+        self._pool = ThreadPoolExecutor(_RUN_BUFFERS - 1, thread_name_prefix="fedq-direct-write")
+        self._pending: deque[Future[None]] = deque()  # in submission order, one per buffer in flight
 
     @classmethod
     def open(cls, path: Path, fd: int) -> _DirectRun | None:
@@ -344,15 +354,15 @@ class _DirectRun:
 
     def _submit(self, nbytes: int) -> None:
         """Write the current buffer's first ``nbytes`` (whole blocks) at the run's start, on the thread."""
-        self._wait()
         buffer = memoryview(self._buffers[self._current])[:nbytes]
-        self._pending = self._pool.submit(_pwrite_all, self._direct, buffer, self._start)
-        self._current = 1 - self._current
+        self._pending.append(self._pool.submit(_pwrite_all, self._direct, buffer, self._start))
+        self._current = (self._current + 1) % len(self._buffers)
+        while len(self._pending) >= len(self._buffers):  # the oldest write holds the buffer filled next
+            self._pending.popleft().result()
 
     def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        while self._pending:
+            self._pending.popleft().result()
 
     def _flush_tail(self) -> None:
         if self._start < 0:
