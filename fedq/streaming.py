@@ -245,8 +245,8 @@ def _messages(
 def _pieces(
     tensors: Mapping[str, torch.Tensor], manifest: Manifest
 ) -> Iterator[tuple[TensorEntry, int, torch.Tensor]]:
-    """(entry, chunk index, the chunk's elements) in stream order; a file's slices are read from disk one
-    ahead (``SafetensorsReader.stream``), an in-memory tensor's are views."""
+    """(entry, chunk index, the chunk's elements) in stream order; a file's slices are read from disk ahead
+    of use (``SafetensorsReader.stream``), an in-memory tensor's are views."""
     if isinstance(tensors, SafetensorsReader):
         order = [(e, i) for e in manifest.tensors for i in range(e.first, e.first + e.chunks)]
         slices = [(e.name, *e.slice_of(i)) for e, i in order]
