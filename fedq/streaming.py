@@ -666,7 +666,8 @@ def receive_container(
     ``into``: tensors of the stream's names, shapes and dtypes to receive into (a model's state dict, as a
     client holds one), so that no model-sized memory is allocated: fresh pages cost more than the transfer on
     a loaded machine. Tensors it lacks are allocated; a tensor it has with another shape or dtype is a
-    ``StreamError`` (reason ``shape``).
+    ``StreamError`` (reason ``shape``). A receive that fails part-way leaves ``into`` holding a mix of old
+    and new values.
     """
     receiver = Receiver(transport, queue, stream, **options)
     tensors: dict[str, torch.Tensor] = {}
@@ -676,7 +677,7 @@ def receive_container(
             tensors[entry.name] = _destination(entry, into, chunk.device)
         target = tensors[entry.name][chunk.offset : chunk.offset + chunk.count]
         if entry.dtype == torch.float32:
-            if into is not None:
+            if into is not None and entry.name in into:
                 target.zero_()  # the caller's tensor holds old values; fresh zeros need no clearing
             chunk.add_to(target)  # the values, decoded where they stay
         else:

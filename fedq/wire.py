@@ -8,10 +8,11 @@ from a declared size, so a hostile or corrupt message costs at most its own leng
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -382,45 +383,47 @@ def _unlz4(payload: memoryview, raw_len: int) -> memoryview:
 
 def decode_tensor(msg: Message, device: torch.device | str = "cpu") -> torch.Tensor:
     """The chunk as a 1-D float32 tensor on ``device``; NaN/Inf are refused (reason ``nonfinite``)."""
-    if msg.kind != CHUNK or msg.codec is None:
-        raise WireError(f"a {msg.kind} message carries no tensor", reason="bad_kind")
-    try:
-        x = msg.codec.decode(msg.codec_meta, msg.payload, msg.count, torch.device(device))
-    except CodecError as exc:
-        raise WireError(f"{msg.codec.name} payload of {msg.name!r}: {exc}", reason="codec") from None
+    with _chunk_codec(msg) as codec:
+        x = codec.decode(msg.codec_meta, msg.payload, msg.count, torch.device(device))
     if x.shape != (msg.count,) or x.dtype != torch.float32:
         raise WireError(
             f"codec returned {tuple(x.shape)} {x.dtype} for {msg.count} elements", reason="length_mismatch"
         )
     if not all_finite(x):
-        raise WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")
+        raise _nonfinite(msg)
     return x
 
 
 def add_tensor(msg: Message, out: torch.Tensor, alpha: float) -> None:
     """``out += alpha * decode_tensor(msg)`` without the decoded copy (``Codec.decode_add``); the errors of
     ``decode_tensor``, raised before ``out`` changes, so a refused chunk never reaches a sum."""
-    if msg.kind != CHUNK or msg.codec is None:
-        raise WireError(f"a {msg.kind} message carries no tensor", reason="bad_kind")
-    try:
-        msg.codec.decode_add(msg.codec_meta, msg.payload, msg.count, out, alpha)
-    except CodecError as exc:
-        if exc.reason == "nonfinite":
-            raise WireError(
-                f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite"
-            ) from None
-        raise WireError(f"{msg.codec.name} payload of {msg.name!r}: {exc}", reason="codec") from None
+    with _chunk_codec(msg) as codec:
+        codec.decode_add(msg.codec_meta, msg.payload, msg.count, out, alpha)
 
 
 def chunk_sq_norm(msg: Message, device: torch.device | str = "cpu") -> float:
     """Σ x² of the chunk's values (``Codec.sq_norm``, without a full decode where the codec allows), with
     ``decode_tensor``'s errors: a payload the codec refuses (``codec``), NaN or Inf (``nonfinite``)."""
+    with _chunk_codec(msg) as codec:
+        total = codec.sq_norm(msg.codec_meta, msg.payload, msg.count, torch.device(device))
+    if not math.isfinite(total):
+        raise _nonfinite(msg)
+    return total
+
+
+@contextlib.contextmanager
+def _chunk_codec(msg: Message) -> Iterator[Codec]:
+    """The codec of a chunk message, its ``CodecError``s raised as ``WireError``s: ``nonfinite`` for NaN/Inf
+    values, ``codec`` for anything else it refuses."""
     if msg.kind != CHUNK or msg.codec is None:
         raise WireError(f"a {msg.kind} message carries no tensor", reason="bad_kind")
     try:
-        total = msg.codec.sq_norm(msg.codec_meta, msg.payload, msg.count, torch.device(device))
+        yield msg.codec
     except CodecError as exc:
+        if exc.reason == "nonfinite":
+            raise _nonfinite(msg) from None
         raise WireError(f"{msg.codec.name} payload of {msg.name!r}: {exc}", reason="codec") from None
-    if not math.isfinite(total):
-        raise WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")
-    return total
+
+
+def _nonfinite(msg: Message) -> WireError:
+    return WireError(f"chunk {msg.index} of {msg.name!r} contains NaN or Inf", reason="nonfinite")

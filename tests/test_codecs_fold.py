@@ -14,7 +14,7 @@ from fedq import wire
 from fedq.codecs import get_codec
 from fedq.errors import CodecError, WireError
 from tests.test_codecs import CONFIGS, CPU, KINDS, SETTINGS, _values
-from tests.test_codecs_norm import _poke_scales
+from tests.test_codecs_norm import _poke_scales, poked_chunk
 
 
 def _assert_added(got: torch.Tensor, base: torch.Tensor, alpha: float, decoded: torch.Tensor) -> None:
@@ -98,22 +98,8 @@ def test_decode_add_needs_a_float32_vector_of_the_count(out: torch.Tensor) -> No
     ],
 )
 def test_add_tensor_reasons_match_decode_tensor(name: str, value: float, both: bool, reason: str) -> None:
-    codec = get_codec(name)
     n = 5000
-    meta, raw = codec.encode(_values(4, n, "normal", 1.0))
-    body = wire.frame_chunk(
-        stream="s",
-        index=0,
-        name="w",
-        dtype=torch.float32,
-        shape=(n,),
-        offset=0,
-        count=n,
-        codec=codec,
-        codec_meta=meta,
-        raw=_poke_scales(codec, raw, n, value, both),
-    )
-    msg = wire.decode(body)
+    msg = poked_chunk(name, value, both, n)
     with pytest.raises(WireError) as decoded:
         wire.decode_tensor(msg)
     out = torch.zeros(n)

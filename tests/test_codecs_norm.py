@@ -97,6 +97,25 @@ def _poke_scales(codec: Codec, raw: Any, n: int, value: float, both: bool = Fals
     return bytes(data)
 
 
+def poked_chunk(name: str, value: float, both: bool, n: int = 5000) -> wire.Message:
+    """A valid chunk message (correct CRC) of ``n`` elements whose first block scale is ``value``."""
+    codec = get_codec(name)
+    meta, raw = codec.encode(_values(4, n, "normal", 1.0))
+    body = wire.frame_chunk(
+        stream="s",
+        index=0,
+        name="w",
+        dtype=torch.float32,
+        shape=(n,),
+        offset=0,
+        count=n,
+        codec=codec,
+        codec_meta=meta,
+        raw=_poke_scales(codec, raw, n, value, both),
+    )
+    return wire.decode(body)
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c[0] in ("int8", "nf4", "fp4")])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
 def test_nan_inf_or_negative_scales_are_refused(config: tuple[str, dict[str, Any]], value: float) -> None:
@@ -130,22 +149,7 @@ def test_overflowing_scales_give_a_non_finite_norm(config: tuple[str, dict[str, 
     [("int8", math.nan, False, "codec"), ("nf4", math.nan, False, "codec"), ("nf4", 3e38, True, "nonfinite")],
 )
 def test_chunk_sq_norm_reasons_match_decode_tensor(name: str, value: float, both: bool, reason: str) -> None:
-    codec = get_codec(name)
-    n = 5000
-    meta, raw = codec.encode(_values(4, n, "normal", 1.0))
-    body = wire.frame_chunk(
-        stream="s",
-        index=0,
-        name="w",
-        dtype=torch.float32,
-        shape=(n,),
-        offset=0,
-        count=n,
-        codec=codec,
-        codec_meta=meta,
-        raw=_poke_scales(codec, raw, n, value, both),
-    )
-    msg = wire.decode(body)
+    msg = poked_chunk(name, value, both)
     for f in (wire.decode_tensor, wire.chunk_sq_norm):
         with pytest.raises(WireError) as info:
             f(msg)
