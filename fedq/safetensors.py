@@ -112,9 +112,7 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
 
     def release(self, name: str, offset: int, count: int) -> None:
         """Drop the mapped pages of elements ``offset .. offset+count`` of ``name`` from this process."""
-        spec = self.specs[name]
-        start = self._data_start + self._begin[name] + offset * spec.dtype.itemsize
-        end = start + count * spec.dtype.itemsize
+        start, end = self._span(name, offset, count)
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside the slice
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
@@ -165,9 +163,14 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
             raise StreamError(
                 f"{name}: slice {offset}+{count} outside {spec.shape}", reason="length_mismatch"
             )
-        start = self._data_start + self._begin[name] + offset * spec.dtype.itemsize
-        end = start + count * spec.dtype.itemsize
+        start, end = self._span(name, offset, count)
         return start - start % _BLOCK, start, -(-end // _BLOCK) * _BLOCK
+
+    def _span(self, name: str, offset: int, count: int) -> tuple[int, int]:
+        """The file's byte range [start, end) of elements ``offset .. offset+count`` of ``name``."""
+        itemsize = self.specs[name].dtype.itemsize
+        start = self._data_start + self._begin[name] + offset * itemsize
+        return start, start + count * itemsize
 
     def close(self) -> None:
         """Unmap, unless tensor views are still alive (then the map goes with the last of them)."""
