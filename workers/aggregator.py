@@ -176,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     ) as transport:
         Aggregator(transport, settings).run()
     log.info("shard %d stopped; peak RSS %d bytes", settings.shard, _peak_rss())
+    if settings.device.type == "cuda":
+        log.info("shard %d: peak GPU memory %d bytes", settings.shard, torch.cuda.max_memory_allocated())
     return 0
 
 

@@ -44,6 +44,7 @@ from fedq.transport import connect, default_url
 _FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version 1: folded .* in ([0-9.]+) s, scale")
 _FILL = 1 << 24
 _PEAK = re.compile(r"peak RSS (\d+) bytes")
+_PEAK_GPU = re.compile(r"peak GPU memory (\d+) bytes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,21 +113,27 @@ def run(args: argparse.Namespace) -> int:
             "device": device,
         }
         rows.append(row)
-        print(
-            f"{clients:3d} clients: aggregator peak RSS {row['aggregator_peak_rss'] / 2**20:.0f} MiB "
-            f"({row['aggregator_peak_rss'] / fp32_bytes:.2f}x the fp32 model), "
-            f"e2e {row['e2e_seconds']:.2f} s "
-            f"({row['e2e_seconds'] / raw:.2f}x the raw fp32 broker time), "
-            f"plan-time fold {row['aggregator_fold_seconds']:.2f} s "
-            f"({row['aggregator_fold_mparams_s']:.0f} M parameters/s)",
-            flush=True,
-        )
+        print(_describe(row), flush=True)
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _describe(row: dict[str, Any]) -> str:
+    model = row["model_fp32_bytes"]
+    gpu = row.get("aggregator_peak_gpu")
+    e2e = row["e2e_seconds"]
+    return (
+        f"{row['clients']:3d} clients: aggregator peak RSS {row['aggregator_peak_rss'] / 2**20:.0f} MiB "
+        f"({row['aggregator_peak_rss'] / model:.2f}x the fp32 model), "
+        + (f"peak GPU {gpu / 2**20:.0f} MiB ({gpu / model:.2f}x), " if gpu is not None else "")
+        + f"e2e {e2e:.2f} s ({e2e / row['raw_fp32_broker_seconds']:.2f}x the raw "
+        f"fp32 broker time), plan-time fold {row['aggregator_fold_seconds']:.2f} s "
+        f"({row['aggregator_fold_mparams_s']:.0f} M parameters/s)"
+    )
 
 
 def _one_run(
@@ -196,10 +203,13 @@ def _one_run(
         match = next(m for line in log.read_text().splitlines() if (m := _FOLDED.match(line)))
         folded_at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         fold_seconds = float(match.group(2))
-        logged = [int(m.group(1)) for line in log.read_text().splitlines() if (m := _PEAK.search(line))]
+        lines = log.read_text().splitlines()
+        logged = [int(m.group(1)) for line in lines if (m := _PEAK.search(line))]
+        gpu = [int(m.group(1)) for line in lines if (m := _PEAK_GPU.search(line))]
         return {
             "clients": clients,
             "aggregator_peak_rss": max([peak.bytes, *logged]),
+            **({"aggregator_peak_gpu": max(gpu)} if gpu else {}),
             "e2e_seconds": folded_at - start,
             # the plan-time fold inside the aggregator (read, decode and fold of every planned update)
             "aggregator_fold_seconds": fold_seconds,
