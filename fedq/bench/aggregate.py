@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "url": url,
         "nbytes": fp32_bytes,
         "chunk_bytes": args.chunk_bytes,
-        "budget": 512 << 20,
+        "budget": None,  # 16 chunks in flight whatever the process's RSS (a CUDA torch alone holds ~500 MiB)
     }
     try:
         raw = run_pair(mp.get_context("spawn"), raw_send, raw_receive, job)["seconds"]

@@ -24,7 +24,10 @@ from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, empty, slices, 
 from fedq.errors import CodecError
 
 _STEP = 1 << 20  # elements per step (4 MiB of fp32 temporaries): the fastest of 2**16..2**22, measured
-_FOLD_STEP = 1 << 18  # decode_add's step: its 1 MiB scratch stays in L2 while it is added to the sum
+_FOLD_STEP = 1 << 18  # decode_add's CPU step: its 1 MiB scratch stays in L2 while it is added to the sum
+# On a GPU the step only bounds the scratch; fewer, larger kernels win. Measured on an H200, nf4 fold of 4 MiB
+# chunks: 1.5 G parameters/s at 2**18, 2.9 at 2**24 (int8, whose step is _STEP, gained 5%).
+_GPU_FOLD_STEP = 1 << 24
 _TINY = 2.0**-112  # block maxima below this count as 0, keeping reciprocals like 2048/absmax finite in fp32
 GROUP = 256  # blocks per double-quantization group: one fp32 step + one fp32 minimum per group
 # A 4-bit block's scale is this fraction of its absmax: the one or two largest elements are clipped by <= 3%,
@@ -368,7 +371,7 @@ class FourBit(Codec):
         scales.mul_(alpha)
         packed = buf[8 * ngroups + nblocks :]
         _, table = _tables(self.levels, device)
-        step = b * max(1, _FOLD_STEP // b)
+        step = b * max(1, (_FOLD_STEP if device.type == "cpu" else _GPU_FOLD_STEP) // b)
         pairs = min(step, count) // 2 + 1
         idx = torch.empty(pairs, dtype=torch.int32, device=device)
         tmp = torch.empty(2 * pairs, dtype=torch.float32, device=device)
