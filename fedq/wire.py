@@ -411,6 +411,13 @@ def chunk_sq_norm(msg: Message, device: torch.device | str = "cpu") -> float:
     return total
 
 
+def check_chunk(msg: Message, device: torch.device | str = "cpu") -> None:
+    """Refuse a chunk that ``decode_tensor`` would refuse (``codec``, ``nonfinite``), as cheaply as its codec
+    can tell (``Codec.check``: quantized codecs look at their scales alone)."""
+    with _chunk_codec(msg) as codec:
+        codec.check(msg.codec_meta, msg.payload, msg.count, torch.device(device))
+
+
 @contextlib.contextmanager
 def _chunk_codec(msg: Message) -> Iterator[Codec]:
     """The codec of a chunk message, its ``CodecError``s raised as ``WireError``s: ``nonfinite`` for NaN/Inf

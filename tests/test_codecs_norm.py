@@ -72,18 +72,25 @@ def test_four_bit_ignores_the_padding_nibble_of_an_odd_count(name: str) -> None:
 def test_sq_norm_of_garbage_agrees_with_decode(
     config: tuple[str, dict[str, Any]], count: int, data: st.DataObject
 ) -> None:
-    """Untrusted bytes: sq_norm refuses exactly what decode refuses, and is non-finite exactly when the
-    decoded values are."""
+    """Untrusted bytes: sq_norm and check refuse exactly what decode refuses; sq_norm is non-finite, and
+    check refuses, exactly when the decoded values are non-finite."""
     codec = get_codec(config[0], **config[1])
     payload = data.draw(st.binary(min_size=codec.payload_nbytes(count), max_size=codec.payload_nbytes(count)))
     meta = {"scale": data.draw(st.floats(allow_nan=True))} if codec.name == "fp16" else {}
     try:
         want = _reference(codec, meta, payload, count)
     except CodecError:
-        with pytest.raises(CodecError):
-            codec.sq_norm(meta, payload, count)
+        for f in (codec.sq_norm, codec.check):
+            with pytest.raises(CodecError):
+                f(meta, payload, count)
         return
     assert _close(codec.sq_norm(meta, payload, count), want)
+    if math.isfinite(want):
+        codec.check(meta, payload, count)
+    else:
+        with pytest.raises(CodecError) as info:
+            codec.check(meta, payload, count)
+        assert info.value.reason == "nonfinite"
 
 
 def _poke_scales(codec: Codec, raw: Any, n: int, value: float, both: bool = False) -> bytes:
@@ -125,8 +132,9 @@ def test_nan_inf_or_negative_scales_are_refused(config: tuple[str, dict[str, Any
     bad = _poke_scales(codec, raw, n, value)
     with pytest.raises(CodecError):
         codec.decode(meta, bad, n, CPU)
-    with pytest.raises(CodecError):
-        codec.sq_norm(meta, bad, n)
+    for f in (codec.sq_norm, codec.check):
+        with pytest.raises(CodecError):
+            f(meta, bad, n)
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c[0] in ("int8", "nf4", "fp4")])
@@ -142,6 +150,9 @@ def test_overflowing_scales_give_a_non_finite_norm(config: tuple[str, dict[str, 
         data[4 * nblocks] = 0x80  # the first element's code is -128
     assert not math.isfinite(_reference(codec, meta, bytes(data), n))
     assert not math.isfinite(codec.sq_norm(meta, bytes(data), n))
+    with pytest.raises(CodecError) as info:
+        codec.check(meta, bytes(data), n)
+    assert info.value.reason == "nonfinite"
 
 
 @pytest.mark.parametrize(
@@ -150,7 +161,7 @@ def test_overflowing_scales_give_a_non_finite_norm(config: tuple[str, dict[str, 
 )
 def test_chunk_sq_norm_reasons_match_decode_tensor(name: str, value: float, both: bool, reason: str) -> None:
     msg = poked_chunk(name, value, both)
-    for f in (wire.decode_tensor, wire.chunk_sq_norm):
+    for f in (wire.decode_tensor, wire.chunk_sq_norm, wire.check_chunk):
         with pytest.raises(WireError) as info:
             f(msg)
         assert info.value.reason == reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import mmap
 import warnings
 from collections.abc import Iterator
@@ -57,6 +58,15 @@ class Codec(abc.ABC):
         make it non-finite. Raises ``CodecError`` where ``decode`` would. This default decodes; a codec whose
         payload allows it computes the sum without materialising the decoded values."""
         return sum_sq(self.decode(meta, payload, count, torch.device(device)))
+
+    def check(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
+    ) -> None:
+        """Raise ``CodecError`` where ``decode`` would, and for NaN/Inf in the decoded values (``nonfinite``):
+        the aggregator's check of a chunk as it arrives when no norm is wanted. This default measures the
+        norm; a codec whose scales bound its values checks the scales alone, without a pass over the codes."""
+        if not math.isfinite(self.sq_norm(meta, payload, count, device)):
+            raise CodecError(f"{self.name}: payload decodes to NaN or Inf", reason="nonfinite")
 
     def decode_add(
         self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float

@@ -120,12 +120,25 @@ class Int8(Codec):
             codes[lo:hi].copy_(t.view(-1)[: hi - lo].round_())
         return {}, to_payload(out)
 
-    def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
+    def _unpack(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block absmax, codes) of a checked payload, on ``device``."""
         self.check_payload(meta, payload, count)
-        b, nblocks = self.block, -(-count // self.block)
+        nblocks = -(-count // self.block)
         buf = as_uint8(payload, device)
         absmax, codes = buf[: 4 * nblocks].view(torch.float32), buf[4 * nblocks :].view(torch.int8)
         _check_scales(self.name, absmax)
+        return absmax, codes
+
+    @staticmethod
+    def _may_overflow(absmax: torch.Tensor) -> bool:
+        """Whether a code of -128 (-128/127 of its absmax) could overflow float32."""
+        return bool(absmax.numel()) and not bool(torch.isfinite(absmax.amax() * (128.0 / 127.0)))
+
+    def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
+        b = self.block
+        absmax, codes = self._unpack(meta, payload, count, device)
         scale = absmax / 127.0
         out = empty(count, torch.float32, device)
         for lo, hi in slices(count, b * max(1, _STEP // b)):
@@ -140,14 +153,10 @@ class Int8(Codec):
         self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
     ) -> None:
         """Codes converted a cache-sized step at a time, then ``out += codes * (alpha * absmax / 127)``."""
-        self.check_payload(meta, payload, count)
         check_out(self.name, out, count)
-        b, nblocks = self.block, -(-count // self.block)
-        buf = as_uint8(payload, out.device)
-        absmax, codes = buf[: 4 * nblocks].view(torch.float32), buf[4 * nblocks :].view(torch.int8)
-        _check_scales(self.name, absmax)
-        if nblocks and not bool(torch.isfinite(absmax.amax() * (128.0 / 127.0))):
-            # a code of -128 could overflow: the generic path checks the decoded values themselves
+        b = self.block
+        absmax, codes = self._unpack(meta, payload, count, out.device)
+        if self._may_overflow(absmax):  # the generic path checks the decoded values themselves
             super().decode_add(meta, payload, count, out, alpha)
             return
         scale = absmax * (alpha / 127.0)
@@ -160,16 +169,12 @@ class Int8(Codec):
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> float:
         """Σ x² without decoding: Σ_blocks (absmax/127)² · Σ code², codes squared in cache-sized steps."""
-        self.check_payload(meta, payload, count)
         dev = torch.device(device)
-        b, nblocks = self.block, -(-count // self.block)
-        buf = as_uint8(payload, dev)
-        absmax, codes = buf[: 4 * nblocks].view(torch.float32), buf[4 * nblocks :].view(torch.int8)
-        _check_scales(self.name, absmax)
-        scale = absmax / 127.0
-        if nblocks and not bool(torch.isfinite(scale.amax() * 128.0)):
-            # code * scale can overflow fp32 in decode (code -128, absmax near the fp32 maximum): decode it
+        absmax, codes = self._unpack(meta, payload, count, dev)
+        b, nblocks = self.block, len(absmax)
+        if self._may_overflow(absmax):  # code * scale can overflow fp32 in decode: decode it
             return super().sq_norm(meta, payload, count, dev)
+        scale = absmax / 127.0
         sums = torch.zeros(nblocks, dtype=torch.float64, device=dev)
         step = b * max(1, _STEP // b)
         tmp = torch.empty(min(step, count), dtype=torch.float32, device=dev)
@@ -178,6 +183,14 @@ class Int8(Codec):
             _block_sums(v.mul_(v), b, sums[lo // b :])
         wide = scale.double()
         return float(torch.dot(sums, wide.mul_(wide)))
+
+    def check(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
+    ) -> None:
+        """Codes are bounded (|code| <= 128): finite scales that cannot overflow are all there is to check."""
+        absmax, _ = self._unpack(meta, payload, count, torch.device(device))
+        if self._may_overflow(absmax):
+            super().check(meta, payload, count, device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -327,16 +340,29 @@ class FourBit(Codec):
         g_low.copy_(low)
         return torch.addcmul(low[:, None], q, step[:, None]).view(-1)[: len(target)]
 
-    def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
+    def _unpack(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 block scales, packed codes) of a checked payload, on ``device``."""
         self.check_payload(meta, payload, count)
-        b = self.block
         nblocks, ngroups = self._sizes(count)
         buf = as_uint8(payload, device)
         g_step = buf[: 4 * ngroups].view(torch.float32)
         g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
         _check_scales(self.name, g_step, g_low)
-        scales = _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low)
-        packed = buf[8 * ngroups + nblocks :]
+        return _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low), buf[
+            8 * ngroups + nblocks :
+        ]
+
+    def _check_overflow(self, scales: torch.Tensor) -> None:
+        """Levels lie in [-1, 1], so finite block scales are all the finiteness check there is to make."""
+        if scales.numel() and not bool(torch.isfinite(scales.amax())):
+            raise CodecError(f"{self.name}: block scale overflows", reason="nonfinite")
+
+    def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
+        b = self.block
+        scales, packed = self._unpack(meta, payload, count, device)
+        nblocks, _ = self._sizes(count)
         _, table = _tables(self.levels, torch.device(device))
         out = empty(nblocks * b, torch.float32, device)
         step = b * max(1, _STEP // b)
@@ -352,24 +378,13 @@ class FourBit(Codec):
     def decode_add(
         self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
     ) -> None:
-        """Levels gathered into a cache-sized scratch, then ``out += levels * (alpha * block scale)``.
-
-        Levels lie in [-1, 1], so finite block scales are all the finiteness check there is to make.
-        """
-        self.check_payload(meta, payload, count)
+        """Levels gathered into a cache-sized scratch, then ``out += levels * (alpha * block scale)``."""
         check_out(self.name, out, count)
         b = self.block
-        nblocks, ngroups = self._sizes(count)
         device = out.device
-        buf = as_uint8(payload, device)
-        g_step = buf[: 4 * ngroups].view(torch.float32)
-        g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
-        _check_scales(self.name, g_step, g_low)
-        scales = _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low)
-        if nblocks and not bool(torch.isfinite(scales.amax())):
-            raise CodecError(f"{self.name}: block scale overflows", reason="nonfinite")
+        scales, packed = self._unpack(meta, payload, count, device)
+        self._check_overflow(scales)
         scales.mul_(alpha)
-        packed = buf[8 * ngroups + nblocks :]
         _, table = _tables(self.levels, device)
         step = b * max(1, (_FOLD_STEP if device.type == "cpu" else _GPU_FOLD_STEP) // b)
         pairs = min(step, count) // 2 + 1
@@ -388,16 +403,11 @@ class FourBit(Codec):
 
         Codes are bounded (|level| <= 1), so NaN/Inf can only come from the block scales; a scale that
         overflows makes its s² (and the result) non-finite, as it makes the decoded values non-finite."""
-        self.check_payload(meta, payload, count)
         dev = torch.device(device)
         half = self.block // 2  # bytes per block
-        nblocks, ngroups = self._sizes(count)
-        buf = as_uint8(payload, dev)
-        g_step = buf[: 4 * ngroups].view(torch.float32)
-        g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
-        _check_scales(self.name, g_step, g_low)
-        scales = _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low).double()
-        packed = buf[8 * ngroups + nblocks :]
+        scales, packed = self._unpack(meta, payload, count, dev)
+        nblocks, _ = self._sizes(count)
+        scales = scales.double()
         both, high = _square_tables(self.levels, dev)
         sums = torch.zeros(nblocks, dtype=torch.float64, device=dev)
         pairs = count // 2  # bytes with two elements; an odd count's last byte has one, in its high nibble
@@ -410,6 +420,12 @@ class FourBit(Codec):
         if count % 2:
             sums[(count - 1) // self.block] += high[packed[pairs].long()].double()
         return float(torch.dot(sums, scales.mul_(scales)))
+
+    def check(
+        self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
+    ) -> None:
+        scales, _ = self._unpack(meta, payload, count, torch.device(device))
+        self._check_overflow(scales)
 
 
 def _normal_float_levels() -> tuple[float, ...]:
