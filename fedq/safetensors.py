@@ -118,21 +118,21 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
-    def stream(self, slices: Iterable[tuple[str, int, int]]) -> Iterator[torch.Tensor]:
+    def stream(self, slices: Iterable[tuple[str, int, int]], held: int = 1) -> Iterator[torch.Tensor]:
         """Elements ``offset .. offset+count`` of each (name, offset, count), in order, read from disk.
 
         Reads bypass the page cache (O_DIRECT, where the file system allows it) into reused buffers, the next
-        ``_READ_AHEAD`` slices read by background threads while the caller uses the current one: faulting a
+        ``_READ_AHEAD`` slices read by background threads while the caller uses the ones it holds: faulting a
         file in through the map costs the kernel more CPU than the transfer (see ``SafetensorsWriter``), and
-        the process holds ``_READ_AHEAD + 1`` slices whatever the file's size. A yielded tensor is valid until
-        the next one is asked for.
+        the process holds ``_READ_AHEAD + held`` slices whatever the file's size. A yielded tensor is valid
+        until ``held`` more have been asked for (a caller that encodes E slices at once holds E).
         """
         todo = list(slices)
         if not todo:
             return
         ranges = [self._range(*s) for s in todo]
         size = max(max(end - first for first, _, end in ranges), 1)
-        buffers = [mmap.mmap(-1, size) for _ in range(_READ_AHEAD + 1)]  # page-aligned
+        buffers = [mmap.mmap(-1, size) for _ in range(_READ_AHEAD + max(1, held))]  # page-aligned
         fd = _open_direct(self.path)
         try:
             with ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix="fedq-direct-read") as pool:
@@ -142,7 +142,7 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
                 for i, (name, _, count) in enumerate(todo):
                     reads.popleft().result()
                     ahead = i + _READ_AHEAD
-                    if ahead < len(todo):  # into the buffer of slice i - 1, which the caller is done with
+                    if ahead < len(todo):  # into the buffer of slice i - held, which the caller is done with
                         buffer = buffers[ahead % len(buffers)]
                         reads.append(pool.submit(_read_range, fd, buffer, ranges[ahead]))
                     dtype = self.specs[name].dtype

@@ -270,3 +270,41 @@ def test_two_shards_equal_one_on_the_broker(tmp_path: Path, amqp_url: str, names
         run_dir.mkdir()
         models.append(_sharded_run(lambda user: amqp_url, names, run_dir, shards))
     assert_close(models[1], models[0])
+
+
+def test_folding_windows_in_threads_gives_the_same_bits_as_one_thread(tmp_path: Path) -> None:
+    """Windows are disjoint slices of the model: folded by 3 threads or 1, deltas and a full update, mixed
+    codecs and chunk sizes (so windows hold pieces of several chunks), the model is bit-identical."""
+    x0 = small_model(scale=16)
+    init = write_init(tmp_path, x0)
+    updates = [
+        (delta_for(0, x0), "delta", "nf4", 8192),
+        (delta_for(1, x0), "delta", "int8", 20000),
+        ({n: x0[n] + 0.01 * d for n, d in delta_for(2, x0).items()}, "full", "bf16", 4096),
+    ]
+    models = []
+    for threads in (1, 3):
+        broker, names = memory_broker(1)
+        state_dir = tmp_path / f"threads{threads}"
+        strategy = FedBuff(buffer_size=3, server_lr=0.7, staleness="constant")
+        config = settings(names, strategy, init, state_dir, max_versions=1, fold_threads=threads)
+        worker = Worker(f"memory://aggregator@{broker}", config)
+        with connect(f"memory://client@{broker}") as client:
+            for i, (tensors, kind, codec, chunk_bytes) in enumerate(updates):
+                send_update(
+                    client,
+                    names,
+                    tensors,
+                    shards=1,
+                    update_id=f"u{i}",
+                    base_version=0,
+                    kind=kind,
+                    codec=codec,
+                    chunk_bytes=chunk_bytes,
+                )
+        worker.join(60)
+        models.append(model_of(state_dir))
+    assert models[0].keys() == models[1].keys()
+    for name in models[0]:
+        assert torch.equal(models[0][name], models[1][name]), name
+    assert not torch.equal(models[0]["embed"], x0["embed"])

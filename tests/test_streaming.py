@@ -308,7 +308,11 @@ def test_receive_into_an_existing_state_dict(amqp_url: str, namespace: str) -> N
 
 
 @pytest.mark.broker
-def test_file_to_stream_to_file_is_byte_identical(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoders", [1, 3])
+def test_file_to_stream_to_file_is_byte_identical(
+    amqp_url: str, namespace: str, tmp_path: Path, encoders: int
+) -> None:
+    """Also with several encoder threads, each holding a slice of the file's reused read buffers."""
     names = Names(namespace)
     gen = torch.Generator().manual_seed(1)
     source = save_file(
@@ -327,6 +331,7 @@ def test_file_to_stream_to_file_is_byte_identical(amqp_url: str, namespace: str,
             stream="file",
             meta={"metadata": reader.metadata},
             chunk_bytes=64 << 10,
+            encoders=encoders,
         )
         manifest = streaming.receive_file(
             transport, names.updates_queue(0), tmp_path / "out.safetensors", timeout=30
