@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (decode and fold); more than one only pays on idle cores",
+        help="torch CPU threads per op (decode and fold); the cores these leave idle (up to 4) fold plan "
+        "windows in parallel, one thread each",
     )
     a(
         "--config",
