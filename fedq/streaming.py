@@ -2,9 +2,9 @@
 
 The sender is a lazy generator: chunk k+E is sliced and encoded only when the transport has taken chunk k (E
 encoder threads, 1 unless torch leaves cores idle), so the extra memory of a send is the transport's in-flight
-window and E chunks, never a second copy of the model. The receiver
-accepts the messages of any number of streams in any order, duplicated, chunks before their manifest, and
-treats a stream as complete only with its manifest, every chunk and its commit. The message layout is in
+window and E chunks, never a second copy of the model. The receiver accepts the messages of any number of
+streams in any order, duplicated, chunks before their manifest, and treats a stream as complete only with its
+manifest, every chunk and its commit. The message layout is in
 fedq/docs/wire-format.md (section "Streaming").
 """
 

@@ -120,6 +120,10 @@ class _Complete:
     by_tensor: dict[str, list[ChunkRef]] = field(default_factory=dict)  # chunks of each tensor, by offset
 
 
+# A fold window: (the tensor's flat view, lo, hi, the (fold factor, update, chunk) pieces over it)
+_Window = tuple[torch.Tensor, int, int, list[tuple[float, _Complete, ChunkRef]]]
+
+
 class Aggregator:
     """One shard worker. ``run`` loops until ``max_versions`` is reached or ``stop`` is set."""
 
@@ -434,9 +438,7 @@ class Aggregator:
             return True
         return check.kind == kind and (kind == "delta" or check.version == self.version)
 
-    def _windows(
-        self, entries: list[tuple[PlanEntry, _Complete]]
-    ) -> Iterator[tuple[torch.Tensor, int, int, list[tuple[float, _Complete, ChunkRef]]]]:
+    def _windows(self, entries: list[tuple[PlanEntry, _Complete]]) -> Iterator[_Window]:
         """The plan's fold windows, each with the pieces of the planned updates that overlap it. Windows are
         disjoint slices of the model, so they can be folded in any order, or at once."""
         for name in self.shapes:
@@ -676,7 +678,7 @@ class Aggregator:
         t0 = time.perf_counter()
         local = threading.local()  # each fold thread's window sums, reused from window to window
 
-        def fold(window: tuple[torch.Tensor, int, int, list[tuple[float, _Complete, ChunkRef]]]) -> int:
+        def fold(window: _Window) -> int:
             if not hasattr(local, "acc"):
                 local.acc = Accumulator({}, self.s.device)
             return self._fold_window(*window, plan.scale, local.acc)

@@ -350,9 +350,8 @@ class FourBit(Codec):
         g_step = buf[: 4 * ngroups].view(torch.float32)
         g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
         _check_scales(self.name, g_step, g_low)
-        return _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low), buf[
-            8 * ngroups + nblocks :
-        ]
+        scales = _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low)
+        return scales, buf[8 * ngroups + nblocks :]
 
     def _check_overflow(self, scales: torch.Tensor) -> None:
         """Levels lie in [-1, 1], so finite block scales are all the finiteness check there is to make."""
