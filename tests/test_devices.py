@@ -58,6 +58,7 @@ def test_codec_on_the_device_matches_the_cpu(
     codec.decode_add(meta, payload, n, out, -0.75)
     _assert_added(out.cpu(), base, -0.75, reference)
     assert codec.sq_norm(meta, payload, n, device) == pytest.approx(codec.sq_norm(meta, payload, n), rel=1e-6)
+    codec.check(meta, payload, n, device)  # a valid payload passes the arrival check on the device too
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
