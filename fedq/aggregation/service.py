@@ -432,9 +432,9 @@ class Aggregator:
         return Check(norm_sq=norm_sq, kind=kind, version=self.version)
 
     def _current(self, check: Check, kind: str) -> bool:
-        """Whether a chunk's note still holds: errors and delta norms always; a full update's norm only while
-        the global it was measured against is current."""
-        if check.error is not None:
+        """Whether a chunk's note still holds: errors, delta norms and (without a norm bound) plain checks
+        always; a full update's norm only while the global it was measured against is current."""
+        if check.error is not None or self.s.norm_bound.bound <= 0:
             return True
         return check.kind == kind and (kind == "delta" or check.version == self.version)
 
