@@ -83,6 +83,11 @@ class Strategy(abc.ABC):
     def weight(self, candidate: Candidate, staleness: int) -> float:
         """w_i of the module docstring."""
 
+    def robust_weight(self, candidate: Candidate, staleness: int) -> float:
+        """wᵢ where a robust rule or differential privacy is on: only what the server knows counts (the
+        staleness), not what the client claims (FedAvg's sample count)."""
+        return self.weight(candidate, staleness)
+
     @abc.abstractmethod
     def scale(self, weights: Sequence[float]) -> float:
         """The step's multiplier for Σ f_i Δ_i, given the selected updates' w_i."""
@@ -109,6 +114,9 @@ class FedAvg(Strategy):
 
     def weight(self, candidate: Candidate, staleness: int) -> float:
         return float(candidate.num_samples)
+
+    def robust_weight(self, candidate: Candidate, staleness: int) -> float:
+        return 1.0
 
     def scale(self, weights: Sequence[float]) -> float:
         return self.server_lr / sum(weights)
