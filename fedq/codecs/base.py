@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedq.errors import CodecError
+from fedq.threads import kernel
 
 Buffer = bytes | bytearray | memoryview
 
@@ -51,6 +52,7 @@ class Codec(abc.ABC):
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         """Decode a payload to a 1-D float32 tensor of ``count`` elements on ``device``."""
 
+    @kernel
     def sq_norm(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> float:
@@ -59,6 +61,7 @@ class Codec(abc.ABC):
         payload allows it computes the sum without materialising the decoded values."""
         return sum_sq(self.decode(meta, payload, count, torch.device(device)))
 
+    @kernel
     def check(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> None:
@@ -68,6 +71,7 @@ class Codec(abc.ABC):
         if not math.isfinite(self.sq_norm(meta, payload, count, device)):
             raise CodecError(f"{self.name}: payload decodes to NaN or Inf", reason="nonfinite")
 
+    @kernel
     def decode_add(
         self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
     ) -> None:

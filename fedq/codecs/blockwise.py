@@ -1,8 +1,10 @@
 """Blockwise absmax quantization: int8, and 4-bit nf4/fp4 whose block scales are themselves quantized.
 
 Every codec here works on cache-sized steps of the input (``_STEP`` elements, whole alignment units) into
-preallocated payload and temporary buffers, so the extra memory of an encode is a few MiB whatever the tensor
-size, and no Python code runs per block or per element.
+preallocated payload and temporary buffers, so the extra memory of an encode is a few MiB per thread whatever
+the tensor size, and no Python code runs per block or per element. Steps write disjoint parts of the output,
+so they run on several threads at one torch thread each (``fedq.threads.for_each_step``), and a payload is
+the same bytes whatever the thread count.
 
 Payload layouts (little-endian; fp32 sections first so that they can be viewed in place):
 
@@ -22,6 +24,7 @@ import torch
 
 from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, empty, slices, to_payload
 from fedq.errors import CodecError
+from fedq.threads import for_each_step, kernel
 
 _STEP = 1 << 20  # elements per step (4 MiB of fp32 temporaries): the fastest of 2**16..2**22, measured
 _FOLD_STEP = 1 << 18  # decode_add's CPU step: its 1 MiB scratch stays in L2 while it is added to the sum
@@ -101,6 +104,7 @@ class Int8(Codec):
     def payload_nbytes(self, count: int) -> int:
         return 4 * -(-count // self.block) + count
 
+    @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
         n, b = x.numel(), self.block
@@ -108,9 +112,14 @@ class Int8(Codec):
         out = empty(self.payload_nbytes(n), torch.uint8, x.device)
         absmax, codes = out[: 4 * nblocks].view(torch.float32), out[4 * nblocks :].view(torch.int8)
         step = b * max(1, _STEP // b)
-        tmp = torch.empty(min(step, nblocks * b), dtype=torch.float32, device=x.device)
-        buf = torch.empty_like(tmp) if _needs_copy(x, b) else None
-        for lo, hi in slices(n, step):
+        size, copy = min(step, nblocks * b), _needs_copy(x, b)
+
+        def scratch() -> tuple[torch.Tensor, torch.Tensor | None]:
+            tmp = torch.empty(size, dtype=torch.float32, device=x.device)
+            return tmp, torch.empty_like(tmp) if copy else None
+
+        def encode_step(s: tuple[torch.Tensor, torch.Tensor | None], lo: int, hi: int) -> None:
+            tmp, buf = s
             rows = _fp32_rows(x, lo, hi, b, buf)
             t = tmp[: rows.numel()].view_as(rows)
             a = torch.abs(rows, out=t).amax(dim=1)
@@ -118,6 +127,8 @@ class Int8(Codec):
             absmax[lo // b : lo // b + len(a)] = a
             torch.mul(rows, (127.0 / a.clamp_min(_TINY))[:, None], out=t)
             codes[lo:hi].copy_(t.view(-1)[: hi - lo].round_())
+
+        for_each_step(encode_step, scratch, n, step, x.device)
         return {}, to_payload(out)
 
     def _unpack(
@@ -136,19 +147,24 @@ class Int8(Codec):
         """Whether a code of -128 (-128/127 of its absmax) could overflow float32."""
         return bool(absmax.numel()) and not bool(torch.isfinite(absmax.amax() * (128.0 / 127.0)))
 
+    @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         b = self.block
         absmax, codes = self._unpack(meta, payload, count, device)
         scale = absmax / 127.0
         out = empty(count, torch.float32, device)
-        for lo, hi in slices(count, b * max(1, _STEP // b)):
+
+        def decode_step(_: None, lo: int, hi: int) -> None:
             # int8 * float32 in one mul takes a slow mixed-type path (measured 5x slower than convert + mul)
             rows = out[lo:hi].copy_(codes[lo:hi])
             full = (hi - lo) // b
             rows[: full * b].view(full, b).mul_(scale[lo // b : lo // b + full, None])
             rows[full * b :].mul_(scale[lo // b + full : lo // b + full + 1])
+
+        for_each_step(decode_step, lambda: None, count, b * max(1, _STEP // b), torch.device(device))
         return out
 
+    @kernel
     def decode_add(
         self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
     ) -> None:
@@ -161,10 +177,16 @@ class Int8(Codec):
             return
         scale = absmax * (alpha / 127.0)
         step = b * max(1, _STEP // b)
-        tmp = torch.empty(min(step, count), dtype=torch.float32, device=out.device)
-        for lo, hi in slices(count, step):
+
+        def scratch() -> torch.Tensor:
+            return torch.empty(min(step, count), dtype=torch.float32, device=out.device)
+
+        def add_step(tmp: torch.Tensor, lo: int, hi: int) -> None:
             _add_rows(out[lo:hi], tmp[: hi - lo].copy_(codes[lo:hi]), scale[lo // b :], b)
 
+        for_each_step(add_step, scratch, count, step, out.device)
+
+    @kernel
     def sq_norm(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> float:
@@ -184,6 +206,7 @@ class Int8(Codec):
         wide = scale.double()
         return float(torch.dot(sums, wide.mul_(wide)))
 
+    @kernel
     def check(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> None:
@@ -287,6 +310,7 @@ class FourBit(Codec):
         nblocks, ngroups = self._sizes(count)
         return 8 * ngroups + nblocks + -(-count // 2)
 
+    @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
         n, b = x.numel(), self.block
@@ -298,12 +322,16 @@ class FourBit(Codec):
         packed = out[8 * ngroups + nblocks :]
         lut, _ = _tables(self.levels, x.device)
         step = self.alignment * max(1, _STEP // self.alignment)
-        size = min(step, nblocks * b)
-        tmp = torch.empty(size, dtype=torch.float32, device=x.device)
-        codes = torch.empty(size, dtype=torch.uint8, device=x.device)
-        shifted, odd = torch.empty(2, size // 2, dtype=torch.int16, device=x.device)
-        buf = torch.empty_like(tmp) if _needs_copy(x, b) else None
-        for lo, hi in slices(n, step):
+        size, copy = min(step, nblocks * b), _needs_copy(x, b)
+
+        def scratch() -> _FourBitScratch:
+            tmp = torch.empty(size, dtype=torch.float32, device=x.device)
+            codes = torch.empty(size, dtype=torch.uint8, device=x.device)
+            shifted, odd = torch.empty(2, size // 2, dtype=torch.int16, device=x.device)
+            return tmp, codes, shifted, odd, torch.empty_like(tmp) if copy else None
+
+        def encode_step(scr: _FourBitScratch, lo: int, hi: int) -> None:
+            tmp, codes, shifted, odd, buf = scr
             rows = _fp32_rows(x, lo, hi, b, buf)
             t = tmp[: rows.numel()].view_as(rows)
             a = torch.abs(rows, out=t).amax(dim=1).mul_(SHRINK)
@@ -321,6 +349,8 @@ class FourBit(Codec):
             h = torch.bitwise_left_shift(pairs, 4, out=shifted[:m])
             h.add_(torch.bitwise_right_shift(pairs, 8, out=odd[:m]))
             packed[lo // 2 : lo // 2 + m].copy_(h)  # int16 -> uint8 keeps the low byte
+
+        for_each_step(encode_step, scratch, n, step, x.device)
         return {}, to_payload(out)
 
     def _quantize_scales(
@@ -358,6 +388,7 @@ class FourBit(Codec):
         if scales.numel() and not bool(torch.isfinite(scales.amax())):
             raise CodecError(f"{self.name}: block scale overflows", reason="nonfinite")
 
+    @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         b = self.block
         scales, packed = self._unpack(meta, payload, count, device)
@@ -365,15 +396,21 @@ class FourBit(Codec):
         _, table = _tables(self.levels, torch.device(device))
         out = empty(nblocks * b, torch.float32, device)
         step = b * max(1, _STEP // b)
-        idx = torch.empty(min(step, count) // 2 + 1, dtype=torch.int32, device=device)
-        for lo, hi in slices(count, step):
+
+        def scratch() -> torch.Tensor:
+            return torch.empty(min(step, count) // 2 + 1, dtype=torch.int32, device=device)
+
+        def decode_step(idx: torch.Tensor, lo: int, hi: int) -> None:
             i = idx[: -(-(hi - lo) // 2)]
             i.copy_(packed[lo // 2 : lo // 2 + len(i)])
             torch.index_select(table, 0, i, out=out[lo : lo + 2 * len(i)].view(torch.int64))
             rows = -(-(hi - lo) // b)
             out[lo : lo + rows * b].view(rows, b).mul_(scales[lo // b : lo // b + rows, None])
+
+        for_each_step(decode_step, scratch, count, step, torch.device(device))
         return out[:count]
 
+    @kernel
     def decode_add(
         self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
     ) -> None:
@@ -387,14 +424,21 @@ class FourBit(Codec):
         _, table = _tables(self.levels, device)
         step = b * max(1, (_FOLD_STEP if device.type == "cpu" else _GPU_FOLD_STEP) // b)
         pairs = min(step, count) // 2 + 1
-        idx = torch.empty(pairs, dtype=torch.int32, device=device)
-        tmp = torch.empty(2 * pairs, dtype=torch.float32, device=device)
-        for lo, hi in slices(count, step):
+
+        def scratch() -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.empty(pairs, dtype=torch.int32, device=device)
+            return idx, torch.empty(2 * pairs, dtype=torch.float32, device=device)
+
+        def add_step(scr: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int) -> None:
+            idx, tmp = scr
             i = idx[: -(-(hi - lo) // 2)]
             i.copy_(packed[lo // 2 : lo // 2 + len(i)])
             torch.index_select(table, 0, i, out=tmp[: 2 * len(i)].view(torch.int64))
             _add_rows(out[lo:hi], tmp[: hi - lo], scales[lo // b :], b)
 
+        for_each_step(add_step, scratch, count, step, device)
+
+    @kernel
     def sq_norm(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> float:
@@ -420,11 +464,15 @@ class FourBit(Codec):
             sums[(count - 1) // self.block] += high[packed[pairs].long()].double()
         return float(torch.dot(sums, scales.mul_(scales)))
 
+    @kernel
     def check(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> None:
         scales, _ = self._unpack(meta, payload, count, torch.device(device))
         self._check_overflow(scales)
+
+
+_FourBitScratch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def _normal_float_levels() -> tuple[float, ...]:

@@ -9,6 +9,7 @@ import torch
 
 from fedq.codecs.base import Buffer, Codec, all_finite, as_uint8, check_out, empty, slices, to_payload
 from fedq.errors import CodecError
+from fedq.threads import kernel
 
 # fp16 keeps full precision only above 2**-14; deltas of ~1e-3 fall below it (97% of them, measured). Scaling
 # each chunk so that its largest magnitude maps to 2**14 keeps every value down to 2**-28 of that maximum in
@@ -26,16 +27,19 @@ class Fp32(Codec):
     def payload_nbytes(self, count: int) -> int:
         return 4 * count
 
+    @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
         return {}, to_payload(x.to(torch.float32))
 
+    @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         self.check_payload(meta, payload, count)
         out = empty(count, torch.float32, device)
         out.view(torch.uint8).copy_(as_uint8(payload, device))
         return out
 
+    @kernel
     def decode_add(
         self, meta: dict[str, Any], payload: Buffer, count: int, out: torch.Tensor, alpha: float
     ) -> None:
@@ -54,10 +58,12 @@ class Bf16(Codec):
     def payload_nbytes(self, count: int) -> int:
         return 2 * count
 
+    @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
         return {}, to_payload(empty(x.numel(), torch.bfloat16, x.device).copy_(x))
 
+    @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         self.check_payload(meta, payload, count)
         return empty(count, torch.float32, device).copy_(as_uint8(payload, device).view(torch.bfloat16))
@@ -72,6 +78,7 @@ class Fp16(Codec):
     def payload_nbytes(self, count: int) -> int:
         return 2 * count
 
+    @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
         low, high = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)  # no |x| temporary
@@ -85,6 +92,7 @@ class Fp16(Codec):
             torch.mul(x[lo:hi].to(torch.float32), 1.0 / scale, out=out[lo:hi])
         return {"scale": scale}, to_payload(out)
 
+    @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
         self.check_payload(meta, payload, count)
         scale = meta.get("scale")
