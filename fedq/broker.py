@@ -7,19 +7,15 @@ up without running a worker; the standard library's urllib is enough, so no depe
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import secrets
 import urllib.error
 import urllib.request
 from base64 import b64encode
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from fedq.errors import TransportError
-from fedq.topology import DEFAULT_NAMESPACE, Names, definitions
-from fedq.transport import default_url
 
 MANAGEMENT_PORT = 15672
 _VHOST_OBJECTS = ("exchanges", "queues", "bindings")
@@ -131,82 +127,3 @@ def remove_client(management: Management, name: str) -> int:
                 if exc.reason != "http_404":
                     raise
     return closed
-
-
-# CLI hooks (fedq/cli.py finds them by name) ----------------------------------------------------------------
-def _add_broker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--amqp-url", default=default_url(), help="broker URL (FEDQ_AMQP_URL)")
-    parser.add_argument(
-        "--management-url",
-        default=None,
-        help="management API URL with credentials (default: the AMQP URL's host and user, port 15672)",
-    )
-    parser.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue name"
-    )
-
-
-def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", type=int, default=1, help="number of aggregator shards (update queues)")
-    parser.add_argument("--quorum", action="store_true", help="quorum queues for updates/control (clusters)")
-
-
-def _management(args: argparse.Namespace) -> Management:
-    return Management(args.management_url or management_url_for(args.amqp_url))
-
-
-def _definitions(args: argparse.Namespace) -> dict[str, Any]:
-    return definitions(Names(args.namespace), args.shards, quorum=args.quorum, vhost=vhost_of(args.amqp_url))
-
-
-def add_apply_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_broker_arguments(parser)
-    _add_topology_arguments(parser)
-
-
-def run_apply(args: argparse.Namespace) -> int:
-    apply(_management(args), _definitions(args))
-    print(f"applied the {args.namespace} topology ({args.shards} shards)")
-    return 0
-
-
-def add_definitions_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--amqp-url", default=default_url(), help="broker URL; its vhost is used (FEDQ_AMQP_URL)"
-    )
-    parser.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue name"
-    )
-    _add_topology_arguments(parser)
-
-
-def run_definitions(args: argparse.Namespace) -> int:
-    print(json.dumps(_definitions(args), indent=2))
-    return 0
-
-
-def add_add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="the client's broker user name (updates are attributed to it)")
-    parser.add_argument("--password", default=None, help="password to set (default: a random one, printed)")
-    _add_broker_arguments(parser)
-
-
-def run_add_client(args: argparse.Namespace) -> int:
-    password = args.password or secrets.token_urlsafe(24)
-    vhost = vhost_of(args.amqp_url)
-    add_client(_management(args), args.name, password, namespace=args.namespace, vhost=vhost)
-    parts = urlsplit(args.amqp_url)
-    netloc = f"{q(args.name)}:{q(password)}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    print(urlunsplit((parts.scheme, netloc, "/" + q(vhost), "", "")))
-    return 0
-
-
-def add_remove_client_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="the client's broker user name")
-    _add_broker_arguments(parser)
-
-
-def run_remove_client(args: argparse.Namespace) -> int:
-    closed = remove_client(_management(args), args.name)
-    print(f"removed {args.name} ({closed} open connections closed)")
-    return 0

@@ -2,7 +2,9 @@
 
 Every error carries a short machine-readable ``reason`` (a slug such as ``checksum`` or ``stale``). Workers
 use it as the ``reason`` label of the rejection metric and as the ``x-fedq-reason`` header of the
-dead-lettered message, so an operator can count and grep failures without parsing prose.
+dead-lettered message, so an operator can count and grep failures without parsing prose. Every class also
+carries the ``exit_code`` with which the ``fedq`` command ends when it stops on one (listed in
+``fedq/cli/__init__.py`` and docs/operating.md), so a supervisor can tell a bad setting from a lost broker.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ class FedqError(Exception):
     """Base of every error fedq raises on purpose."""
 
     reason: str = "error"
+    exit_code: int = 1
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -23,6 +26,7 @@ class ConfigError(FedqError):
     """A setting or argument is invalid; the message names it and what is accepted."""
 
     reason = "config"
+    exit_code = 2
 
 
 class CodecError(FedqError):
@@ -41,6 +45,7 @@ class TransportError(FedqError):
     """The broker refused, returned or lost a message, or the connection could not be (re)established."""
 
     reason = "transport"
+    exit_code = 3
 
 
 class StreamError(FedqError):

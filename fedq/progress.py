@@ -9,16 +9,10 @@ import sys
 import time
 from typing import TextIO
 
+from fedq.units import human_bytes
+
 _REDRAW_SECONDS = 0.2
 _WIDTH = 24
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class Progress:

@@ -1,4 +1,4 @@
-"""``fedq status``: the state of a federation on one screen, for an operator.
+"""The state of a federation on one screen, for an operator.
 
 The broker knows the queues and the dead letters; only the workers know the model version and which clients
 reported, so both are read: the management API, and the ``/metrics`` of the workers (``--metrics-url``).
@@ -9,7 +9,6 @@ requeues (``ack_requeue_true``): looking must not consume what an operator may s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import urllib.request
@@ -20,9 +19,7 @@ from typing import Any, TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedq.broker import Management, management_url_for, q, vhost_of
-from fedq.errors import FedqError
-from fedq.topology import DEFAULT_NAMESPACE, Names
-from fedq.transport import default_url
+from fedq.topology import Names
 from fedq.transport.base import REASON_HEADER
 
 
@@ -64,36 +61,13 @@ class WorkerReport:
     errors: list[str] = field(default_factory=list)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--amqp-url", default=default_url(), help="broker URL (credentials, host and vhost)")
-    parser.add_argument(
-        "--management-url",
-        default=os.environ.get("FEDQ_MANAGEMENT_URL"),
-        help="management API URL (default: the AMQP URL's host and credentials on port 15672)",
-    )
-    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="the federation's namespace")
-    parser.add_argument(
-        "--metrics-url",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a worker's metrics endpoint, e.g. localhost:9101 (repeat for each worker)",
-    )
-    parser.add_argument("--peek", type=int, default=200, help="dead letters inspected for their reasons")
-    parser.add_argument("--top", type=int, default=5, help="most common dead-letter reasons shown")
-
-
 def run(args: argparse.Namespace) -> int:
     management = Management(args.management_url or management_url_for(args.amqp_url))
     vhost = vhost_of(args.amqp_url)
     names = Names(args.namespace)
-    try:
-        queues = queue_states(management, vhost, args.namespace)
-        dead = next((s for s in queues if s.name == names.dead_letter_queue), None)
-        dead_letters = dead_letter_state(management, vhost, dead, args.peek)
-    except FedqError as exc:
-        print(f"fedq status: {exc}", file=sys.stderr)
-        return 1
+    queues = queue_states(management, vhost, args.namespace)
+    dead = next((s for s in queues if s.name == names.dead_letter_queue), None)
+    dead_letters = dead_letter_state(management, vhost, dead, args.peek)
     workers = read_workers(args.metrics_url)
     print(f"federation {args.namespace} on {management.base} (vhost {vhost})")
     print_report(sys.stdout, args.namespace, queues, dead_letters, workers, args.top, time.time())

@@ -16,7 +16,6 @@ import ctypes
 import functools
 import gc
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,12 +31,11 @@ from fedq.errors import StreamError, WireError
 from fedq.metrics import CHUNKS, COMPRESSION_RATIO, FP32_BYTES, WIRE_BYTES, current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.threads import cpu_workers, ordered_map
-from fedq.topology import DEFAULT_CHUNK_BYTES
+from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_TIMEOUT
 from fedq.transport.base import Delivery, Transport
 
 CodecFor = Callable[[str, torch.Tensor], Codec]
 RESERVED_META = ("tensors", "chunks")
-DEFAULT_TIMEOUT = 120.0
 _LIMITS = wire.Limits()
 # Chunks that arrive before their manifest are held (decoded later). Senders send the manifest first, so only
 # redeliveries get here; this bounds what a stream without a manifest can make a receiver hold.
@@ -511,25 +509,6 @@ class Assembler:
 
 
 # Memory-aware flow control ----------------------------------------------------------------------------------
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KIB": 1 << 10,
-    "MIB": 1 << 20,
-    "GIB": 1 << 30,
-}
-
-
-def parse_size(text: str) -> int:
-    """'512MiB', '2GB', '1048576' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if match is None or match.group(2).upper() not in _UNITS:
-        raise StreamError(f"not a size: {text!r} (e.g. 512MiB, 2GB)", reason="bad_size")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 @dataclass(frozen=True)

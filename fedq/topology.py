@@ -16,6 +16,8 @@ from fedq.errors import ConfigError
 
 DEFAULT_NAMESPACE = "fedq"
 DEFAULT_CHUNK_BYTES = 4 << 20
+# Seconds of silence after which a receiver gives up on a stream.
+DEFAULT_TIMEOUT = 120.0
 # An update queue this full makes publishers wait (reject-publish): it bounds broker memory and disk.
 DEFAULT_MAX_QUEUE_BYTES = 512 << 20
 # A few versions of a 1 B-parameter model in a 4-bit codec; a client older than that reads a newer one.

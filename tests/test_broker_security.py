@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from fedq.broker import Management, add_client, remove_client, run_add_client
+from fedq import cli
+from fedq.broker import Management, add_client, remove_client
 from fedq.errors import TransportError
 from fedq.topology import Names
 from fedq.transport import Transport, connect
@@ -123,14 +123,11 @@ def test_remove_client_revokes(amqp_url: str, management: Management, alice: str
 def test_add_client_command_prints_a_working_url(
     amqp_url: str, capsys: pytest.CaptureFixture[str], topology: Names
 ) -> None:
-    args = argparse.Namespace(
-        name=f"{topology.namespace}-carol",
-        password=None,
-        amqp_url=amqp_url,
-        management_url=None,
-        namespace=topology.namespace,
+    user = f"{topology.namespace}-carol"
+    assert (
+        cli.main(["broker", "add-client", user, "--amqp-url", amqp_url, "--namespace", topology.namespace])
+        == 0
     )
-    assert run_add_client(args) == 0
     url = capsys.readouterr().out.strip()
     with connect(url) as client:
         client.publish(topology.updates_exchange, topology.shard_key(0), b"from carol")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from collections.abc import Iterator
@@ -10,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from fedq import status
+from fedq import cli, status
 from fedq.broker import Management, q
 from fedq.topology import Names
 
@@ -77,10 +76,7 @@ def test_status_reports_queues_versions_clients_and_dead_letter_reasons(
     wait_for_depths(management, vhost, {updates: 2, dead: 4})
 
     url, served_at = worker_metrics
-    parser = argparse.ArgumentParser()
-    status.add_arguments(parser)
-    args = parser.parse_args(["--amqp-url", amqp_url, "--namespace", namespace, "--metrics-url", url])
-    assert status.run(args) == 0
+    assert cli.main(["status", "--amqp-url", amqp_url, "--namespace", namespace, "--metrics-url", url]) == 0
     waited = time.time() - served_at
     out = capsys.readouterr().out
 
@@ -107,23 +103,18 @@ def test_status_reports_queues_versions_clients_and_dead_letter_reasons(
 
 @pytest.mark.broker
 def test_status_fails_when_a_worker_cannot_be_read(amqp_url: str, namespace: str, capsys) -> None:
-    parser = argparse.ArgumentParser()
-    status.add_arguments(parser)
-    args = parser.parse_args(
-        ["--amqp-url", amqp_url, "--namespace", namespace, "--metrics-url", "127.0.0.1:9"]
-    )
-    assert status.run(args) == 1
+    args = ["status", "--amqp-url", amqp_url, "--namespace", namespace, "--metrics-url", "127.0.0.1:9"]
+    assert cli.main(args) == 1
     out = capsys.readouterr().out
     assert f"no queues named {namespace}.*" in out
     assert "could not read metrics: http://127.0.0.1:9/metrics" in out
 
 
 def test_status_fails_cleanly_without_a_management_api(capsys) -> None:
-    parser = argparse.ArgumentParser()
-    status.add_arguments(parser)
-    args = parser.parse_args(["--management-url", "http://guest:guest@127.0.0.1:9", "--namespace", "x"])
-    assert status.run(args) == 1
-    assert "fedq status:" in capsys.readouterr().err
+    args = ["status", "--management-url", "http://guest:guest@127.0.0.1:9", "--namespace", "x"]
+    assert cli.main(args) == 3  # the broker's exit code
+    err = capsys.readouterr().err
+    assert err.startswith("fedq status: error: ") and len(err.splitlines()) == 1, err
 
 
 def test_shards_of_several_aggregators_are_all_reported() -> None:

@@ -11,11 +11,12 @@ import torch
 
 from fedq import streaming, wire
 from fedq.codecs import CODECS, ErrorFeedback, get_codec
-from fedq.errors import StreamError
+from fedq.errors import ConfigError, StreamError
 from fedq.safetensors import SafetensorsReader, save_file
 from fedq.topology import Names
 from fedq.transport import connect
 from fedq.transport.memory import MemoryTransport
+from fedq.units import parse_size
 
 
 def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -208,11 +209,12 @@ def test_shard_of_is_deterministic_and_balanced() -> None:
 
 
 def test_sizes_and_flow() -> None:
-    assert streaming.parse_size("512MiB") == 512 << 20
-    assert streaming.parse_size("2GB") == 2 * 10**9
-    assert streaming.parse_size("1.5GiB") == 3 << 29
-    with pytest.raises(StreamError):
-        streaming.parse_size("lots")
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("67108864") == 64 << 20
+    with pytest.raises(ConfigError):
+        parse_size("lots")
     flow = streaming.flow_for_budget(None, 4 << 20)
     assert (flow.window_messages, flow.window_bytes, flow.prefetch) == (16, 64 << 20, 16)
     from fedq.metrics import current_rss_bytes

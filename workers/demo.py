@@ -33,14 +33,14 @@ from urllib.parse import urlsplit
 import torch
 
 from fedq.broker import Management, management_url_for, q, vhost_of
-from fedq.cli import standalone
+from fedq.cli import main as fedq_main
 from fedq.client import Client
 from fedq.errors import FedqError, StreamError, TransportError
 from fedq.safetensors import save_file
 from fedq.topology import Names
 from fedq.transport import connect, default_url
 from workers import gpt, shakespeare
-from workers.demo_client import add_model_arguments, model_config
+from workers.demo_client import model_config
 
 NO_BROKER = (
     "No RabbitMQ broker answers at {where}. Get one with either\n"
@@ -73,25 +73,6 @@ class Row:
     fp32_bytes: float
     aggregator_peak_rss: float
     client_peak_rss: float
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--versions", type=int, default=24, help="run until this model version")
-    a("--buffer-size", type=int, default=4, help="FedBuff: updates per version")
-    a(
-        "--local-steps",
-        type=int,
-        default=10,
-        help="client steps per update (sent to clients with each version)",
-    )
-    a("--codec", default="nf4", help="client update codec")
-    a("--batch-size", type=int, default=32, help="client sequences per step")
-    a("--eval-batches", type=int, default=4, help="validation batches (of 64 sequences) per version")
-    a("--results-dir", type=Path, default=Path("results"), help="where the results JSON and plot go")
-    a("--timeout", type=float, default=600.0, help="give up when no new version comes for this long (s)")
-    a("--quick", action="store_true", help="a tiny model, 2 clients and 3 versions (the test suite's run)")
-    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -411,9 +392,5 @@ def _plot(path: Path, rows: list[Row], args: argparse.Namespace) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return standalone("python -m workers.demo", __doc__, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m workers.demo ARGS is fedq demo ARGS
+    sys.exit(fedq_main(["demo", *sys.argv[1:]]))

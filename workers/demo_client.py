@@ -17,58 +17,11 @@ import types
 import torch
 
 from fedq import metrics
-from fedq.cli import standalone
+from fedq.cli import main as fedq_main
 from fedq.client import Client
-from fedq.topology import DEFAULT_NAMESPACE
-from fedq.transport import default_url
 from workers import gpt, shakespeare
 
 log = logging.getLogger("fedq.demo_client")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model and data options that every process of a run must agree on (the launcher passes them through)."""
-    a = parser.add_argument
-    a("--clients", type=int, default=4, help="number of clients the text is split between")
-    a("--split", choices=shakespeare.SPLITS, default="play", help="how the text is split between clients")
-    a("--seed", type=int, default=0, help="seed of the split, the initial model and the batches")
-    a("--n-embd", type=int, default=160, help="model width")
-    a("--n-layer", type=int, default=4, help="transformer blocks")
-    a("--n-head", type=int, default=4, help="attention heads")
-    a("--block-size", type=int, default=64, help="context length in characters")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--name", default="client0", help="client name (the broker user when per-client users are set up)")
-    a("--index", type=int, default=0, help="which shard of the text this client trains on (0 .. clients-1)")
-    a("--amqp-url", default=default_url(), help="broker URL (FEDQ_AMQP_URL)")
-    a("--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue of the federation")
-    a("--codec", default="nf4", help="update codec: fp32, fp16, bf16, int8, nf4, fp4")
-    a(
-        "--error-feedback",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="carry quantization error into the next update (default: on below 16 bits)",
-    )
-    a("--local-steps", type=int, default=10, help="steps per update unless the server sends local_steps")
-    a("--batch-size", type=int, default=32, help="sequences per step")
-    a("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    a(
-        "--until-version",
-        type=int,
-        default=0,
-        help="stop after receiving this version (0 = run until stopped)",
-    )
-    a(
-        "--eval-batches",
-        type=int,
-        default=1,
-        help="held-out batches on which each received global model is scored (0 = none)",
-    )
-    a("--threads", type=int, default=1, help="torch CPU threads")
-    a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
-    add_model_arguments(parser)
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> gpt.GPTConfig:
@@ -124,9 +77,5 @@ def _stop(signum: int, frame: types.FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    return standalone("python -m workers.demo_client", __doc__, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m workers.demo_client ARGS is fedq client ARGS
+    sys.exit(fedq_main(["client", *sys.argv[1:]]))

@@ -38,34 +38,13 @@ from fedq.bench.stream import SHAPES, delete_namespace, raw_receive, raw_send, r
 from fedq.codecs import get_codec
 from fedq.safetensors import SafetensorsWriter, TensorSpec
 from fedq.streaming import send_container
-from fedq.topology import DEFAULT_CHUNK_BYTES, Names
+from fedq.topology import Names
 from fedq.transport import connect, default_url
 
 _FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version 1: folded .* in ([0-9.]+) s, scale")
 _FILL = 1 << 24
 _PEAK = re.compile(r"peak RSS (\d+) bytes")
 _PEAK_GPU = re.compile(r"peak GPU memory (\d+) bytes")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="llama-3.2-1b", help="model shapes")
-    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts to measure")
-    parser.add_argument("--codec", default="nf4", help="codec of the client updates")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="fold device")
-    parser.add_argument(
-        "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload bytes per chunk"
-    )
-    parser.add_argument(
-        "--amqp-url", default=None, help="broker URL (default: FEDQ_AMQP_URL or the local broker)"
-    )
-    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
-    parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads of the clients, the fold-throughput loop and the aggregator (--threads)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -203,29 +203,12 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--shapes", choices=sorted(SHAPES), default="gpt2", help="model whose tensor shapes to use"
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="torch device for encode and decode; auto: cuda when available, else cpu",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="torch CPU threads for both implementations (1 is faster on a machine whose cores are busy)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     device = torch.device(
         args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES[args.shapes]()
     n = sum(math.prod(s) for _, s in shapes)
     print(

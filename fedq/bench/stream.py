@@ -33,12 +33,11 @@ from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.streaming import (
     Flow,
     flow_for_budget,
-    parse_size,
     receive_container,
     receive_file,
     send_container,
 )
-from fedq.topology import DEFAULT_CHUNK_BYTES, Names
+from fedq.topology import Names
 from fedq.transport import connect, default_url
 
 MODES = ("regular", "container", "file")
@@ -95,39 +94,11 @@ SHAPES: dict[str, Callable[[], dict[str, tuple[int, ...]]]] = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--shapes", choices=sorted(SHAPES), default="llama-3.2-1b", help="model shapes to stream"
-    )
-    parser.add_argument(
-        "--codec", action="append", help="codec(s) to run (repeatable; default: fp32 and nf4)"
-    )
-    parser.add_argument(
-        "--mode", action="append", choices=MODES, help="mode(s) to run (repeatable; default: all)"
-    )
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the model"
-    )
-    parser.add_argument(
-        "--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="payload bytes per chunk"
-    )
-    parser.add_argument(
-        "--memory-budget",
-        default="512MiB",
-        help="each process's budget: sets the publish window and prefetch, and caps file-mode RSS",
-    )
-    parser.add_argument("--dir", default=None, help="where file mode writes its files (default: a temp dir)")
-    parser.add_argument(
-        "--amqp-url", default=None, help="broker URL (default: FEDQ_AMQP_URL or the local broker)"
-    )
-    parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
-
-
 def run(args: argparse.Namespace) -> int:
     url = args.amqp_url or default_url()
     shapes = SHAPES[args.shapes]()
     fp32_bytes = 4 * sum(_numel(s) for s in shapes.values())
-    budget = parse_size(args.memory_budget)
+    budget = args.memory_budget
     names = Names(f"benchstream{uuid.uuid4().hex[:8]}")
     work = Path(args.dir or tempfile.mkdtemp(prefix="fedq-bench-"))
     print(
@@ -507,7 +478,7 @@ def delete_namespace(url: str, names: Names) -> None:
     conn.close()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+if __name__ == "__main__":  # python -m fedq.bench.stream ARGS is fedq bench stream ARGS
+    from fedq.cli import main
+
+    sys.exit(main(["bench", "stream", *sys.argv[1:]]))

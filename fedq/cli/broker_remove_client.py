@@ -1,0 +1,20 @@
+"""Revoke a client: delete its broker user and close its open connections."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedq.cli.broker_common import add_broker_arguments, management
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the client's broker user name")
+    add_broker_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedq.broker import remove_client
+
+    closed = remove_client(management(args), args.name)
+    print(f"removed {args.name} ({closed} open connections closed)")
+    return 0

@@ -1,0 +1,66 @@
+"""Options that several commands share, and the help formatter every command uses.
+
+Nothing here imports torch or pika: ``fedq --help`` builds every parser, and must stay well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from fedq.errors import ConfigError
+from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE
+from fedq.transport import default_url
+from fedq.units import parse_size
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@\s]*@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Hide the password of every URL in ``text``: ``amqp://alice:s3cret@host`` -> ``amqp://alice:***@host``."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once, and never a password.
+
+    The default is appended only where the help text does not already say it and where it carries
+    information (not None or False); every URL in the final text has its password replaced by ``***``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        uninformative = action.default is None or action.default is False or action.default == []
+        if "default" in text or uninformative or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return redact(super()._expand_help(action))
+
+
+def size(text: str) -> int:
+    """An argparse ``type``: a memory size in the one unit fedq uses (see fedq.units)."""
+    try:
+        return parse_size(text)
+    except ConfigError as exc:  # argparse reports an ArgumentTypeError as a usage error, exit status 2
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_amqp_url(parser: argparse.ArgumentParser) -> None:
+    """``--amqp-url``: from FEDQ_AMQP_URL or the local broker; shown in --help without its password."""
+    parser.add_argument(
+        "--amqp-url",
+        default=default_url(),
+        help="broker URL with credentials and vhost (env FEDQ_AMQP_URL; default: %(default)s)",
+    )
+
+
+def add_namespace(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue of the federation"
+    )
+
+
+def add_chunk_bytes(parser: argparse.ArgumentParser, what: str = "payload bytes per chunk") -> None:
+    parser.add_argument("--chunk-bytes", type=size, default=DEFAULT_CHUNK_BYTES, help=what)

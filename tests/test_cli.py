@@ -1,0 +1,86 @@
+"""The ``fedq`` command as an operator meets it: help, version, and one line per mistake with its exit code."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedq import cli
+
+SECRET = "s3cret-Pa55"
+
+
+def all_commands() -> list[list[str]]:
+    return [list(words) for words, _ in cli.COMMANDS]
+
+
+def run_fedq(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedq", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_building_every_parser_imports_neither_torch_nor_pika() -> None:
+    code = (
+        "import sys; from fedq import cli; cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'pika', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("words", all_commands(), ids=" ".join)
+def test_help_shows_no_password_and_each_default_once(
+    words: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FEDQ_AMQP_URL", f"amqp://alice:{SECRET}@broker.example:5672/%2F")
+    monkeypatch.setenv("FEDQ_MANAGEMENT_URL", f"http://admin:{SECRET}@broker.example:15672")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*words, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out
+    for option in re.split(r"\n  (?=-)", out)[1:]:  # the help of each option, wrapped over lines
+        assert option.count("default") <= 1, option
+    if "--amqp-url" in out:
+        assert "amqp://alice:***@broker.example:5672/%2F" in out
+
+
+def test_version_and_top_level_help_are_fast() -> None:
+    version = run_fedq("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"fedq {cli.__version__}"
+    helped = run_fedq("--help")
+    assert helped.returncode == 0
+    for words, _ in cli.COMMANDS:
+        assert words[0] in helped.stdout
+    assert "Exit codes:" in helped.stdout
+
+
+def test_bench_choices_match_the_benchmarks() -> None:
+    from fedq.bench import codecs, stream
+    from fedq.cli import bench_codecs, bench_stream, client
+    from workers import shakespeare
+
+    assert sorted(bench_codecs.SHAPES) == sorted(codecs.SHAPES)
+    assert sorted(bench_stream.SHAPES) == sorted(stream.SHAPES)
+    assert bench_stream.MODES == stream.MODES
+    assert client.SPLITS == shakespeare.SPLITS
+
+
+def test_a_missing_file_is_one_line_and_exit_4(tmp_path: Path) -> None:
+    result = run_fedq("send", str(tmp_path / "missing.safetensors"), "--amqp-url", "memory://x")
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.strip() == f"fedq send: error: {tmp_path / 'missing.safetensors'}: No such file or directory"
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = run_fedq("aggregator", "--init", str(tmp_path / "x.pt"), "--shard", "3", "--shards", "2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "fedq aggregator: error: --shard 3 outside 0..1"
+    sized = run_fedq("receive", str(tmp_path / "out.safetensors"), "--memory-budget", "lots")
+    assert sized.returncode == 2
+    assert "argument --memory-budget: not a size: 'lots'" in sized.stderr
