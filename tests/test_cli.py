@@ -1,4 +1,4 @@
-"""The ``fedq`` command as an operator meets it: help, version, and one line per mistake with its exit code."""
+"""The ``fedq`` command as an operator meets it: help, version, one line per mistake with its exit code."""
 
 from __future__ import annotations
 
@@ -72,9 +72,10 @@ def test_bench_choices_match_the_benchmarks() -> None:
 
 
 def test_a_missing_file_is_one_line_and_exit_4(tmp_path: Path) -> None:
-    result = run_fedq("send", str(tmp_path / "missing.safetensors"), "--amqp-url", "memory://x")
+    missing = tmp_path / "missing.safetensors"
+    result = run_fedq("send", str(missing), "--amqp-url", "memory://x")
     assert result.returncode == 4, result.stderr
-    assert result.stderr.strip() == f"fedq send: error: {tmp_path / 'missing.safetensors'}: No such file or directory"
+    assert result.stderr.strip() == f"fedq send: error: {missing}: No such file or directory"
 
 
 def test_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
