@@ -11,8 +11,8 @@ every message body byte of the updates (chunks, manifests, commits); the model d
 setting and is not counted. Centralized training on the pooled shards, for the same number of optimizer steps
 of the same batch size, is the reference row.
 
-The table in docs/benchmarks.md was made with ``fedq bench quality --threads 1 --json results/quality.json --plot
-results/quality.png`` on a shared 2-core CPU.
+The table in docs/benchmarks.md was made with ``fedq bench quality --threads 1 --json results/quality.json
+--plot results/quality.png`` on a shared 2-core CPU.
 """
 
 from __future__ import annotations
