@@ -4,16 +4,22 @@ The state dict is generated tensor by tensor (never held whole): weight-like val
 values N(0, 1e-5) of the same shapes. Every codec encodes and decodes every tensor (no per-tensor policy, so a
 row shows the codec alone); times are summed per tensor. When bitsandbytes is installed (``fedq[compare]``),
 its blockwise 8-bit and 4-bit nf4/fp4 quantizers run on the same tensors in the same run.
+
+``--load N`` measures twice in one run: on the machine as it is, then with N busy processes per core started
+by the bench (a library runs where its users train, on busy cores), at the same torch thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,6 +82,9 @@ class Row:
     impl: str
     values: str
     shapes: str
+    load: int  # busy processes per core started by the bench
+    threads: int
+    device: str
     elements: int = 0
     wire_bytes: int = 0
     encode_s: float = 0.0
@@ -89,6 +98,9 @@ class Row:
             "impl": self.impl,
             "values": self.values,
             "shapes": self.shapes,
+            "load_per_core": self.load,
+            "torch_threads": self.threads,
+            "device": self.device,
             "wire_bytes": self.wire_bytes,
             "fp32_bytes": 4 * self.elements,
             "rel_l2": math.sqrt(self.err2 / self.ref2) if self.ref2 else 0.0,
@@ -158,19 +170,61 @@ def _tensors(
         yield name, torch.randn(shape, generator=g, device=device)
 
 
-def measure(shapes_name: str, device: torch.device) -> list[Row]:
+@contextlib.contextmanager
+def busy_processes(per_core: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``per_core`` busy-looping processes per core of this machine for the scope: the load of a training
+    loop, data loaders and other jobs sharing the cores."""
+    cores = os.cpu_count() or 1
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(per_core * cores)]
+    try:
+        time.sleep(0.5 if procs else 0)  # let them start spinning
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def measure(
+    shapes_name: str,
+    device: torch.device,
+    codecs: list[str] | None = None,
+    values: list[str] | None = None,
+    load: int = 0,
+) -> list[Row]:
+    """Rows for every codec (or ``codecs``) on every value kind (or ``values``), under ``load`` busy processes
+    per core."""
     shapes = SHAPES[shapes_name]()
+    wanted = codecs or FEDQ_CODECS
     methods: list[tuple[str, str, Method]] = [
-        (name, "fedq", fedq_method(get_codec(name), device)) for name in FEDQ_CODECS
+        (name, "fedq", fedq_method(get_codec(name), device)) for name in wanted
     ]
     compare = bnb_methods(device)
-    methods += [(name, "bitsandbytes", m) for name, m in compare.items()]
+    methods += [(name, "bitsandbytes", m) for name, m in compare.items() if name in wanted]
     if not compare:
         log.info("bitsandbytes is not installed (pip install 'fedq[compare]'): fedq codecs only")
-    rows = {(v, c, impl): Row(c, impl, v, shapes_name) for v in VALUES for c, impl, _ in methods}
+    kinds = {v: VALUES[v] for v in values or VALUES}
+    threads = torch.get_num_threads()
+    rows = {
+        (v, c, impl): Row(c, impl, v, shapes_name, load, threads, str(device))
+        for v in kinds
+        for c, impl, _ in methods
+    }
+    with busy_processes(load):
+        _measure_into(rows, methods, shapes, kinds, device)
+    return list(rows.values())
+
+
+def _measure_into(
+    rows: dict[tuple[str, str, str], Row],
+    methods: list[tuple[str, str, Method]],
+    shapes: list[tuple[str, tuple[int, ...]]],
+    kinds: dict[str, float],
+    device: torch.device,
+) -> None:
     for k, (name, z) in enumerate(_tensors(shapes, device)):
         log.debug("%d/%d %s %s", k + 1, len(shapes), name, tuple(z.shape))
-        for values, std in VALUES.items():
+        for values, std in kinds.items():
             x = z * std
             ref2 = float(x.norm()) ** 2
             for codec, impl, method in methods:
@@ -184,19 +238,18 @@ def measure(shapes_name: str, device: torch.device) -> list[Row]:
                 row.ref2 += ref2
                 del y
             del x
-    return list(rows.values())
 
 
 def format_table(rows: list[Row]) -> str:
     head = (
-        f"{'values':8} {'codec':5} {'impl':12} {'wire MiB':>10} {'% fp32':>7} {'bits/param':>10} "
+        f"{'load':>4} {'values':8} {'codec':5} {'impl':12} {'wire MiB':>10} {'% fp32':>7} {'bits/param':>10} "
         f"{'rel-L2':>9} {'enc M/s':>8} {'dec M/s':>8}"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
         j = row.as_json()
         lines.append(
-            f"{row.values:8} {row.codec:5} {row.impl:12} {row.wire_bytes / 2**20:10.1f} "
+            f"{row.load:4} {row.values:8} {row.codec:5} {row.impl:12} {row.wire_bytes / 2**20:10.1f} "
             f"{100 * row.wire_bytes / j['fp32_bytes']:7.3f} {8 * row.wire_bytes / row.elements:10.4f} "
             f"{j['rel_l2']:9.2e} {j['encode_melem_s']:8.0f} {j['decode_melem_s']:8.0f}"
         )
@@ -216,9 +269,12 @@ def run(args: argparse.Namespace) -> int:
         f"device {device}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    rows = measure(args.shapes, device)
+    values = [args.values] if args.values else None
+    rows: list[Row] = []
+    for load in [0, args.load] if args.load else [0]:
+        rows += measure(args.shapes, device, args.codecs, values, load)
+        print(f"load {load} per core done; load average {os.getloadavg()[0]:.2f}", flush=True)
     print(format_table(rows))
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_json() for r in rows], f, indent=1)
