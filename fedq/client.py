@@ -1,25 +1,39 @@
 """The drop-in client API: an existing training loop joins a federation with three calls.
 
-    client = Client("alice", codec="nf4")                 # connect
-    for _ in range(rounds):
+    client = Client("alice", amqp_url="amqps://alice:...@broker/", codec="nf4")   # connect
+    while True:
         round = client.receive(model)                     # newest global version -> the model, in place
+        if round.final:                                   # the aggregator's last version: the end
+            break
         train(model, steps=round.config.get("local_steps", 50))   # the user's own loop and optimizer
         client.send(model, num_samples=n, metrics={"loss": loss})
 
+Identity: the broker user of the AMQP URL is who the client is (the broker checks every message's
+``user_id``); the first argument of ``Client`` is only a label, a prefix of its stream ids that shows up in
+the aggregator's logs.
+
 ``receive`` reads the ``{ns}.versions`` stream from its last entry to learn the newest version, then reads
 that version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the
-announcement's timestamp, and copies each decoded chunk straight into the model's tensors. It keeps a copy of
-what it loaded: ``send`` then sends the difference to it (the default), or the full tensors with
-``full=True``.
+announcement's timestamp. It is atomic: the model is first lined up with the announced tensors (names,
+aliases, shapes, dtypes: ``fedq.binding``), then every chunk is decoded into a buffer, and only when the whole
+version is in hand is it copied into the model. So a refusal or a failure leaves the model untouched, at the
+cost of one copy of the global while it downloads; those buffers then become the base that ``send`` diffs
+against (the default), or ``full=True`` sends the tensors themselves (only in a 16- or 32-bit codec: a
+4-bit copy of the weights would replace the global's weights by their rounding).
 
 ``send`` streams: each shard's tensors go as one container to that shard's queue, and every chunk is sliced,
 (error-feedback compensated,) encoded and published only when the transport has room, so the serialized update
-never exists in memory as a whole. Deltas are computed a tensor at a time, when the chunker reaches them.
+never exists in memory as a whole. Deltas are computed a tensor at a time, when the chunker reaches them. An
+update with no tensors is refused, never sent (it would dilute everyone else's in the average).
 
 Error feedback (on by default for codecs below 16 bits) adds what quantization dropped from a chunk to the
 same chunk of the next update, so nothing is lost for good, only delayed; its residuals live in the ``Client``
 and carry across rounds. ``trainable_only`` (a constructor option, since it also bounds what ``receive`` keeps
 as the delta base) sends only tensors that require gradients: the frozen base of a LoRA model never travels.
+It needs a module (or ``state_dict(keep_vars=True)``): a plain state dict has no ``requires_grad``.
+
+When the aggregator reaches its last version (``--max-versions``) it announces it as final: ``receive``
+returns it with ``Round.final`` set, and a later ``receive`` raises ``FederationEnded`` at once.
 """
 
 from __future__ import annotations
@@ -36,8 +50,9 @@ import torch
 from torch import nn
 
 from fedq import metrics, wire
+from fedq.binding import HINTS, Binding, bind
 from fedq.codecs import Codec, ErrorFeedback, choose_codec, get_codec
-from fedq.errors import ConfigError, StreamError, TransportError, WireError
+from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError, WireError
 from fedq.streaming import Assembler, CodecFor, TensorEntry, send_container, shard_of
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
 from fedq.transport import Delivery, Transport, connect
@@ -54,6 +69,7 @@ class Round:
     version: int
     config: dict[str, Any]  # operator settings for clients, e.g. {"local_steps": 50}
     strategy: dict[str, Any]  # the aggregation strategy's parameters
+    final: bool = False  # the aggregator's last version: nothing sent from now on will be aggregated
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,10 @@ def codec_policy(requested: str) -> CodecFor:
 
 def default_error_feedback(codec: str) -> bool:
     """On for codecs below 16 bits per element: their rounding error is large enough to bias training."""
+    return below_16_bits(codec)
+
+
+def below_16_bits(codec: str) -> bool:
     n = 1 << 16
     return get_codec(codec).payload_nbytes(n) * 8 / n < 16
 
@@ -131,11 +151,15 @@ def tensors_of(model: Model, trainable_only: bool) -> dict[str, torch.Tensor]:
 
 
 class Client:
-    """One federation member; see the module docstring for the loop it fits into."""
+    """One federation member; see the module docstring for the loop it fits into.
+
+    ``label`` names this client in stream ids and the aggregator's logs; it is not an identity (the broker
+    user of ``amqp_url`` is).
+    """
 
     def __init__(
         self,
-        name: str,
+        label: str,
         *,
         amqp_url: str | None = None,
         namespace: str = DEFAULT_NAMESPACE,
@@ -145,7 +169,7 @@ class Client:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         transport: Transport | None = None,
     ) -> None:
-        self.name = name
+        self.label = label
         self.names = Names(namespace)
         self.codec = codec
         self.codec_for = codec_policy(codec)
@@ -155,9 +179,11 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self.transport = transport if transport is not None else connect(amqp_url)
         self.version = -1
+        self.final = False
         self.wire_bytes = 0  # sent so far, every message counted
         self.fp32_bytes = 0
-        self._base: dict[str, torch.Tensor] = {}
+        self._base: dict[str, torch.Tensor] = {}  # global name -> the received tensor, in the model's dtype
+        self._shapes: dict[str, tuple[int, ...]] = {}  # the global model's tensors
         self._assignment: dict[str, int] = {}
         self._shards = 1
         metrics.record_process(ROLE)
@@ -166,21 +192,59 @@ class Client:
     def receive(self, model: Model, *, timeout: float = DEFAULT_TIMEOUT) -> Round:
         """Wait for a version newer than the last one received, load it into ``model`` in place, return it.
 
-        A plain state dict gains entries for tensors it lacks; a module must have every tensor of the model.
+        A plain state dict gains entries for tensors it lacks; a module must have every tensor of the global.
+        Raises ``FederationEnded`` once the final version has been received.
         """
+        if self.final:
+            raise FederationEnded(f"the federation ended with version {self.version}; nothing newer comes")
         deadline = time.monotonic() + timeout
         announcement = self._newest_announcement(deadline)
         version = int(announcement["version"])
         shards = int(announcement["shards"])
-        self._load(model, version, shards, float(announcement["models_from"]), deadline)
-        sizes = {str(name): 4 * math.prod(shape) for name, shape in announcement["tensors"]}
-        self._assignment = shard_of(sizes, shards)
+        shapes = {str(name): tuple(int(d) for d in shape) for name, shape in announcement["tensors"]}
+        binding = bind(model, shapes)  # refuses before anything is written
+        may_add = not isinstance(model, nn.Module)
+        if binding.missing and not may_add:
+            raise ConfigError(
+                f"version {version}: the model has no tensor for {len(binding.missing)} global tensor(s): "
+                f"{sorted(binding.missing)[:5]} ({HINTS})"
+            )
+        self.version, self._base = -1, {}  # until the download completes: the old base is released first
+        values = self._load(binding, version, shards, float(announcement["models_from"]), deadline)
+        self._base = self._commit(model, binding, values)
+        self._shapes = shapes
+        self._assignment = shard_of({n: 4 * math.prod(s) for n, s in shapes.items()}, shards)
         self._shards = shards
-        self._base = {name: t.clone() for name, t in tensors_of(model, self.trainable_only).items()}
         self.version = version
+        self.final = bool(announcement.get("final", False))
         return Round(
-            version, dict(announcement.get("config") or {}), dict(announcement.get("strategy") or {})
+            version,
+            dict(announcement.get("config") or {}),
+            dict(announcement.get("strategy") or {}),
+            self.final,
         )
+
+    def _commit(
+        self, model: Model, binding: Binding, values: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Copy a whole downloaded version into the model (it cannot fail: everything was checked); return
+        the new delta base: the buffers of the tensors ``send`` may send. With ``trainable_only`` those are
+        the tensors that require grad, or all of them when none does (a plain state dict was received into,
+        and its module may be sent)."""
+        keep_all = not self.trainable_only or not any(slot.trainable for slot in binding.slots.values())
+        base: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, slot in binding.slots.items():
+                slot.tensor.copy_(values[name])
+                if keep_all or slot.trainable:
+                    base[name] = values[name]
+        if binding.missing:
+            assert isinstance(model, MutableMapping)
+            for name in binding.missing:
+                model[name] = values[name]
+                if keep_all:
+                    base[name] = values[name].clone()
+        return base
 
     def _newest_announcement(self, deadline: float) -> dict[str, Any]:
         """The newest announcement, waiting for one newer than ``self.version``."""
@@ -205,6 +269,11 @@ class Client:
                 meta = _announcement(delivery)
                 if meta["version"] > self.version and (newest is None or meta["version"] > newest["version"]):
                     newest = meta
+                elif newest is None and meta.get("final") and meta["version"] == self.version:
+                    self.final = True
+                    raise FederationEnded(
+                        f"the federation ended with version {self.version}; nothing newer will come"
+                    )
         finally:
             self.transport.cancel(tag)
 
@@ -221,10 +290,11 @@ class Client:
                     raise
                 time.sleep(0.5)
 
-    def _load(self, model: Model, version: int, shards: int, models_from: float, deadline: float) -> None:
-        """Copy every chunk of version ``version`` into the model's tensors as it arrives."""
-        targets = model.state_dict() if isinstance(model, nn.Module) else model
-        may_add = not isinstance(model, nn.Module)
+    def _load(
+        self, binding: Binding, version: int, shards: int, models_from: float, deadline: float
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor of version ``version``, decoded chunk by chunk into buffers in the model's dtypes."""
+        values: dict[str, torch.Tensor] = {}
         wanted = {f"model/v{version}/s{shard}" for shard in range(shards)}
         # stream timestamps have a resolution of one second; earlier messages are skipped by their stream id
         start = datetime.datetime.fromtimestamp(math.floor(models_from) - 1, tz=datetime.timezone.utc)
@@ -242,10 +312,13 @@ class Client:
                 msg = wire.decode(delivery.body)
                 if msg.stream in wanted:
                     for chunk in assembler.add(msg):
-                        _copy_into(targets, may_add, chunk.entry, chunk.offset, chunk.values())
+                        _copy_into(values, binding, chunk.entry, chunk.offset, chunk.values())
                 self.transport.ack(delivery)
         finally:
             self.transport.cancel(tag)
+        if absent := sorted((set(binding.slots) | set(binding.missing)) - set(values)):
+            raise StreamError(f"version {version} lacks announced tensors {absent[:5]}", reason="manifest")
+        return values
 
     def _get(self, queue: str, timeout: float) -> Delivery | None:
         """The next delivery of ``queue``; deliveries of a consumer cancelled earlier are acked, skipped."""
@@ -269,16 +342,12 @@ class Client:
 
         ``metrics`` (numbers, e.g. the local loss) travel in the manifest; the client's peak RSS is added.
         """
-        if self.version < 0:
-            raise ConfigError("send() needs a version: call receive() first")
-        local = tensors_of(model, self.trainable_only)
-        if unknown := sorted(set(local) - set(self._assignment)):
-            raise ConfigError(f"tensors the global model does not have: {unknown[:5]}")
+        local = self._local_tensors(model, full)
         tensors = local if full else delta(local, self._base)
         update_id = uuid.uuid4().hex
         meta = {
             "update_id": update_id,
-            "client": self.name,
+            "client": self.label,
             "base_version": self.version,
             "kind": "full" if full else "delta",
             "num_samples": int(num_samples),
@@ -287,12 +356,14 @@ class Client:
         wire_bytes = fp32_bytes = chunks = 0
         for shard in range(self._shards):
             names = [name for name in tensors if self._assignment[name] == shard]
+            if not names:
+                continue
             stats = send_container(
                 self.transport,
                 self.names.updates_exchange,
                 self.names.shard_key(shard),
                 LazyTensors(names, tensors.__getitem__),
-                stream=f"{self.name}/{update_id}/s{shard}",
+                stream=f"{self.label}/{update_id}/s{shard}",
                 meta=meta,
                 codec_for=self.codec_for,
                 chunk_bytes=self.chunk_bytes,
@@ -305,6 +376,38 @@ class Client:
         self.wire_bytes += wire_bytes
         self.fp32_bytes += fp32_bytes
         return Sent(update_id, self.version, len(tensors), chunks, wire_bytes, fp32_bytes)
+
+    def _local_tensors(self, model: Model, full: bool) -> dict[str, torch.Tensor]:
+        """The model's tensors to send, by global name; everything that would make the update wrong or empty
+        is refused here, before anything is published."""
+        if self.version < 0:
+            raise ConfigError("send() needs a version: call receive() first (and again after a failed one)")
+        if full and below_16_bits(self.codec):
+            raise ConfigError(
+                f"full=True sends the weights themselves, and {self.codec} would replace the global's "
+                "weights by their 4/8-bit rounding; send the delta (the default) or use codec='bf16', "
+                "'fp16' or 'fp32'"
+            )
+        binding = bind(model, self._shapes, trainable_only=self.trainable_only)
+        if binding.unbound:
+            raise ConfigError(
+                f"tensors the global model does not have: {binding.unbound[:5]}"
+                f"{' and more' if len(binding.unbound) > 5 else ''} ({HINTS})"
+            )
+        if not binding.slots:
+            why = (
+                "no tensor of the model requires grad (a plain state_dict() has none: pass the module, or "
+                "state_dict(keep_vars=True))"
+                if self.trainable_only
+                else "the model has no float tensor the global model has"
+            )
+            raise ConfigError(f"nothing to send: {why}; an empty update would only dilute the others'")
+        if not full and (unknown := sorted(set(binding.slots) - set(self._base))):
+            raise ConfigError(
+                f"{unknown[:5]} were not received into by the last receive(): send the model (or state dict) "
+                "that receive() loaded"
+            )
+        return {name: slot.tensor for name, slot in binding.slots.items()}
 
     def close(self) -> None:
         self.transport.close()
@@ -336,24 +439,24 @@ def _announcement(delivery: Delivery) -> dict[str, Any]:
 
 
 def _copy_into(
-    targets: MutableMapping[str, torch.Tensor],
-    may_add: bool,
-    entry: TensorEntry,
-    offset: int,
-    values: torch.Tensor,
+    values: dict[str, torch.Tensor], binding: Binding, entry: TensorEntry, offset: int, chunk: torch.Tensor
 ) -> None:
-    name, shape = entry.name, entry.shape
-    target = targets.get(name)
-    if target is None:
-        if not may_add:
-            raise StreamError(f"the model has no tensor {name!r}", reason="unknown_tensor")
-        target = targets[name] = torch.zeros(shape, dtype=entry.dtype, device=values.device)
-    if tuple(target.shape) != shape:
-        raise StreamError(
-            f"{name}: the model has shape {tuple(target.shape)}, the global {shape}", reason="shape"
+    """Decode one chunk into its tensor's download buffer (allocated at its first chunk, in the dtype and on
+    the device of the model's tensor; the announcement's shapes were checked against the model already)."""
+    name = entry.name
+    buffer = values.get(name)
+    if buffer is None:
+        slot = binding.slots.get(name)
+        if slot is None and name not in binding.missing:
+            raise StreamError(f"the global model has an unannounced tensor {name!r}", reason="unknown_tensor")
+        expected = tuple(slot.tensor.shape) if slot is not None else binding.missing[name]
+        if entry.shape != expected:
+            raise StreamError(f"{name}: announced as {expected}, streamed as {entry.shape}", reason="shape")
+        like = slot.tensor if slot is not None else chunk
+        buffer = values[name] = torch.empty(
+            entry.shape, dtype=like.dtype if slot is not None else entry.dtype, device=like.device
         )
-    with torch.no_grad():
-        target.view(-1)[offset : offset + values.numel()].copy_(values)
+    buffer.view(-1)[offset : offset + chunk.numel()].copy_(chunk)
 
 
 def _peak_rss() -> float:

@@ -58,3 +58,9 @@ class RejectedUpdate(FedqError):
     """The aggregator refuses an update: stale, unauthorised, unknown tensor, wrong shape, norm too large."""
 
     reason = "rejected"
+
+
+class FederationEnded(StreamError):
+    """The aggregator announced its final version and the client already has it: nothing newer will come."""
+
+    reason = "ended"

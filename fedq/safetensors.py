@@ -54,8 +54,12 @@ def _bad(path: Path, why: str) -> StreamError:
 class SafetensorsReader(Mapping[str, torch.Tensor]):
     """A safetensors file as a read-only mapping of name -> tensor view, in file order."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, skip_other_dtypes: bool = False) -> None:
+        """``skip_other_dtypes``: list tensors of other dtypes (integers, bool, float64, ...) in ``skipped``
+        (name -> dtype code) instead of refusing the file; an initial model may hold such buffers."""
         self.path = Path(path)
+        self.skipped: dict[str, str] = {}
+        self._skip_other_dtypes = skip_other_dtypes
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
@@ -82,6 +86,9 @@ class SafetensorsReader(Mapping[str, torch.Tensor]):
             raise _bad(self.path, "__metadata__ must map strings to strings")
         entries: list[tuple[int, str, TensorSpec]] = []
         for name, entry in header.items():
+            if self._skip_other_dtypes and isinstance(entry, dict) and entry.get("dtype") not in DTYPES:
+                self.skipped[name] = str(entry.get("dtype"))
+                continue
             try:
                 dtype = DTYPES[entry["dtype"]]
                 shape = tuple(int(d) for d in entry["shape"])

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
+from fedq.aggregation import initial
+from fedq.safetensors import SafetensorsWriter, TensorSpec
 
 STATE = "state.json"
 
@@ -57,52 +58,7 @@ def load(directory: Path, device: torch.device) -> tuple[dict[str, torch.Tensor]
         state = json.loads((directory / STATE).read_text())
     except FileNotFoundError:
         return None
-    return read_model(directory / state["model"], device), state
-
-
-def read_model(path: Path, device: torch.device, names: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """float32 copies on ``device`` of the tensors in ``names`` (all when None) of a safetensors file or a
-    torch
-    state-dict file, read one tensor at a time so that only the copies stay resident."""
-    out: dict[str, torch.Tensor] = {}
-    if path.suffix == ".safetensors":
-        with SafetensorsReader(path) as reader:
-            for name in reader:
-                if names is None or name in names:
-                    out[name] = _copy_released(reader, name, device)
-        return out
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for name, t in state.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and (names is None or name in names):
-            out[name] = t.to(device=device, dtype=torch.float32, copy=True)
-    return out
-
-
-_COPY_STEP = 1 << 22  # elements per slice of a tensor copied out of a mapped file
-
-
-def _copy_released(reader: SafetensorsReader, name: str, device: torch.device) -> torch.Tensor:
-    """A float32 copy of one mapped tensor, slice by slice, each slice's file pages dropped once copied: the
-    load never holds more than one slice of the file next to the copies (a large embedding is ~150 MiB)."""
-    spec = reader.specs[name]
-    src = reader[name].reshape(-1)
-    out = torch.empty(spec.numel, dtype=torch.float32, device=device)
-    for lo in range(0, spec.numel, _COPY_STEP):
-        hi = min(lo + _COPY_STEP, spec.numel)
-        out[lo:hi].copy_(src[lo:hi])
-        reader.release(name, lo, hi - lo)
-    return out.view(spec.shape)
-
-
-def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every float tensor's shape in a model file, without loading the tensors."""
-    if path.suffix == ".safetensors":
-        with SafetensorsReader(path) as reader:
-            return {name: spec.shape for name, spec in reader.specs.items()}
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {
-        n: tuple(t.shape) for n, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
-    }
+    return initial.read_model(directory / state["model"], device), state
 
 
 def _fsync_file(path: Path) -> None:

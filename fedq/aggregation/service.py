@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from fedq import metrics, wire
-from fedq.aggregation import checkpoint
+from fedq.aggregation import checkpoint, initial
 from fedq.aggregation.accumulator import Accumulator
 from fedq.aggregation.planner import Plan, PlanEntry, Planner
 from fedq.aggregation.staging import Check, ChunkRef, Staged, StagingArea
@@ -138,7 +138,7 @@ class Aggregator:
         self.dir = settings.state_dir / f"shard-{settings.shard}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard_label = str(settings.shard)
-        self.all_shapes = checkpoint.read_shapes(settings.init)
+        self.all_shapes = initial.read_shapes(settings.init)
         self.shapes = _shard_shapes(self.all_shapes, settings.shard, settings.shards)
         self.staging = StagingArea(self.dir / "staging")
         self.complete: dict[str, _Complete] = {}  # update id -> complete stream
@@ -164,7 +164,7 @@ class Aggregator:
     def _load(self) -> None:
         loaded = checkpoint.load(self.dir, self.s.device)
         if loaded is None:
-            self.model = checkpoint.read_model(self.s.init, self.s.device, set(self.shapes))
+            self.model = initial.read_model(self.s.init, self.s.device, set(self.shapes))
             self.version, self.finished, self.published, self.published_at = 0, set(), -1, 0.0
             self.finished_updates: set[str] = set()
             self.announced, self.last_plan = -1, None
@@ -799,6 +799,8 @@ class Aggregator:
             "tensors": [[name, list(shape)] for name, shape in self.all_shapes.items()],
             "strategy": self.s.strategy.config(),
             "config": self.s.client_config,
+            # the last version of a run with --max-versions: clients stop instead of waiting for another
+            "final": bool(self.s.max_versions) and version >= self.s.max_versions,
         }
         self.t.publish(
             exchange, "", wire.encode_control(wire.MANIFEST, f"version/v{version}", meta), persistent=True

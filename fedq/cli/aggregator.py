@@ -65,7 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "match how the broker was set up",
     )
     a("--state-dir", type=Path, default=Path("fedq-state"), help="checkpoints and staging files")
-    a("--init", type=Path, required=True, help="initial model (safetensors or torch state dict), version 0")
+    a(
+        "--init",
+        type=Path,
+        required=True,
+        help="initial model, version 0: a safetensors file, a torch state dict (.pt), a save_pretrained "
+        "directory (sharded too) or a PEFT adapter directory",
+    )
     a("--max-versions", type=int, default=0, help="stop after this many versions (0 = run until stopped)")
     a(
         "--memory-budget",

@@ -1,0 +1,98 @@
+"""Tiny Hugging Face models built from configs (nothing is downloaded) and a real aggregator for them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+
+from fedq.aggregation.service import Aggregator, Settings
+from fedq.aggregation.strategies import FedAvg
+from fedq.topology import Names
+from fedq.transport import connect
+
+VOCAB = 96
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    """GPT-2 with tied input embeddings and output head (``transformer.wte.weight`` is ``lm_head.weight``)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_llama(seed: int = 0, *, width: int = 32, layers: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def with_lora(model: torch.nn.Module, rank: int = 4) -> torch.nn.Module:
+    """A PeftModel: the base frozen, LoRA adapters on the attention projections (B starts at zero)."""
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
+    return peft.get_peft_model(model, config)
+
+
+def every_update() -> FedAvg:
+    """One version per update, x + Δ exactly: the global model shows what each update carried."""
+    return FedAvg(min_clients=1, round_timeout=60.0)
+
+
+@contextmanager
+def aggregator(
+    url: str, namespace: str, init: Path, state_dir: Path, max_versions: int = 0
+) -> Iterator[Path]:
+    """A real aggregator (one shard, one version per update) in a thread, started from ``init``; yields its
+    state directory (read the global with ``aggregation_helpers.model_of``)."""
+    settings = Settings(
+        names=Names(namespace),
+        strategy=every_update(),
+        init=init,
+        state_dir=state_dir,
+        max_versions=max_versions,
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with connect(url) as transport:
+                Aggregator(transport, settings).run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield state_dir
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not errors, errors
+
+
+def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
+    """Add N(0, scale) noise to every parameter that trains (a tied one once)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)

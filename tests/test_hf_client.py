@@ -1,0 +1,245 @@
+"""Hugging Face and PEFT models through the three calls, on the real broker against a real aggregator: tied
+weights, PEFT adapter names, wrappers, integer buffers, atomic receive, empty updates, the end of a
+federation. Every model is built from a config (tests/hf_models.py); nothing is downloaded."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from fedq import wire
+from fedq.client import Client
+from fedq.errors import ConfigError, FederationEnded, TransportError
+from tests.aggregation_helpers import model_of, state
+from tests.hf_models import aggregator, perturb, tiny_gpt2, tiny_llama, with_lora
+
+pytestmark = pytest.mark.broker
+torch.set_num_threads(1)
+TIED = ("transformer.wte.weight", "lm_head.weight")
+
+
+def save_init(model: torch.nn.Module, form: str, directory: Path) -> Path:
+    """The initial model the way a Hugging Face user has it."""
+    if form == "save_pretrained":
+        model.save_pretrained(directory / "hf")  # type: ignore[operator]
+        return directory / "hf"
+    if form == "sharded":
+        model.save_pretrained(directory / "hf", max_shard_size="20KB")  # type: ignore[operator]
+        assert (directory / "hf" / "model.safetensors.index.json").is_file()
+        return directory / "hf"
+    if form == "save_model":
+        safetensors.torch.save_model(model, str(directory / "model.safetensors"))
+        return directory / "model.safetensors"
+    torch.save(model.state_dict(), directory / "model.pt")
+    return directory / "model.pt"
+
+
+def record_names(client: Client) -> list[str]:
+    """The tensor names of every chunk the client publishes."""
+    seen: list[str] = []
+    publish = client.transport.publish
+
+    def spy(exchange: str, routing_key: str, body: bytes, **kwargs: object) -> None:
+        msg = wire.decode(body)
+        if msg.kind == wire.CHUNK:
+            seen.append(msg.name)
+        publish(exchange, routing_key, body, **kwargs)  # type: ignore[arg-type]
+
+    client.transport.publish = spy  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("form", ["save_pretrained", "sharded", "save_model", "pt"])
+def test_tied_weights_travel_once_and_land_in_every_alias(
+    amqp_url: str, namespace: str, tmp_path: Path, form: str
+) -> None:
+    init = save_init(tiny_gpt2(seed=0), form, tmp_path)
+    v0 = tiny_gpt2(seed=0).state_dict()
+    model = tiny_gpt2(seed=1)  # a client's own random initialisation
+    with (
+        aggregator(amqp_url, namespace, init, tmp_path / "state") as state_dir,
+        Client("tied", amqp_url=amqp_url, namespace=namespace, codec="fp32", trainable_only=True) as client,
+    ):
+        client.receive(model, timeout=60)
+        assert torch.equal(model.lm_head.weight, v0["transformer.wte.weight"])
+        sent_names = record_names(client)
+        perturb(model, 0.01, seed=2)
+        trained = model.transformer.wte.weight.detach().clone()
+        client.send(model, num_samples=1)
+        client.receive(model, timeout=60)
+        global_model = model_of(state_dir)
+    held = [name for name in TIED if name in global_model]
+    assert len(held) == 1  # the aggregator holds (and checkpoints) the tied tensor once
+    assert sent_names.count(held[0]) == 1 and not set(TIED) - {held[0]} & set(sent_names)
+    torch.testing.assert_close(global_model[held[0]], trained, rtol=0, atol=1e-6)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+    torch.testing.assert_close(model.lm_head.weight.detach(), trained, rtol=0, atol=1e-6)
+
+
+def test_peft_adapter_directory_and_adapter_names(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    """A PEFT adapter directory is the global; a PeftModel's ``.default`` names match it; its base stays."""
+    with_lora(tiny_llama(seed=0)).save_pretrained(tmp_path / "adapter")  # type: ignore[operator]
+    model = with_lora(tiny_llama(seed=0))
+    frozen = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}
+    with aggregator(amqp_url, namespace, tmp_path / "adapter", tmp_path / "state") as state_dir:
+        with Client("full", amqp_url=amqp_url, namespace=namespace) as everything:
+            everything.receive(model, timeout=60)
+            with pytest.raises(ConfigError, match="trainable_only=True"):
+                everything.send(
+                    model, num_samples=1
+                )  # the frozen base is not in the global: said, not dropped
+        with Client("lora", amqp_url=amqp_url, namespace=namespace, trainable_only=True) as client:
+            client.receive(model, timeout=60)
+            perturb(model, 0.01, seed=3)
+            sent = client.send(model, num_samples=1)
+            client.receive(model, timeout=60)
+            global_model = model_of(state_dir)
+    assert sent.tensors == 4 and len(global_model) == 4
+    assert all(".default." not in name and "lora_" in name for name in global_model)
+    local = {n.replace(".default", ""): t for n, t in model.state_dict().items() if "lora_" in n}
+    for name, tensor in global_model.items():  # nf4 with error feedback: the client holds the global
+        torch.testing.assert_close(local[name], tensor, rtol=0, atol=0)
+    assert any(float(t.abs().max()) > 0 for n, t in global_model.items() if "lora_B" in n)  # B trained
+    for name, tensor in frozen.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_state_dicts_wrappers_and_empty_updates(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    init = save_init(tiny_llama(seed=0), "pt", tmp_path)
+    model = tiny_llama(seed=5)
+    with (
+        aggregator(amqp_url, namespace, init, tmp_path / "state") as state_dir,
+        Client("dicts", amqp_url=amqp_url, namespace=namespace, codec="fp32", trainable_only=True) as client,
+    ):
+        plain = model.state_dict()  # tensors without requires_grad
+        client.receive(plain, timeout=60)  # received into a plain state dict ...
+        with pytest.raises(ConfigError, match=r"nothing to send.*keep_vars"):
+            client.send(plain, num_samples=1)  # ... which trainable_only cannot send: refused, nothing sent
+        time.sleep(1.0)
+        assert state(state_dir)["version"] == 0  # the aggregator saw no update
+        perturb(model, 0.01, seed=6)
+        client.send(model, num_samples=1)  # ... while the module it belongs to can
+
+        compiled = torch.compile(tiny_llama(seed=7))  # `_orig_mod.` names
+        assert client.receive(compiled, timeout=60).version == 1
+        perturb(compiled, 0.01, seed=10)
+        client.send(compiled, num_samples=1)
+        parallel = torch.nn.DataParallel(tiny_llama(seed=8))  # `module.` names
+        assert client.receive(parallel, timeout=60).version == 2
+        prefixed = {f"module.{n}": t for n, t in tiny_llama(seed=9).state_dict().items()}
+        with Client("prefixed", amqp_url=amqp_url, namespace=namespace) as reader:
+            assert reader.receive(prefixed, timeout=60).version == 2
+        global_model = model_of(state_dir)
+    for name, tensor in global_model.items():
+        torch.testing.assert_close(compiled.state_dict()[f"_orig_mod.{name}"], tensor, rtol=0, atol=1e-6)
+        torch.testing.assert_close(parallel.state_dict()[f"module.{name}"], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(prefixed[f"module.{name}"].detach(), tensor, rtol=0, atol=0)
+
+
+def test_receive_is_atomic(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    init = save_init(tiny_llama(seed=0), "pt", tmp_path)
+    v0 = tiny_llama(seed=0).state_dict()
+    with (
+        aggregator(amqp_url, namespace, init, tmp_path / "state"),
+        Client("atomic", amqp_url=amqp_url, namespace=namespace, codec="fp32") as client,
+    ):
+        wider = tiny_llama(seed=1, width=48)
+        before = {n: t.clone() for n, t in wider.state_dict().items()}
+        with pytest.raises(ConfigError, match="shape"):
+            client.receive(wider, timeout=60)  # refused before anything is written
+        assert all(torch.equal(wider.state_dict()[n], t) for n, t in before.items())
+
+        model = tiny_llama(seed=2)
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        get, seen = client.transport.get, []
+
+        def failing_get(timeout: float) -> object:
+            delivery = get(timeout=timeout)
+            if delivery is not None and delivery.queue == client.names.models_stream:
+                seen.append(delivery)
+                if len(seen) == 3:  # the manifest and two chunks decoded: the connection drops
+                    raise TransportError("connection lost (injected)", reason="connection")
+            return delivery
+
+        client.transport.get = failing_get  # type: ignore[assignment, method-assign]
+        with pytest.raises(TransportError):
+            client.receive(model, timeout=60)
+        client.transport.get = get  # type: ignore[method-assign]
+        assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())  # untouched
+        with pytest.raises(ConfigError, match="receive"):
+            client.send(model, num_samples=1)  # no base to diff against
+
+        transposed = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t())
+        model.lm_head.weight = transposed  # a non-contiguous parameter (same shape, column-major)
+        assert not model.lm_head.weight.is_contiguous()
+        client.receive(model, timeout=60)
+        assert torch.equal(model.lm_head.weight, v0["lm_head.weight"])
+        perturb(model, 0.01, seed=3)
+        client.send(model, num_samples=1)
+        assert client.receive(model, timeout=60).version == 1
+
+
+class WithCounter(torch.nn.Module):
+    """A model with an integer buffer, as many HF models have (position ids, step counters)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj = torch.nn.Linear(32, 32)
+        self.register_buffer("position_ids", torch.arange(64) + seed)
+
+
+@pytest.mark.parametrize("form", ["safetensors", "pt"])
+def test_integer_buffers_stay_local_from_any_init(
+    amqp_url: str, namespace: str, tmp_path: Path, form: str
+) -> None:
+    source = WithCounter(seed=0)
+    if form == "safetensors":
+        init = tmp_path / "init.safetensors"
+        safetensors.torch.save_file(source.state_dict(), str(init))
+    else:
+        init = tmp_path / "init.pt"
+        torch.save(source.state_dict(), init)
+    model = WithCounter(seed=1)
+    with (
+        aggregator(amqp_url, namespace, init, tmp_path / "state") as state_dir,
+        Client("ints", amqp_url=amqp_url, namespace=namespace, codec="fp32") as client,
+    ):
+        client.receive(model, timeout=60)
+        perturb(model, 0.01, seed=1)
+        client.send(model, num_samples=1)
+        client.receive(model, timeout=60)
+        assert set(model_of(state_dir)) == {"proj.weight", "proj.bias"}
+    assert torch.equal(model.position_ids, torch.arange(64) + 1)  # the client's own, untouched
+
+
+def test_a_client_learns_that_the_federation_ended(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    init = save_init(tiny_llama(seed=0), "pt", tmp_path)
+    model = tiny_llama(seed=1)
+    with (
+        aggregator(amqp_url, namespace, init, tmp_path / "state", max_versions=1),
+        Client("end", amqp_url=amqp_url, namespace=namespace) as client,
+    ):
+        rounds = []
+        while True:  # the README's loop
+            round_ = client.receive(model, timeout=60)
+            rounds.append(round_)
+            if round_.final:
+                break
+            with pytest.raises(ConfigError, match="full=True"):
+                client.send(model, num_samples=1, full=True)  # nf4 weights would replace the global's
+            perturb(model, 0.01, seed=2)
+            client.send(model, num_samples=1)
+        started = time.monotonic()
+        with pytest.raises(FederationEnded):
+            client.receive(model, timeout=60)
+        assert time.monotonic() - started < 1.0
+        with Client("late", amqp_url=amqp_url, namespace=namespace) as late:
+            assert late.receive(tiny_llama(seed=3), timeout=60).final  # a late joiner gets the final model
+            with pytest.raises(FederationEnded):
+                late.receive(tiny_llama(seed=3), timeout=60)
+    assert [(r.version, r.final) for r in rounds] == [(0, False), (1, True)]
