@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         ) as client:
             while True:
                 round_ = client.receive(model)
-                if args.until_version and round_.version >= args.until_version:
+                if round_.final or (args.until_version and round_.version >= args.until_version):
                     log.info("%s: received version %d, done", args.name, round_.version)
                     return 0
                 if held_out:  # federated evaluation: every client scores the global model it received
