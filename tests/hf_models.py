@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import peft
+import tokenizers
 import torch
 import transformers
 
@@ -45,10 +46,21 @@ def tiny_llama(seed: int = 0, *, width: int = 32, layers: int = 1) -> torch.nn.M
     return transformers.LlamaForCausalLM(config)
 
 
-def with_lora(model: torch.nn.Module, rank: int = 4) -> torch.nn.Module:
+def with_lora(model: torch.nn.Module, **options: object) -> torch.nn.Module:
     """A PeftModel: the base frozen, LoRA adapters on the attention projections (B starts at zero)."""
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
-    return peft.get_peft_model(model, config)
+    settings: dict[str, object] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **options}
+    return peft.get_peft_model(model, peft.LoraConfig(**settings))
+
+
+def char_tokenizer(text: str) -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer of ``text``'s characters, built locally (ids 0-2: pad, unk, eos)."""
+    specials = ["<pad>", "<unk>", "<eos>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(text)))}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), "isolated")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
 
 
 def every_update() -> FedAvg:
@@ -58,7 +70,12 @@ def every_update() -> FedAvg:
 
 @contextmanager
 def aggregator(
-    url: str, namespace: str, init: Path, state_dir: Path, max_versions: int = 0
+    url: str,
+    namespace: str,
+    init: Path,
+    state_dir: Path,
+    max_versions: int = 0,
+    client_config: dict[str, int] | None = None,
 ) -> Iterator[Path]:
     """A real aggregator (one shard, one version per update) in a thread, started from ``init``; yields its
     state directory (read the global with ``aggregation_helpers.model_of``)."""
@@ -68,6 +85,7 @@ def aggregator(
         init=init,
         state_dir=state_dir,
         max_versions=max_versions,
+        client_config=client_config or {},
     )
     stop = threading.Event()
     errors: list[BaseException] = []

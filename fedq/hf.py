@@ -1,0 +1,135 @@
+"""A Hugging Face ``Trainer`` (or TRL's ``SFTTrainer``, a subclass) joins a federation with one callback.
+
+    from fedq.hf import FedqCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=data,                     # as before
+                      callbacks=[FedqCallback("alice", amqp_url=URL, codec="nf4")])   # + this
+    trainer.train()                                                                   # as before
+
+The training logic (model, data, optimizer, schedule, logging, saving) stays the user's; the callback wraps
+it in the three calls of ``fedq.Client``:
+
+- **train begin**: connect, and load the newest global version into the model (in place, so the optimizer
+  the Trainer built keeps its parameters);
+- **every round**: after ``local_steps`` optimizer steps (the version's ``local_steps`` setting from
+  ``fedq aggregator --client-config``, else the callback's), send the update (the delta against the received
+  version, weighted by the samples trained on, with the last logged loss), then load the next version and go
+  on training from it, optimizer state kept (as the demo's clients do);
+- **the final version** (``--max-versions``): training stops (``should_training_stop``) with the final global
+  model loaded, so what the Trainer saves at the end is the federation's model;
+- **train end**: steps trained since the last send are sent as one more update (unless the federation
+  ended), and the connection is closed.
+
+PEFT: with ``trainable_only`` left at None, a model with frozen parameters (a ``PeftModel``: a frozen base
+with adapters) sends only what trains, so only the adapters travel; the aggregator may hold the adapters alone
+(``--init`` a PEFT adapter directory) or the whole model. Tied weights, ``.default`` adapter names and
+compile/DDP wrappers are handled by ``fedq.binding``.
+
+Requires the ``hf`` extra (``pip install 'fedq[hf]'``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from fedq.client import DEFAULT_TIMEOUT, Client, Round
+
+DEFAULT_LOCAL_STEPS = 50
+
+
+class FedqCallback(TrainerCallback):
+    """One federation member driven by a ``Trainer``'s steps (see the module docstring).
+
+    ``label`` and ``client_options`` are ``fedq.Client``'s (``amqp_url``, ``namespace``, ``codec``, ...);
+    ``trainable_only`` None means: only trainable tensors when the model has frozen ones.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        local_steps: int = DEFAULT_LOCAL_STEPS,
+        trainable_only: bool | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        **client_options: Any,
+    ) -> None:
+        self.label = label
+        self.default_local_steps = local_steps
+        self.trainable_only = trainable_only
+        self.timeout = timeout
+        self.client_options = client_options
+        self.client: Client | None = None
+        self.round: Round | None = None
+        self.steps = 0  # optimizer steps since the last version was loaded
+        self.loss: float | None = None  # the last loss the Trainer logged
+
+    @property
+    def local_steps(self) -> int:
+        """Optimizer steps per round: the aggregator's ``local_steps`` setting, else the callback's."""
+        configured = self.round.config.get("local_steps") if self.round is not None else None
+        return int(configured) if configured else self.default_local_steps
+
+    def on_round(self, round: Round, model: torch.nn.Module) -> None:
+        """Called after each version is loaded into ``model``; override to evaluate or report it."""
+
+    # Trainer events -----------------------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs["model"]
+        if self.client is None:
+            trainable_only = self.trainable_only
+            if trainable_only is None:
+                trainable_only = any(not p.requires_grad for p in model.parameters())
+            self.client = Client(self.label, trainable_only=trainable_only, **self.client_options)
+        self._receive(model, control)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.steps += 1
+        if self.steps >= self.local_steps:
+            self._send(args, kwargs["model"])
+            self._receive(kwargs["model"], control)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.client is None:
+            return
+        if self.steps and not self.client.final:
+            self._send(args, kwargs["model"])
+        self.client.close()
+        self.client = None
+
+    # the three calls ----------------------------------------------------------------------------------------
+    def _receive(self, model: torch.nn.Module, control: TrainerControl) -> None:
+        assert self.client is not None
+        self.round = self.client.receive(model, timeout=self.timeout)
+        self.steps = 0
+        self.on_round(self.round, model)
+        if self.round.final:
+            control.should_training_stop = True
+
+    def _send(self, args: TrainingArguments, model: torch.nn.Module) -> None:
+        assert self.client is not None
+        samples = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        )
+        metrics = {"loss": self.loss} if self.loss is not None else {}
+        self.client.send(model, num_samples=self.steps * samples, metrics=metrics)
+        self.steps = 0
