@@ -52,7 +52,8 @@ from torch import nn
 from fedq import metrics, wire
 from fedq.binding import HINTS, Binding, bind
 from fedq.codecs import Codec, ErrorFeedback, choose_codec, get_codec
-from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError, WireError
+from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError
+from fedq.protocol import Announcement, UpdateMeta, model_stream, update_stream
 from fedq.streaming import Assembler, CodecFor, TensorEntry, send_container, shard_of
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
 from fedq.transport import Delivery, Transport, connect
@@ -199,9 +200,8 @@ class Client:
             raise FederationEnded(f"the federation ended with version {self.version}; nothing newer comes")
         deadline = time.monotonic() + timeout
         announcement = self._newest_announcement(deadline)
-        version = int(announcement["version"])
-        shards = int(announcement["shards"])
-        shapes = {str(name): tuple(int(d) for d in shape) for name, shape in announcement["tensors"]}
+        version, shards = announcement.version, announcement.shards
+        shapes = dict(announcement.tensors)
         binding = bind(model, shapes)  # refuses before anything is written
         may_add = not isinstance(model, nn.Module)
         if binding.missing and not may_add:
@@ -210,19 +210,14 @@ class Client:
                 f"{sorted(binding.missing)[:5]} ({HINTS})"
             )
         self.version, self._base = -1, {}  # until the download completes: the old base is released first
-        values = self._load(binding, version, shards, float(announcement["models_from"]), deadline)
+        values = self._load(binding, version, shards, announcement.models_from, deadline)
         self._base = self._commit(model, binding, values)
         self._shapes = shapes
         self._assignment = shard_of({n: 4 * math.prod(s) for n, s in shapes.items()}, shards)
         self._shards = shards
         self.version = version
-        self.final = bool(announcement.get("final", False))
-        return Round(
-            version,
-            dict(announcement.get("config") or {}),
-            dict(announcement.get("strategy") or {}),
-            self.final,
-        )
+        self.final = announcement.final
+        return Round(version, announcement.config, announcement.strategy, self.final)
 
     def _commit(
         self, model: Model, binding: Binding, values: dict[str, torch.Tensor]
@@ -246,11 +241,11 @@ class Client:
                     base[name] = values[name].clone()
         return base
 
-    def _newest_announcement(self, deadline: float) -> dict[str, Any]:
+    def _newest_announcement(self, deadline: float) -> Announcement:
         """The newest announcement, waiting for one newer than ``self.version``."""
         _, stream = versions_names(self.names)
         tag = self._consume_when_declared(stream, deadline)
-        newest: dict[str, Any] | None = None
+        newest: Announcement | None = None
         try:
             while True:
                 # once something newer is in hand, a short quiet spell means the stream's tail has been read
@@ -266,10 +261,12 @@ class Client:
                         )
                     continue
                 self.transport.ack(delivery)
-                meta = _announcement(delivery)
-                if meta["version"] > self.version and (newest is None or meta["version"] > newest["version"]):
-                    newest = meta
-                elif newest is None and meta.get("final") and meta["version"] == self.version:
+                announcement = Announcement.parse(delivery.body)
+                if announcement.version > self.version and (
+                    newest is None or announcement.version > newest.version
+                ):
+                    newest = announcement
+                elif newest is None and announcement.final and announcement.version == self.version:
                     self.final = True
                     raise FederationEnded(
                         f"the federation ended with version {self.version}; nothing newer will come"
@@ -295,7 +292,7 @@ class Client:
     ) -> dict[str, torch.Tensor]:
         """Every tensor of version ``version``, decoded chunk by chunk into buffers in the model's dtypes."""
         values: dict[str, torch.Tensor] = {}
-        wanted = {f"model/v{version}/s{shard}" for shard in range(shards)}
+        wanted = {model_stream(version, shard) for shard in range(shards)}
         # stream timestamps have a resolution of one second; earlier messages are skipped by their stream id
         start = datetime.datetime.fromtimestamp(math.floor(models_from) - 1, tz=datetime.timezone.utc)
         queue = self.names.models_stream
@@ -345,14 +342,14 @@ class Client:
         local = self._local_tensors(model, full)
         tensors = local if full else delta(local, self._base)
         update_id = uuid.uuid4().hex
-        meta = {
-            "update_id": update_id,
-            "client": self.label,
-            "base_version": self.version,
-            "kind": "full" if full else "delta",
-            "num_samples": int(num_samples),
-            "metrics": {**{k: float(v) for k, v in (metrics or {}).items()}, "peak_rss_bytes": _peak_rss()},
-        }
+        meta = UpdateMeta(
+            update_id,
+            self.version,
+            int(num_samples),
+            "full" if full else "delta",
+            {**{k: float(v) for k, v in (metrics or {}).items()}, "peak_rss_bytes": _peak_rss()},
+            self.label,
+        ).to_meta()
         wire_bytes = fp32_bytes = chunks = 0
         for shard in range(self._shards):
             names = [name for name in tensors if self._assignment[name] == shard]
@@ -363,7 +360,7 @@ class Client:
                 self.names.updates_exchange,
                 self.names.shard_key(shard),
                 LazyTensors(names, tensors.__getitem__),
-                stream=f"{self.label}/{update_id}/s{shard}",
+                stream=update_stream(self.label, update_id, shard),
                 meta=meta,
                 codec_for=self.codec_for,
                 chunk_bytes=self.chunk_bytes,
@@ -417,25 +414,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _announcement(delivery: Delivery) -> dict[str, Any]:
-    """A version announcement's meta, checked for the fields a client relies on."""
-    try:
-        msg = wire.decode(delivery.body)
-    except WireError as exc:
-        raise StreamError(f"unreadable version announcement: {exc}", reason="bad_announcement") from None
-    meta = msg.meta
-    ok = (
-        isinstance(meta.get("version"), int)
-        and isinstance(meta.get("shards"), int)
-        and meta["shards"] >= 1
-        and isinstance(meta.get("models_from"), int | float)
-        and isinstance(meta.get("tensors"), list)
-    )
-    if msg.kind != wire.MANIFEST or not ok:
-        raise StreamError(f"malformed version announcement {meta!r:.200}", reason="bad_announcement")
-    return meta
 
 
 def _copy_into(

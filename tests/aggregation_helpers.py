@@ -15,6 +15,7 @@ from fedq.aggregation import checkpoint
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedBuff, Strategy
 from fedq.codecs import get_codec
+from fedq.protocol import UpdateMeta, update_stream
 from fedq.safetensors import save_file
 from fedq.streaming import iter_container, send_container, shard_of
 from fedq.topology import Names
@@ -56,10 +57,10 @@ def send_update(
 ) -> None:
     """One update as one container stream per shard, the way a client sends it."""
     assignment = shard_of({n: 4 * t.numel() for n, t in tensors.items()}, shards)
-    meta = {"update_id": update_id, "base_version": base_version, "kind": kind, "num_samples": num_samples}
+    meta = UpdateMeta(update_id, base_version, num_samples, kind).to_meta()
     for shard in range(shards):
         part = {n: t for n, t in tensors.items() if assignment[n] == shard}
-        stream = f"update/{update_id}/s{shard}"
+        stream = update_stream("update", update_id, shard)
         codec_for = lambda name, t: get_codec(codec)  # noqa: E731
         if commit:
             send_container(

@@ -22,7 +22,7 @@ it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,41 +30,9 @@ import numpy as np
 from fedq.aggregation.privacy import Privacy
 from fedq.aggregation.robust import GramRule, Rule, row_gram
 from fedq.aggregation.strategies import Candidate, NormBound, Strategy
+from fedq.protocol import Plan, PlanEntry
 
-
-@dataclass
-class PlanEntry:
-    update_id: str
-    factor: float  # f_i = w_i · c_i
-    client: str
-    staleness: int
-    clipped: bool = False
-
-
-@dataclass
-class Plan:
-    """What every shard does to step from ``version - 1`` to ``version``."""
-
-    version: int
-    scale: float
-    updates: list[PlanEntry]
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
-    rule: dict[str, Any] | None = None  # a window rule's config (``robust.Rule.config``): reduce the rows
-    dp: dict[str, Any] | None = None  # seed, std (noise of the step), epsilon, clip, next_clip, rate
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> Plan:
-        return Plan(
-            version=int(data["version"]),
-            scale=float(data["scale"]),
-            updates=[PlanEntry(**e) for e in data["updates"]],
-            dropped=[(str(u), str(r)) for u, r in data["dropped"]],
-            rule=data.get("rule"),
-            dp=data.get("dp"),
-        )
+__all__ = ["Measure", "Plan", "PlanEntry", "Planner"]
 
 
 @dataclass(frozen=True)

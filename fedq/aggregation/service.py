@@ -45,40 +45,36 @@ norm bound) is measured against the global at the time they complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import re
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedq import metrics, wire
-from fedq.aggregation import checkpoint, initial
-from fedq.aggregation.accumulator import Accumulator
-from fedq.aggregation.planner import Plan, PlanEntry, Planner
-from fedq.aggregation.staging import Check, ChunkRef, Staged, StagingArea
+from fedq import metrics, protocol, wire
+from fedq.aggregation import admission, initial
+from fedq.aggregation.admission import Admitted
+from fedq.aggregation.coordination import Announce, Leader, check_route, follow
+from fedq.aggregation.fold import Folder
+from fedq.aggregation.planner import Plan, Planner
+from fedq.aggregation.staging import Staged, StagingArea
+from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
-from fedq.codecs.base import sum_sq
 from fedq.errors import RejectedUpdate, StreamError, WireError
-from fedq.streaming import Manifest, send_container, shard_of
-from fedq.threads import cpu_workers, ordered_map
+from fedq.protocol import MAX_CLIENT_METRICS, Committed, Stepped
+from fedq.streaming import send_container, shard_of
+from fedq.threads import cpu_workers
 from fedq.topology import Names, versions_names
 from fedq.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 ROLE = "aggregator"
-JOURNAL = "leader.journal"
 MAX_BATCH = 64
-# Client metrics become Prometheus label values: bounded so that no client can blow up the label cardinality.
-MAX_CLIENT_METRICS = 8  # metric names per client (per process lifetime); further names are ignored
-METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]{0,31}")
+__all__ = ["MAX_CLIENT_METRICS", "Aggregator", "Settings"]
 
 
 @dataclass
@@ -105,27 +101,10 @@ class Settings:
     fold_threads: int | None = None  # plan-time fold threads; None: cpu_workers() (CPU) or 1
 
 
-@dataclass
-class _Complete:
-    """A stream of this shard whose slice is complete and valid, waiting for a plan."""
-
-    staged: Staged
-    update_id: str
-    client: str
-    base_version: int
-    num_samples: int
-    kind: str
-    norm_sq: float
-    metrics: dict[str, float]
-    by_tensor: dict[str, list[ChunkRef]] = field(default_factory=dict)  # chunks of each tensor, by offset
-
-
-# A fold window: (the tensor's flat view, lo, hi, the (fold factor, update, chunk) pieces over it)
-_Window = tuple[torch.Tensor, int, int, list[tuple[float, _Complete, ChunkRef]]]
-
-
 class Aggregator:
-    """One shard worker. ``run`` loops until ``max_versions`` is reached or ``stop`` is set."""
+    """One shard worker: the loop and all its I/O. ``run`` loops until ``max_versions`` is reached or ``stop``
+    is set. What to accept is ``admission``'s call, what to fold ``fold``'s, what the leader does next
+    ``coordination``'s; what survives a restart is ``state``."""
 
     def __init__(self, transport: Transport, settings: Settings) -> None:
         self.t = transport
@@ -134,19 +113,13 @@ class Aggregator:
             # they are counted as the aggregator's even where the caller connected without role="aggregator".
             transport.role = ROLE  # type: ignore[attr-defined]
         self.s = settings
-        self.leader = settings.shard == 0
         self.dir = settings.state_dir / f"shard-{settings.shard}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard_label = str(settings.shard)
         self.all_shapes = initial.read_shapes(settings.init)
         self.shapes = _shard_shapes(self.all_shapes, settings.shard, settings.shards)
         self.staging = StagingArea(self.dir / "staging")
-        self.complete: dict[str, _Complete] = {}  # update id -> complete stream
-        self.rejected: set[str] = set()  # streams refused since the last checkpoint
-        self.expired: set[str] = (
-            set()
-        )  # streams dropped for inactivity: their late messages are dead-lettered
-        self.stepped: dict[int, dict[int, float]] = {}  # leader: version -> shard -> models-stream time
+        self.complete: dict[str, Admitted] = {}  # update id -> complete stream
         self.client_metrics: dict[str, set[str]] = {}  # client -> metric names exported for it
         # Deliveries are acked a batch at a time (one fsync per batch), half the prefetch at most: the broker
         # always has credit to keep sending while a batch is decoded, so the network overlaps the decoding.
@@ -157,57 +130,49 @@ class Aggregator:
         # 1.8-2.0 s with two; 1.1 s with four on a 16-core machine.
         self.fold_threads = settings.fold_threads or (cpu_workers() if settings.device.type == "cpu" else 1)
         self.version_time = time.monotonic()
-        self.planner: Planner | None = None
+        self.leader: Leader | None = None
         self._load()
+        self.folder = Folder(self.model, self.staging, settings.device, self.fold_threads)
 
     # start-up -----------------------------------------------------------------------------------------------
     def _load(self) -> None:
-        loaded = checkpoint.load(self.dir, self.s.device)
+        loaded = load(self.dir, self.s.device)
         if loaded is None:
             self.model = initial.read_model(self.s.init, self.s.device, set(self.shapes))
-            self.version, self.finished, self.published, self.published_at = 0, set(), -1, 0.0
-            self.finished_updates: set[str] = set()
-            self.announced, self.last_plan = -1, None
-            self._checkpoint(planner_state={})
+            self.state = ShardState(self.s.shard, self.s.shards)
+            self.state.save(self.dir, self.model)
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
         else:
-            self.model, state = loaded
-            self.version = state["version"]
-            self.finished = set(state["finished"])
-            self.finished_updates = set(state["finished_updates"])
-            self.published = state["published"]
-            self.published_at = state["published_at"]
-            self.announced = state.get("announced", -1)
-            self.expired = set(state.get("expired", []))
-            self.last_plan = Plan.from_json(state["last_plan"]) if state.get("last_plan") else None
-            log.info("shard %d: resumed at version %d from %s", self.s.shard, self.version, self.dir)
-        if self.leader:
-            self.planner = Planner(
+            self.model, self.state = loaded
+            log.info("shard %d: resumed at version %d from %s", self.s.shard, self.state.version, self.dir)
+        if self.s.shard == 0:
+            planner = Planner(
                 self.s.strategy,
                 shards=self.s.shards,
                 max_staleness=self.s.max_staleness,
                 norm_bound=self.s.norm_bound,
                 update_timeout=self.s.update_timeout,
-                version=self.version,
+                version=self.state.version,
                 now=time.monotonic(),
             )
             if loaded is not None:
-                self.planner.restore(loaded[1].get("planner", {}), time.monotonic())
-        metrics.MODEL_VERSION.labels(self.shard_label).set(self.version)
+                planner.restore(self.state.planner, time.monotonic())
+            self.leader = Leader(self.dir, planner, self.s.shards)
+        metrics.MODEL_VERSION.labels(self.shard_label).set(self.state.version)
 
     def start(self) -> None:
         """Declare, consume, and redo whatever a crash may have left half done."""
         self.t.declare(self.s.names, self.s.shards, quorum=self.s.quorum)
         self.t.consume(self.s.names.updates_queue(self.s.shard), prefetch=self.s.prefetch)
         self.t.consume(self.s.names.control_queue(self.s.shard), prefetch=self.s.shards * 4 + 4)
-        for stream in [s for s in self.staging.streams if s in self.finished]:
+        for stream in [s for s in self.staging.streams if s in self.state.finished]:
             self.staging.remove(stream)
         for staged in list(self.staging.streams.values()):
-            if _is_complete(staged):
+            if admission.is_complete(staged):
                 self._on_complete(staged, None)
-        if self.leader:
+        if self.leader is not None:
             self._replay_journal()
-        if self.published < self.version:
+        if self.state.published < self.state.version:
             self._publish_model()
         self._report_stepped()
 
@@ -217,14 +182,15 @@ class Aggregator:
         while not (stop is not None and stop.is_set()) and not self._done():
             self._poll(timeout=0.2)
             self._expire()
-            if self.leader:
+            if self.leader is not None:
                 self._maybe_plan()
         self.t.flush()
 
     def _done(self) -> bool:
-        if not self.s.max_versions or self.version < self.s.max_versions:
+        st = self.state
+        if not self.s.max_versions or st.version < self.s.max_versions:
             return False
-        return self.announced >= self.s.max_versions if self.leader else self.published >= self.version
+        return st.announced >= self.s.max_versions if self.leader is not None else st.published >= st.version
 
     def _poll(self, timeout: float) -> None:
         """Take up to a batch of deliveries, stage them with one fsync, then ack them together."""
@@ -272,60 +238,44 @@ class Aggregator:
     def _on_update_message(
         self, delivery: Delivery, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]
     ) -> None:
-        if not delivery.user_id:
-            raise RejectedUpdate("update message without a validated AMQP user_id", reason="unauthorised")
+        user = admission.sender(delivery.user_id)
         msg = wire.decode(delivery.body)
-        if msg.stream in self.expired:
-            raise RejectedUpdate(
-                f"stream {msg.stream} was dropped after {self.s.update_timeout:g} s without a message; "
-                "this late part of it is not used",
-                reason="expired",
-            )
-        if msg.stream in self.finished or msg.stream in self.rejected:
+        decision = admission.admit(
+            msg,
+            user,
+            shapes=self.shapes,
+            staged=self.staging.streams,
+            finished=self.state.finished,
+            expired=self.state.expired,
+            update_timeout=self.s.update_timeout,
+        )
+        if decision.action == admission.IGNORE:
             metrics.CHUNKS.labels(ROLE, "duplicate").inc()
             self.t.ack(delivery)
             return
-        if msg.kind == wire.CHUNK:
-            self._check_tensor(msg.name, msg.shape)
-            metrics.CHUNKS.labels(ROLE, "received").inc()
-        elif msg.kind == wire.MANIFEST:
-            try:
-                self._check_manifest(msg.stream, msg.meta)
-            except RejectedUpdate:
+        if decision.action == admission.REFUSE:
+            if decision.forget:
                 self._refuse_stream(msg.stream)
-                raise
-        staged = self.staging.append(delivery.user_id, msg, bytes(delivery.body))
+            self._dead_letter(delivery, decision.reason, decision.detail)
+            return
+        if msg.kind == wire.CHUNK:
+            metrics.CHUNKS.labels(ROLE, "received").inc()
+        staged = self.staging.append(user, msg, bytes(delivery.body))
         if staged is None:
             metrics.CHUNKS.labels(ROLE, "duplicate").inc()
             self.t.ack(delivery)
             return
         if msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "staged").inc()
-            staged.chunks[msg.index].check = self._check_chunk(staged, msg)
-        if _is_complete(staged):
+            kind = "full" if (staged.manifest or {}).get("kind") == "full" else "delta"
+            staged.chunks[msg.index].check = self._measure(msg, kind)
+        if admission.is_complete(staged):
             completed.append((staged, delivery))
         else:
             to_ack.append(delivery)
 
-    def _check_tensor(self, name: str, shape: tuple[int, ...]) -> None:
-        expected = self.shapes.get(name)
-        if expected is None:
-            raise RejectedUpdate(
-                f"tensor {name!r} is not one of shard {self.s.shard}'s", reason="unknown_tensor"
-            )
-        if tuple(shape) != expected:
-            raise RejectedUpdate(
-                f"{name!r} has shape {tuple(shape)}, the model {expected}", reason="shape_mismatch"
-            )
-
-    def _check_manifest(self, stream: str, meta: dict[str, Any]) -> None:
-        manifest = _manifest(stream, meta)
-        _update_meta(manifest)
-        for entry in manifest.tensors:
-            self._check_tensor(entry.name, entry.shape)
-
     def _refuse_stream(self, stream: str) -> None:
-        self.rejected.add(stream)
+        self.state.finished.add(stream)
         self.staging.remove(stream)
 
     def _on_complete(self, staged: Staged, delivery: Delivery | None) -> None:
@@ -354,147 +304,33 @@ class Aggregator:
         )
         self._report_committed(complete)
 
-    def _validate(self, staged: Staged) -> _Complete:
-        assert staged.manifest is not None
-        manifest = _manifest(staged.stream, staged.manifest)
-        info = _update_meta(manifest)
-        staleness = self.version - info["base_version"]
-        if staleness < 0 or staleness > self.s.max_staleness:
-            raise RejectedUpdate(
-                f"update {info['update_id']} is based on version {info['base_version']}, "
-                f"current is {self.version} "
-                f"(max staleness {self.s.max_staleness})",
-                reason="stale",
-            )
-        if info["update_id"] in self.finished_updates:
-            raise RejectedUpdate(
-                f"update id {info['update_id']} was folded or refused already", reason="duplicate_update"
-            )
-        if info["update_id"] in self.complete:
-            raise RejectedUpdate(
-                f"update id {info['update_id']} is already staged", reason="duplicate_update"
-            )
-        _check_commit(staged, manifest)
-        _check_coverage(staged, manifest)
-        norm_sq = 0.0
-        by_tensor: dict[str, list[ChunkRef]] = {}
+    def _validate(self, staged: Staged) -> Admitted:
+        """Admission's checks of a complete stream; chunks without a current note are measured here: after a
+        restart (notes are not persisted), or for a "full" update whose global moved since it arrived."""
+        _, info = admission.check_complete(
+            staged,
+            version=self.state.version,
+            max_staleness=self.s.max_staleness,
+            finished_updates=self.state.finished_updates,
+            pending_updates=self.complete,
+        )
         for index in sorted(staged.chunks):
             ref = staged.chunks[index]
-            check = ref.check
-            if check is None or not self._current(check, info["kind"]):
-                check = ref.check = self._measure_staged(staged, ref, info["kind"])
-            if check.error is not None:
-                reason, detail = check.error
-                raise WireError(detail, reason=reason)
-            norm_sq += check.norm_sq
-            by_tensor.setdefault(ref.name, []).append(ref)
-        if not math.isfinite(norm_sq):
-            raise RejectedUpdate(f"update {info['update_id']} has an infinite norm", reason="norm_bound")
-        for refs in by_tensor.values():
-            refs.sort(key=lambda r: r.offset)
-        return _Complete(
-            staged,
-            info["update_id"],
-            staged.user,
-            info["base_version"],
-            info["num_samples"],
-            info["kind"],
-            norm_sq,
-            info["metrics"],
-            by_tensor,
+            if not admission.current(
+                ref.check, info.kind, norm_bound=self.s.norm_bound, version=self.state.version
+            ):
+                ref.check = self._measure(self.staging.read(staged, ref), info.kind)
+        return admission.admitted(staged, info)
+
+    def _measure(self, msg: wire.Message, kind: str) -> admission.Check:
+        return admission.measure(
+            msg,
+            kind,
+            model=self.model,
+            norm_bound=self.s.norm_bound,
+            version=self.state.version,
+            device=self.s.device,
         )
-
-    # decoding -----------------------------------------------------------------------------------------------
-    def _check_chunk(self, staged: Staged, msg: wire.Message) -> Check:
-        """Check a chunk as it arrives: its error, or its squared norm (for the kind known so far)."""
-        kind = "full" if (staged.manifest or {}).get("kind") == "full" else "delta"
-        return self._measure(msg, kind)
-
-    def _measure_staged(self, staged: Staged, ref: ChunkRef, kind: str) -> Check:
-        return self._measure(self.staging.read(staged, ref), kind)
-
-    def _measure(self, msg: wire.Message, kind: str) -> Check:
-        """The norm is wanted only for a norm bound; without one a chunk is just checked (quantized codecs by
-        their scales alone: measured on llama-3.2-1b nf4, 3.8 s of the aggregator's CPU during the transfer
-        went to norms). A delta's squared norm comes from the codec's ``sq_norm`` (no full decode for
-        quantized codecs); a full update's is of x_client - x_global, which needs the decoded values."""
-        try:
-            if self.s.norm_bound.bound <= 0:
-                wire.check_chunk(msg, self.s.device)
-                norm_sq = 0.0
-            elif kind == "full":
-                values = wire.decode_tensor(msg, self.s.device)
-                values = values - self.model[msg.name].reshape(-1)[msg.offset : msg.offset + values.numel()]
-                norm_sq = sum_sq(values)
-            else:
-                norm_sq = wire.chunk_sq_norm(msg, self.s.device)
-        except WireError as exc:
-            return Check(error=(exc.reason, str(exc)))
-        return Check(norm_sq=norm_sq, kind=kind, version=self.version)
-
-    def _current(self, check: Check, kind: str) -> bool:
-        """Whether a chunk's note still holds: errors, delta norms and (without a norm bound) plain checks
-        always; a full update's norm only while the global it was measured against is current."""
-        if check.error is not None or self.s.norm_bound.bound <= 0:
-            return True
-        return check.kind == kind and (kind == "delta" or check.version == self.version)
-
-    def _windows(self, entries: list[tuple[PlanEntry, _Complete]]) -> Iterator[_Window]:
-        """The plan's fold windows, each with the pieces of the planned updates that overlap it. Windows are
-        disjoint slices of the model, so they can be folded in any order, or at once."""
-        for name in self.shapes:
-            flat = self.model[name].view(-1)
-            parts = [(entry, c, c.by_tensor.get(name, [])) for entry, c in entries]
-            for lo, hi in _windows(flat.numel(), [refs for _, _, refs in parts]):
-                pieces = [
-                    (entry.factor, c, ref)
-                    for entry, c, refs in parts
-                    for ref in refs
-                    if max(ref.offset, lo) < min(ref.offset + ref.count, hi)
-                ]
-                yield flat, lo, hi, pieces
-
-    def _fold_window(
-        self,
-        flat: torch.Tensor,
-        lo: int,
-        hi: int,
-        pieces: list[tuple[float, _Complete, ChunkRef]],
-        scale: float,
-        acc: Accumulator,
-    ) -> int:
-        """x[lo:hi] += scale · Σ fᵢ Δᵢ[lo:hi]; returns the number of update elements folded.
-
-        A delta chunk that lies inside the window is decoded straight into its sum (``wire.add_tensor``: no
-        decoded copy, measured 2.4x faster than decode-then-add for nf4); a lone delta chunk that is the
-        window goes straight into the model. Otherwise the window buffer sums the updates first, so that the
-        model is written once per window however many updates there are.
-        """
-        if len(pieces) == 1:
-            factor, c, ref = pieces[0]
-            if c.kind == "delta" and (ref.offset, ref.offset + ref.count) == (lo, hi):
-                wire.add_tensor(self.staging.read(c.staged, ref), flat[lo:hi], scale * factor)
-                return hi - lo
-        window = acc.window(hi - lo)
-        folded = 0
-        for factor, c, ref in pieces:
-            start, end = max(ref.offset, lo), min(ref.offset + ref.count, hi)
-            if c.kind == "delta" and (start, end) == (ref.offset, ref.offset + ref.count):
-                wire.add_tensor(self.staging.read(c.staged, ref), window[start - lo : end - lo], factor)
-            else:
-                values = self._decode(c.staged, ref, c.kind)[start - ref.offset : end - ref.offset]
-                window[start - lo : end - lo].add_(values, alpha=factor)
-            folded += end - start
-        flat[lo:hi].add_(window, alpha=scale)
-        return folded
-
-    def _decode(self, staged: Staged, ref: ChunkRef, kind: str) -> torch.Tensor:
-        """A staged chunk as a delta slice on the fold device (full weights minus the current global)."""
-        msg = self.staging.read(staged, ref)
-        values = wire.decode_tensor(msg, self.s.device)
-        if kind == "full":
-            values = values - self.model[ref.name].reshape(-1)[ref.offset : ref.offset + ref.count]
-        return values
 
     def _expire(self) -> None:
         """Drop incomplete streams that got no message for the update timeout: they contribute nothing.
@@ -514,153 +350,87 @@ class Aggregator:
                     self.s.update_timeout,
                 )
                 metrics.UPDATES.labels(ROLE, "dropped_incomplete").inc()
-                self.expired.add(stream)
+                self.state.expired.add(stream)
                 self.staging.remove(stream)
 
     # coordination -------------------------------------------------------------------------------------------
-    def _control(self, shard: int, body: dict[str, Any]) -> None:
+    def _control(self, shard: int, message: protocol.Control) -> None:
         self.t.publish(
             self.s.names.control_exchange,
             self.s.names.shard_key(shard),
-            json.dumps(body).encode(),
+            protocol.encode_control(message),
             persistent=True,
         )
 
-    def _report_committed(self, c: _Complete) -> None:
-        report = {
-            "type": "committed",
-            "shard": self.s.shard,
-            "update_id": c.update_id,
-            "client": c.client,
-            "base_version": c.base_version,
-            "num_samples": c.num_samples,
-            "norm_sq": c.norm_sq,
-        }
-        if self.leader:
-            self._on_committed(report, journal=False)
+    def _report_committed(self, c: Admitted) -> None:
+        report = Committed(self.s.shard, c.update_id, c.client, c.base_version, c.num_samples, c.norm_sq)
+        if self.leader is not None:
+            self.leader.committed(report, self.state.finished_updates, journal=False, now=time.monotonic())
         else:
             self._control(0, report)
             self.t.flush()
 
     def _report_stepped(self) -> None:
-        if self.leader:
-            self._on_stepped(self.s.shard, self.version, self.published_at)
+        report = Stepped(self.s.shard, self.state.version, self.state.published_at)
+        if self.leader is not None:
+            self._on_stepped(report)
         else:
-            self._control(
-                0,
-                {
-                    "type": "stepped",
-                    "shard": self.s.shard,
-                    "version": self.version,
-                    "published_at": self.published_at,
-                },
-            )
+            self._control(0, report)
             self.t.flush()
 
+    def _on_stepped(self, report: Stepped) -> None:
+        assert self.leader is not None
+        announce = self.leader.on_stepped(report, self.state.version, self.state.announced)
+        if announce is not None:
+            self._announce(announce)
+
     def _on_control(self, delivery: Delivery) -> None:
-        try:
-            body = json.loads(delivery.body)
-            kind = body["type"]
-        except (ValueError, KeyError, TypeError):
-            raise StreamError(
-                "control message is not a fedq control document", reason="bad_control"
-            ) from None
-        try:
-            if kind == "plan" and not self.leader:
-                self._on_plan(Plan.from_json(body["plan"]))
-            elif kind == "committed" and self.leader:
-                self._on_committed(body, journal=True)
-            elif kind == "stepped" and self.leader:
-                self._on_stepped(int(body["shard"]), int(body["version"]), float(body["published_at"]))
+        message = protocol.parse_control(delivery.body)
+        check_route(message, self.s.shard)
+        if isinstance(message, Plan):
+            if follow(message, self.state.version):
+                self._apply(message)
             else:
-                raise StreamError(
-                    f"control message {kind!r} is not for shard {self.s.shard}", reason="bad_control"
-                )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StreamError(f"control message {kind!r} is malformed: {exc}", reason="bad_control") from None
+                self._report_stepped()  # a replayed plan: the leader is waiting to hear it again
+        elif isinstance(message, Committed):
+            assert self.leader is not None
+            self.leader.committed(message, self.state.finished_updates, journal=True, now=time.monotonic())
+        else:
+            self._on_stepped(message)
         self.t.ack(delivery)
 
-    def _on_committed(self, report: dict[str, Any], *, journal: bool) -> None:
-        assert self.planner is not None
-        if report["update_id"] in self.finished_updates:
-            return
-        if journal:
-            self._journal({"committed": report})
-        self.planner.committed(
-            int(report["shard"]),
-            str(report["update_id"]),
-            client=str(report["client"]),
-            base_version=int(report["base_version"]),
-            num_samples=int(report["num_samples"]),
-            norm_sq=float(report["norm_sq"]),
-            now=time.monotonic(),
-        )
-
-    def _on_stepped(self, shard: int, version: int, published_at: float) -> None:
-        if version <= self.announced:
-            return
-        self.stepped.setdefault(version, {})[shard] = published_at
-        if version == self.version and len(self.stepped[version]) == self.s.shards:
-            self._announce(version, min(self.stepped.pop(version).values()))
-
     def _maybe_plan(self) -> None:
-        assert self.planner is not None
-        if self.announced < self.version or (self.s.max_versions and self.version >= self.s.max_versions):
-            return
-        plan = self.planner.plan(time.monotonic())
-        if plan is None:
-            return
-        self._journal({"plan": plan.to_json()})
-        self._send_plan(plan)
-        self._apply(plan)
+        assert self.leader is not None
+        plan = self.leader.plan(
+            time.monotonic(),
+            version=self.state.version,
+            announced=self.state.announced,
+            max_versions=self.s.max_versions,
+        )
+        if plan is not None:
+            self._send_plan(plan)
+            self._apply(plan)
 
     def _send_plan(self, plan: Plan) -> None:
         for shard in range(1, self.s.shards):
-            self._control(shard, {"type": "plan", "plan": plan.to_json()})
+            self._control(shard, plan)
         self.t.flush()
 
-    def _on_plan(self, plan: Plan) -> None:
-        if plan.version <= self.version:
-            self._report_stepped()  # a replayed plan: the leader is waiting to hear it again
-            return
-        if plan.version != self.version + 1:
-            raise StreamError(
-                f"plan for version {plan.version} at version {self.version}", reason="version_gap"
-            )
-        self._apply(plan)
-
-    # the leader's journal -----------------------------------------------------------------------------------
-    def _journal(self, entry: dict[str, Any]) -> None:
-        with open(self.dir / JOURNAL, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
     def _replay_journal(self) -> None:
-        assert self.planner is not None
-        try:
-            lines = (self.dir / JOURNAL).read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
-        pending: Plan | None = None
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                break  # a torn last line: it was never acted on
-            if "committed" in entry:
-                self._on_committed(entry["committed"], journal=False)
-            elif "plan" in entry:
-                plan = Plan.from_json(entry["plan"])
-                if plan.version > self.version:
-                    pending = plan
-        if pending is not None:
-            log.info("shard 0: re-applying journaled plan for version %d", pending.version)
-            self.planner.apply(pending, time.monotonic())
-            self._send_plan(pending)
-            self._apply(pending)
-        elif self.announced < self.version and self.last_plan is not None:
-            self._send_plan(self.last_plan)  # ask the other shards to report "stepped" again
+        assert self.leader is not None
+        replay = self.leader.replay(
+            version=self.state.version,
+            announced=self.state.announced,
+            last_plan=self.state.last_plan,
+            finished_updates=self.state.finished_updates,
+            now=time.monotonic(),
+        )
+        if replay.reapply is not None:
+            log.info("shard 0: re-applying journaled plan for version %d", replay.reapply.version)
+            self._send_plan(replay.reapply)
+            self._apply(replay.reapply)
+        elif replay.resend is not None:
+            self._send_plan(replay.resend)  # ask the other shards to report "stepped" again
 
     # the step -----------------------------------------------------------------------------------------------
     def _apply(self, plan: Plan) -> None:
@@ -677,14 +447,7 @@ class Aggregator:
                 )
             entries.append((entry, c))
         t0 = time.perf_counter()
-        local = threading.local()  # each fold thread's window sums, reused from window to window
-
-        def fold(window: _Window) -> int:
-            if not hasattr(local, "acc"):
-                local.acc = Accumulator({}, self.s.device)
-            return self._fold_window(*window, plan.scale, local.acc)
-
-        folded = sum(ordered_map(fold, self._windows(entries), self.fold_threads, "fedq-fold"))
+        folded = self.folder.fold(entries, plan.scale)
         fold_seconds = time.perf_counter() - t0
         device = self.s.device.type
         metrics.FOLDED_PARAMS.labels(device).inc(folded)
@@ -707,17 +470,18 @@ class Aggregator:
             plan.scale,
         )
         covered = [c for _, c in entries] + [self.complete[u] for u, _ in plan.dropped if u in self.complete]
-        self.version = plan.version
-        self.last_plan = plan
-        self.finished |= {c.staged.stream for c in covered}
-        self.finished_updates |= {c.update_id for c in covered}
-        self._checkpoint(planner_state=self.planner.state() if self.planner else {})
+        st = self.state
+        st.version = plan.version
+        st.last_plan = plan
+        st.finished |= {c.staged.stream for c in covered}
+        st.finished_updates |= {c.update_id for c in covered}
+        self._save()
         for c in covered:
             self.complete.pop(c.update_id, None)
             self.staging.remove(c.staged.stream)
-        if self.leader:
-            (self.dir / JOURNAL).unlink(missing_ok=True)
-        metrics.MODEL_VERSION.labels(self.shard_label).set(self.version)
+        if self.leader is not None:
+            self.leader.applied()
+        metrics.MODEL_VERSION.labels(self.shard_label).set(st.version)
         metrics.MODEL_VERSION_TIME.labels(self.shard_label).set(time.time())
         metrics.UPDATES_PER_VERSION.labels(self.shard_label).set(len(entries))
         metrics.VERSION_SECONDS.observe(time.monotonic() - self.version_time)
@@ -727,7 +491,7 @@ class Aggregator:
 
     def _export_metrics(self, client: str, values: dict[str, float]) -> None:
         """Client metrics as gauges, at most ``MAX_CLIENT_METRICS`` names per client (names already passed
-        ``METRIC_NAME`` in ``_update_meta``): label cardinality stays bounded whatever clients send."""
+        ``protocol.METRIC_NAME``): label cardinality stays bounded whatever clients send."""
         names = self.client_metrics.setdefault(client, set())
         for key, value in values.items():
             if key not in names:
@@ -736,86 +500,50 @@ class Aggregator:
                 names.add(key)
             metrics.CLIENT_METRIC.labels(client, key).set(value)
 
-    def _checkpoint(self, planner_state: dict[str, Any]) -> None:
-        checkpoint.save(self.dir, self.version, self.model, self._state(planner_state))
-        # the checkpoint lists refused streams among the finished ones; so does memory from now on, as after a
-        # restart from this checkpoint (their late messages are acked without effect either way)
-        self.finished |= self.rejected
-        self.rejected.clear()
-
-    def _state(self, planner_state: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "shard": self.s.shard,
-            "shards": self.s.shards,
-            "finished": sorted(self.finished | self.rejected),
-            "finished_updates": sorted(self.finished_updates),
-            "expired": sorted(self.expired),
-            "published": self.published,
-            "published_at": self.published_at,
-            "announced": self.announced,
-            "planner": planner_state,
-            "last_plan": self.last_plan.to_json() if self.last_plan else None,
-        }
+    def _save(self) -> None:
+        """The shard's checkpoint: the model of the current version and the state, atomically."""
+        if self.leader is not None:
+            self.state.planner = self.leader.planner.state()
+        self.state.save(self.dir, self.model)
 
     # distribution -------------------------------------------------------------------------------------------
     def _publish_model(self) -> None:
         """This shard's part of the current version as a container stream on the models exchange."""
-        self.published_at = time.time()
+        st = self.state
+        st.published_at = time.time()
         send_container(
             self.t,
             self.s.names.models_exchange,
             "",
             self.model,
-            stream=f"model/v{self.version}/s{self.s.shard}",
+            stream=protocol.model_stream(st.version, self.s.shard),
             role=ROLE,
-            meta={
-                "version": self.version,
-                "shard": self.s.shard,
-                "shards": self.s.shards,
-                "config": self.s.client_config,
-            },
+            meta=protocol.model_meta(st.version, self.s.shard, self.s.shards, self.s.client_config),
             chunk_bytes=self.s.chunk_bytes,
         )
         self.t.flush()
-        self.published = self.version
-        checkpoint.write_state(
-            self.dir,
-            {
-                **self._state(self.planner.state() if self.planner else {}),
-                "version": self.version,
-                "model": f"model-v{self.version}.safetensors",
-            },
-        )
+        st.published = st.version
+        self._save()
         log.info(
-            "shard %d: version %d published on %s", self.s.shard, self.version, self.s.names.models_exchange
+            "shard %d: version %d published on %s", self.s.shard, st.version, self.s.names.models_exchange
         )
 
-    def _announce(self, version: int, models_from: float) -> None:
+    def _announce(self, announce: Announce) -> None:
         exchange, _ = versions_names(self.s.names)
-        meta = {
-            "version": version,
-            "shards": self.s.shards,
-            "models_from": models_from,
-            "tensors": [[name, list(shape)] for name, shape in self.all_shapes.items()],
-            "strategy": self.s.strategy.config(),
-            "config": self.s.client_config,
-            # the last version of a run with --max-versions: clients stop instead of waiting for another
-            "final": bool(self.s.max_versions) and version >= self.s.max_versions,
-        }
-        self.t.publish(
-            exchange, "", wire.encode_control(wire.MANIFEST, f"version/v{version}", meta), persistent=True
-        )
+        body = protocol.Announcement(
+            announce.version,
+            self.s.shards,
+            announce.models_from,
+            list(self.all_shapes.items()),
+            self.s.strategy.config(),
+            self.s.client_config,
+            final=bool(self.s.max_versions) and announce.version >= self.s.max_versions,
+        ).encode()
+        self.t.publish(exchange, "", body, persistent=True)
         self.t.flush()
-        self.announced = version
-        checkpoint.write_state(
-            self.dir,
-            {
-                **self._state(self.planner.state() if self.planner else {}),
-                "version": self.version,
-                "model": f"model-v{self.version}.safetensors",
-            },
-        )
-        log.info("version %d announced (%d shards)", version, self.s.shards)
+        self.state.announced = announce.version
+        self._save()
+        log.info("version %d announced (%d shards)", announce.version, self.s.shards)
 
 
 # helpers ----------------------------------------------------------------------------------------------------
@@ -823,100 +551,3 @@ def _shard_shapes(shapes: dict[str, tuple[int, ...]], shard: int, shards: int) -
     sizes = {name: math.prod(shape) * 4 for name, shape in shapes.items()}
     assignment = shard_of(sizes, shards)
     return {name: shape for name, shape in shapes.items() if assignment[name] == shard}
-
-
-def _is_complete(staged: Staged) -> bool:
-    if staged.manifest is None or staged.commit is None:
-        return False
-    total = staged.manifest.get("chunks")
-    return isinstance(total, int) and len(staged.chunks) >= total
-
-
-def _manifest(staged_stream: str, meta: dict[str, Any]) -> Manifest:
-    return Manifest.from_message(wire.Message(kind=wire.MANIFEST, stream=staged_stream, meta=meta))
-
-
-def _update_meta(manifest: Manifest) -> dict[str, Any]:
-    """The caller meta of an update manifest, type-checked (it is untrusted)."""
-    meta = manifest.meta
-    update_id, base, samples = meta.get("update_id"), meta.get("base_version"), meta.get("num_samples", 1)
-    kind = meta.get("kind", "delta")
-    if not isinstance(update_id, str) or not update_id:
-        raise RejectedUpdate("manifest has no update_id", reason="bad_manifest")
-    if (
-        not isinstance(base, int)
-        or isinstance(base, bool)
-        or base < 0
-        or not isinstance(samples, int)
-        or isinstance(samples, bool)
-        or samples < 0
-    ):
-        raise RejectedUpdate(
-            "manifest base_version/num_samples must be non-negative integers", reason="bad_manifest"
-        )
-    if kind not in ("delta", "full"):
-        raise RejectedUpdate(f"update kind {kind!r}: expected delta or full", reason="bad_manifest")
-    raw_metrics = meta.get("metrics") or {}
-    if not isinstance(raw_metrics, dict):
-        raise RejectedUpdate("manifest metrics must be a map", reason="bad_manifest")
-    clean: dict[str, float] = {}
-    for k, v in raw_metrics.items():
-        if len(clean) >= MAX_CLIENT_METRICS:
-            break
-        if (
-            isinstance(k, str)
-            and METRIC_NAME.fullmatch(k)
-            and isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and math.isfinite(v)
-        ):
-            clean[k] = float(v)
-    return {
-        "update_id": update_id,
-        "base_version": base,
-        "num_samples": samples,
-        "kind": kind,
-        "metrics": clean,
-    }
-
-
-def _check_commit(staged: Staged, manifest: Manifest) -> None:
-    """The commit declares the manifest's chunk count (a stream is complete by the manifest's count)."""
-    declared = (staged.commit or {}).get("chunks")
-    if not isinstance(declared, int) or isinstance(declared, bool) or declared != manifest.chunks:
-        raise StreamError(
-            f"stream {staged.stream}: commit of {declared!r:.40} chunks, manifest {manifest.chunks}",
-            reason="commit_mismatch",
-        )
-
-
-def _check_coverage(staged: Staged, manifest: Manifest) -> None:
-    """Chunk i is exactly the slice the manifest assigns to index i, with the manifest's dtype and codec, and
-    there is no other chunk."""
-    for index, ref in staged.chunks.items():
-        if index >= manifest.chunks:
-            raise RejectedUpdate(f"chunk {index} of a {manifest.chunks}-chunk stream", reason="bad_manifest")
-        entry = manifest.entry_for(index)
-        if (ref.name, ref.shape, (ref.offset, ref.count)) != (entry.name, entry.shape, entry.slice_of(index)):
-            raise RejectedUpdate(
-                f"chunk {index} ({ref.name} {ref.offset}+{ref.count}) is not the slice the manifest assigns",
-                reason="bad_manifest",
-            )
-        if (ref.dtype, ref.codec) != (wire.DTYPE_NAMES[entry.dtype], entry.codec):
-            raise RejectedUpdate(
-                f"chunk {index} of {ref.name} is {ref.dtype}/{ref.codec}, the manifest says "
-                f"{wire.DTYPE_NAMES[entry.dtype]}/{entry.codec}",
-                reason="bad_manifest",
-            )
-
-
-def _windows(numel: int, parts: list[list[ChunkRef]]) -> list[tuple[int, int]]:
-    """The fold windows of one tensor: the chunk slices of the planned update with the largest chunks (every
-    complete update covers the tensor exactly, so these cover it too; another update's chunk then overlaps at
-    most two windows). None when no planned update has this tensor."""
-    widest = max(parts, key=lambda refs: max((r.count for r in refs), default=0), default=[])
-    if not widest:
-        return []
-    windows = [(r.offset, r.offset + r.count) for r in widest]
-    assert windows[0][0] == 0 and windows[-1][1] == numel, "a complete update covers its tensors"
-    return windows

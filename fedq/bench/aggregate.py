@@ -36,6 +36,7 @@ import torch
 from fedq import wire
 from fedq.bench.stream import SHAPES, delete_namespace, raw_receive, raw_send, run_pair
 from fedq.codecs import get_codec
+from fedq.protocol import UpdateMeta, update_stream
 from fedq.safetensors import SafetensorsWriter, TensorSpec
 from fedq.streaming import send_container
 from fedq.topology import Names
@@ -170,8 +171,8 @@ def _one_run(
                     names.updates_exchange,
                     names.shard_key(0),
                     delta,
-                    stream=f"update/bench-{i}/s0",
-                    meta={"update_id": f"bench-{i}", "base_version": 0, "kind": "delta", "num_samples": 1},
+                    stream=update_stream("bench", f"bench-{i}", 0),
+                    meta=UpdateMeta(f"bench-{i}", 0).to_meta(),
                     codec_for=lambda name, t: codec,
                     chunk_bytes=args.chunk_bytes,
                 )

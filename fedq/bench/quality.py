@@ -34,6 +34,7 @@ from fedq import wire
 from fedq.aggregation.accumulator import Accumulator
 from fedq.aggregation.strategies import Candidate, FedAvg
 from fedq.codecs import ErrorFeedback
+from fedq.protocol import UpdateMeta, update_stream
 from fedq.streaming import iter_container
 from workers import gpt, shakespeare
 
@@ -185,17 +186,11 @@ class _LocalClient:
         )
         gpt.train_steps(self.model, self.optimizer, batches)
         update_id = uuid.uuid4().hex
-        meta = {
-            "update_id": update_id,
-            "client": self.name,
-            "base_version": version,
-            "kind": "delta",
-            "num_samples": self.num_samples,
-        }
+        meta = UpdateMeta(update_id, version, self.num_samples, client=self.name)
         return iter_container(
             fedq_client.delta(fedq_client.tensors_of(self.model, trainable_only=False), base),
-            stream=f"{self.name}/{update_id}/s0",
-            meta=meta,
+            stream=update_stream(self.name, update_id, 0),
+            meta=meta.to_meta(),
             codec_for=self.codec_for,
             feedback=self.feedback,
         )

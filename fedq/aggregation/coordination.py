@@ -1,0 +1,142 @@
+"""Leader and follower bookkeeping between aggregator shards; every method returns a decision, none does
+I/O on the broker.
+
+Shard 0 leads: it collects "committed" reports (a shard holds its complete slice of an update) into its
+``Planner``, decides each version's plan, and announces a version once every shard reported "stepped" to it.
+The leader journals what it learned before acting on it (``leader.journal``: one JSON document per line,
+fsynced), so a restart replays the reports and re-applies a plan that was decided but not checkpointed. The
+service carries the decisions out: it sends plans and reports on the control exchange, applies plans and
+publishes announcements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedq.aggregation.planner import Planner
+from fedq.errors import StreamError
+from fedq.protocol import Committed, Control, Plan, Stepped
+
+JOURNAL = "leader.journal"
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Announce ``version``: every shard has published it, the earliest from ``models_from`` on."""
+
+    version: int
+    models_from: float
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a restarted leader does: re-apply ``reapply`` (decided, not checkpointed; every shard gets it
+    again) or send ``resend`` again (applied, but not every shard may have reported "stepped")."""
+
+    reapply: Plan | None = None
+    resend: Plan | None = None
+
+
+def check_route(message: Control, shard: int) -> None:
+    """Plans go to followers, reports to the leader; anything else is refused."""
+    to_leader = isinstance(message, Committed | Stepped)
+    if to_leader != (shard == 0):
+        kind = type(message).__name__.lower()
+        raise StreamError(f"control message {kind!r} is not for shard {shard}", reason="bad_control")
+
+
+def follow(plan: Plan, version: int) -> bool:
+    """A follower's answer to a plan: True to apply it, False when it is applied already (report "stepped"
+    again: the leader is waiting to hear it)."""
+    if plan.version <= version:
+        return False
+    if plan.version != version + 1:
+        raise StreamError(f"plan for version {plan.version} at version {version}", reason="version_gap")
+    return True
+
+
+class Leader:
+    """Shard 0's view of the federation: the planner, the shards' "stepped" reports, the journal."""
+
+    def __init__(self, directory: Path, planner: Planner, shards: int) -> None:
+        self.journal_path = directory / JOURNAL
+        self.planner = planner
+        self.shards = shards
+        self.stepped: dict[int, dict[int, float]] = {}  # version -> shard -> models-stream time
+
+    def committed(self, report: Committed, finished_updates: set[str], *, journal: bool, now: float) -> None:
+        """Record a shard's report (journaled first when it came over the broker)."""
+        if report.update_id in finished_updates:
+            return
+        if journal:
+            self._journal({"committed": report.to_json()})
+        self.planner.committed(
+            report.shard,
+            report.update_id,
+            client=report.client,
+            base_version=report.base_version,
+            num_samples=report.num_samples,
+            norm_sq=report.norm_sq,
+            now=now,
+        )
+
+    def on_stepped(self, report: Stepped, version: int, announced: int) -> Announce | None:
+        """The announcement that is due once every shard has stepped to the current version, if any."""
+        if report.version <= announced:
+            return None
+        self.stepped.setdefault(report.version, {})[report.shard] = report.published_at
+        if report.version == version and len(self.stepped[report.version]) == self.shards:
+            return Announce(report.version, min(self.stepped.pop(report.version).values()))
+        return None
+
+    def plan(self, now: float, *, version: int, announced: int, max_versions: int) -> Plan | None:
+        """The next version's plan, journaled, once the last one is announced and the strategy is ready."""
+        if announced < version or (max_versions and version >= max_versions):
+            return None
+        plan = self.planner.plan(now)
+        if plan is not None:
+            self._journal({"plan": plan.to_json()})
+        return plan
+
+    def applied(self) -> None:
+        """A plan's version is checkpointed: the journal's reports and plan are in the state now."""
+        self.journal_path.unlink(missing_ok=True)
+
+    def replay(
+        self, *, version: int, announced: int, last_plan: Plan | None, finished_updates: set[str], now: float
+    ) -> Replay:
+        """Feed the journal's reports to the planner again; the plan to re-apply or to resend."""
+        try:
+            lines = self.journal_path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        pending: Plan | None = None
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break  # a torn last line: it was never acted on
+            if "committed" in entry:
+                self.committed(
+                    Committed.from_json(entry["committed"]), finished_updates, journal=False, now=now
+                )
+            elif "plan" in entry:
+                plan = Plan.from_json(entry["plan"])
+                if plan.version > version:
+                    pending = plan
+        if pending is not None:
+            self.planner.apply(pending, now)
+            return Replay(reapply=pending)
+        if announced < version and last_plan is not None:
+            return Replay(resend=last_plan)
+        return Replay()
+
+    def _journal(self, entry: dict[str, Any]) -> None:
+        with open(self.journal_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,320 @@
+"""Every message between clients and aggregators, defined once: built here, parsed and validated here.
+
+The wire format (``fedq.wire``) frames bytes and the container streams (``fedq.streaming``) carry tensors;
+this module owns what those frames *mean* between the two sides of a federation:
+
+- **stream ids**: an update's container stream per shard, a model version's stream per shard, a version's
+  announcement;
+- **update metadata**: what a client's update manifest says besides its tensors (``UpdateMeta``);
+- **announcements**: the small message on the versions stream that tells clients a version is ready;
+- **control messages** between aggregator shards: ``Committed`` and ``Stepped`` reports to the leader, and the
+  leader's ``Plan``.
+
+Everything that arrives is untrusted: each ``parse`` checks types and bounds and raises a typed error with
+a reason slug (``RejectedUpdate`` "bad_manifest" for update metadata, ``StreamError`` "bad_announcement" /
+"bad_control" for the others), never ``KeyError`` or ``TypeError``. Builders are the only places that write
+these fields, so a field renamed here is renamed for both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fedq import wire
+from fedq.errors import RejectedUpdate, StreamError, WireError
+
+UPDATE_KINDS = ("delta", "full")
+# Client metrics become Prometheus label values: bounded so that no client can blow up the label cardinality.
+MAX_CLIENT_METRICS = 8  # metric names per update (and per client and process lifetime, see the aggregator)
+METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]{0,31}")
+
+
+# stream ids -------------------------------------------------------------------------------------------------
+def update_stream(client: str, update_id: str, shard: int) -> str:
+    """The container stream of one shard's part of an update."""
+    return f"{client}/{update_id}/s{shard}"
+
+
+def model_stream(version: int, shard: int) -> str:
+    """The container stream of one shard's part of a model version on the models stream."""
+    return f"model/v{version}/s{shard}"
+
+
+def version_stream(version: int) -> str:
+    """The stream id of a version's announcement on the versions stream."""
+    return f"version/v{version}"
+
+
+# update metadata --------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """What an update's manifest says besides its tensors (the ``meta`` of ``streaming.Manifest``).
+
+    ``client`` is informative only: the aggregator attributes an update to the broker-validated ``user_id`` of
+    its messages, never to this field.
+    """
+
+    update_id: str
+    base_version: int
+    num_samples: int = 1
+    kind: str = "delta"
+    metrics: dict[str, float] = field(default_factory=dict)
+    client: str | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "update_id": self.update_id,
+            "base_version": self.base_version,
+            "kind": self.kind,
+            "num_samples": self.num_samples,
+        }
+        if self.client is not None:
+            meta["client"] = self.client
+        if self.metrics:
+            meta["metrics"] = dict(self.metrics)
+        return meta
+
+    @classmethod
+    def parse(cls, meta: Mapping[str, Any]) -> UpdateMeta:
+        """The update metadata of an untrusted manifest, type-checked; RejectedUpdate("bad_manifest")."""
+        update_id, base, samples = meta.get("update_id"), meta.get("base_version"), meta.get("num_samples", 1)
+        kind = meta.get("kind", "delta")
+        if not isinstance(update_id, str) or not update_id:
+            raise RejectedUpdate("manifest has no update_id", reason="bad_manifest")
+        if (
+            not (isinstance(base, int) and isinstance(samples, int))
+            or not _is_int(base)
+            or not _is_int(samples)
+        ):
+            raise RejectedUpdate(
+                "manifest base_version/num_samples must be non-negative integers", reason="bad_manifest"
+            )
+        if base < 0 or samples < 0:
+            raise RejectedUpdate(
+                "manifest base_version/num_samples must be non-negative integers", reason="bad_manifest"
+            )
+        if kind not in UPDATE_KINDS:
+            raise RejectedUpdate(f"update kind {kind!r:.40}: expected delta or full", reason="bad_manifest")
+        raw_metrics = meta.get("metrics") or {}
+        if not isinstance(raw_metrics, dict):
+            raise RejectedUpdate("manifest metrics must be a map", reason="bad_manifest")
+        client = meta.get("client")
+        return cls(
+            update_id,
+            base,
+            samples,
+            kind,
+            _clean_metrics(raw_metrics),
+            client if isinstance(client, str) else None,
+        )
+
+
+def _clean_metrics(raw: dict[Any, Any]) -> dict[str, float]:
+    """At most ``MAX_CLIENT_METRICS`` finite numbers under names that are valid metric label values; the rest
+    is ignored (a client's metrics are informative: a bad one does not cost the update)."""
+    clean: dict[str, float] = {}
+    for k, v in raw.items():
+        if len(clean) >= MAX_CLIENT_METRICS:
+            break
+        if (
+            isinstance(k, str)
+            and METRIC_NAME.fullmatch(k)
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+        ):
+            clean[k] = float(v)
+    return clean
+
+
+# model streams and announcements ----------------------------------------------------------------------------
+def model_meta(version: int, shard: int, shards: int, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The caller meta of a model stream's manifest."""
+    return {"version": version, "shard": shard, "shards": shards, "config": dict(config)}
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """Version ``version`` is complete on the models stream from ``models_from`` (a Unix time) on."""
+
+    version: int
+    shards: int
+    models_from: float
+    tensors: list[tuple[str, tuple[int, ...]]]
+    strategy: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    # the last version of a run with --max-versions: clients stop instead of waiting for another
+    final: bool = False
+
+    def encode(self) -> bytes:
+        meta = {
+            "version": self.version,
+            "shards": self.shards,
+            "models_from": self.models_from,
+            "tensors": [[name, list(shape)] for name, shape in self.tensors],
+            "strategy": self.strategy,
+            "config": self.config,
+            "final": self.final,
+        }
+        return wire.encode_control(wire.MANIFEST, version_stream(self.version), meta)
+
+    @classmethod
+    def parse(cls, body: bytes) -> Announcement:
+        """An announcement from the versions stream; StreamError("bad_announcement") if it is not one."""
+        try:
+            msg = wire.decode(body)
+        except WireError as exc:
+            raise StreamError(f"unreadable version announcement: {exc}", reason="bad_announcement") from None
+        meta = msg.meta
+        version, shards, models_from, tensors = (
+            meta.get(k) for k in ("version", "shards", "models_from", "tensors")
+        )
+        if not (
+            msg.kind == wire.MANIFEST
+            and isinstance(version, int)
+            and _is_int(version)
+            and isinstance(shards, int)
+            and _is_int(shards)
+            and shards >= 1
+            and isinstance(models_from, int | float)
+            and not isinstance(models_from, bool)
+            and isinstance(tensors, list)
+            and all(_is_tensor_row(row) for row in tensors)
+        ):
+            raise StreamError(f"malformed version announcement {meta!r:.200}", reason="bad_announcement")
+        strategy, config = meta.get("strategy"), meta.get("config")
+        return cls(
+            version,
+            shards,
+            float(models_from),
+            [(str(name), tuple(shape)) for name, shape in tensors],
+            dict(strategy) if isinstance(strategy, dict) else {},
+            dict(config) if isinstance(config, dict) else {},
+            meta.get("final") is True,
+        )
+
+
+def _is_tensor_row(row: Any) -> bool:
+    return (
+        isinstance(row, list | tuple)
+        and len(row) == 2
+        and isinstance(row[0], str)
+        and isinstance(row[1], list | tuple)
+        and all(_is_int(d) and d >= 0 for d in row[1])
+    )
+
+
+# control messages between aggregator shards -----------------------------------------------------------------
+@dataclass
+class PlanEntry:
+    update_id: str
+    factor: float  # f_i = w_i · c_i
+    client: str
+    staleness: int
+    clipped: bool = False
+
+
+@dataclass
+class Plan:
+    """What every shard does to step from ``version - 1`` to ``version`` (decided by the leader's Planner)."""
+
+    version: int
+    scale: float
+    updates: list[PlanEntry]
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
+    rule: dict[str, Any] | None = None  # a window rule's config (``robust.Rule.config``): reduce the rows
+    dp: dict[str, Any] | None = None  # seed, std (noise of the step), epsilon, clip, next_clip, rate
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Plan:
+        return Plan(
+            version=int(data["version"]),
+            scale=float(data["scale"]),
+            updates=[PlanEntry(**e) for e in data["updates"]],
+            dropped=[(str(u), str(r)) for u, r in data["dropped"]],
+            rule=data.get("rule"),
+            dp=data.get("dp"),
+        )
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A shard holds its complete, valid slice of an update (to the leader)."""
+
+    shard: int
+    update_id: str
+    client: str
+    base_version: int
+    num_samples: int
+    norm_sq: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "committed", **asdict(self)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Committed:
+        return Committed(
+            int(data["shard"]),
+            str(data["update_id"]),
+            str(data["client"]),
+            int(data["base_version"]),
+            int(data["num_samples"]),
+            float(data["norm_sq"]),
+        )
+
+
+@dataclass(frozen=True)
+class Stepped:
+    """A shard has stepped to ``version`` and published it from ``published_at`` on (to the leader)."""
+
+    shard: int
+    version: int
+    published_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "stepped", **asdict(self)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Stepped:
+        return Stepped(int(data["shard"]), int(data["version"]), float(data["published_at"]))
+
+
+Control = Committed | Stepped | Plan
+
+
+def encode_control(message: Control) -> bytes:
+    """A control message's body on the control exchange."""
+    if isinstance(message, Plan):
+        return json.dumps({"type": "plan", "plan": message.to_json()}).encode()
+    return json.dumps(message.to_json()).encode()
+
+
+def parse_control(body: bytes) -> Control:
+    """A control message from its body; StreamError("bad_control") for anything else."""
+    try:
+        data = json.loads(body)
+        kind = data["type"]
+    except (ValueError, KeyError, TypeError):
+        raise StreamError("control message is not a fedq control document", reason="bad_control") from None
+    try:
+        if kind == "plan":
+            return Plan.from_json(data["plan"])
+        if kind == "committed":
+            return Committed.from_json(data)
+        if kind == "stepped":
+            return Stepped.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StreamError(f"control message {kind!r:.40} is malformed: {exc}", reason="bad_control") from None
+    raise StreamError(f"unknown control message {kind!r:.40}", reason="bad_control")

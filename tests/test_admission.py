@@ -1,0 +1,113 @@
+"""Admission decisions tested directly, without a broker (the way the Planner is): what is staged, ignored or
+refused, and why; who owns a stream; what a complete stream must satisfy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedq import wire
+from fedq.aggregation import admission
+from fedq.aggregation.staging import StagingArea
+from fedq.codecs import get_codec
+from fedq.errors import FedqError
+from fedq.protocol import UpdateMeta
+from fedq.streaming import iter_container
+
+SHAPES = {"w": (4, 8), "b": (8,)}
+
+
+def messages(stream: str, update_id: str = "u", *, base: int = 0, tensors: dict | None = None) -> list[bytes]:
+    tensors = tensors or {n: torch.ones(s) for n, s in SHAPES.items()}
+    meta = UpdateMeta(update_id, base).to_meta()
+    return list(
+        iter_container(
+            tensors, stream=stream, meta=meta, codec_for=lambda n, t: get_codec("fp32"), chunk_bytes=64
+        )
+    )
+
+
+def decide(area: StagingArea, body: bytes, user: str = "alice", **known: set[str]) -> admission.Decision:
+    return admission.admit(
+        wire.decode(body),
+        user,
+        shapes=SHAPES,
+        staged=area.streams,
+        finished=known.get("finished", set()),
+        expired=known.get("expired", set()),
+        update_timeout=60.0,
+    )
+
+
+def test_a_valid_stream_is_staged_and_complete(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path)
+    for body in messages("alice/u/s0"):
+        assert decide(area, body).action == admission.STAGE
+        area.append("alice", wire.decode(body), body)
+    staged = area.streams["alice/u/s0"]
+    assert admission.is_complete(staged)
+    _, info = admission.check_complete(
+        staged, version=0, max_staleness=1, finished_updates=set(), pending_updates=set()
+    )
+    for ref in staged.chunks.values():
+        ref.check = admission.Check()
+    assert admission.admitted(staged, info).client == "alice"
+
+
+def test_sender_must_be_validated() -> None:
+    with pytest.raises(FedqError) as info:
+        admission.sender(None)
+    assert info.value.reason == "unauthorised"
+
+
+def test_finished_streams_are_ignored_and_expired_ones_refused(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path)
+    body = messages("alice/u/s0")[1]
+    assert decide(area, body, finished={"alice/u/s0"}).action == admission.IGNORE
+    d = decide(area, body, expired={"alice/u/s0"})
+    assert (d.action, d.reason) == (admission.REFUSE, "expired")
+
+
+def test_unknown_tensors_and_shapes_are_refused(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path)
+    wrong = messages("alice/u/s0", tensors={"w": torch.ones(8, 4)})
+    assert decide(area, wrong[1]).reason == "shape_mismatch"
+    unknown = messages("alice/u/s0", tensors={"x": torch.ones(3)})
+    assert decide(area, unknown[1]).reason == "unknown_tensor"
+    d = decide(area, unknown[0])
+    assert (d.action, d.reason, d.forget) == (admission.REFUSE, "unknown_tensor", True)
+
+
+def test_a_stream_belongs_to_the_user_who_started_it(tmp_path: Path) -> None:
+    area = StagingArea(tmp_path)
+    first = messages("s")[0]
+    area.append("alice", wire.decode(first), first)
+    d = decide(area, messages("s")[1], user="mallory")
+    assert (d.action, d.reason) == (admission.REFUSE, "unauthorised")
+
+
+@pytest.mark.parametrize(
+    ("base", "finished", "pending", "reason"),
+    [
+        (0, set(), set(), "stale"),
+        (5, {"u"}, set(), "duplicate_update"),
+        (5, set(), {"u"}, "duplicate_update"),
+    ],
+)
+def test_complete_streams_are_checked_as_a_whole(
+    tmp_path: Path, base: int, finished: set[str], pending: set[str], reason: str
+) -> None:
+    area = StagingArea(tmp_path)
+    for body in messages("alice/u/s0", base=base):
+        area.append("alice", wire.decode(body), body)
+    with pytest.raises(FedqError) as info:
+        admission.check_complete(
+            area.streams["alice/u/s0"],
+            version=5,
+            max_staleness=2,
+            finished_updates=finished,
+            pending_updates=pending,
+        )
+    assert info.value.reason == reason
