@@ -373,7 +373,9 @@ def test_truncated_payloads_are_refused_before_any_allocation() -> None:
     [
         ((2048,), "nf4", "fp32"),  # a norm gain
         ((), "int8", "fp32"),
-        ((8, 500), "nf4", "fp32"),  # 4000 elements, below MIN_QUANTIZED_ELEMENTS
+        ((8, 500), "nf4", "nf4"),  # a LoRA matrix: small, but quantizing it saves bytes
+        ((4, 32), "int8", "int8"),  # 128 + 4 bytes instead of 512
+        ((1, 1), "nf4", "fp32"),  # block metadata would outweigh the values
         ((64, 64), "nf4", "nf4"),
         ((2048, 8192), "int8", "int8"),
         ((768,), "fp16", "fp16"),  # 16/32-bit codecs carry no metadata: kept whatever the size

@@ -82,8 +82,9 @@ def test_tied_weights_travel_once_and_land_in_every_alias(
 
 def test_peft_adapter_directory_and_adapter_names(amqp_url: str, namespace: str, tmp_path: Path) -> None:
     """A PEFT adapter directory is the global; a PeftModel's ``.default`` names match it; its base stays."""
-    with_lora(tiny_llama(seed=0)).save_pretrained(tmp_path / "adapter")  # type: ignore[operator]
-    model = with_lora(tiny_llama(seed=0))
+    lora = {"r": 8, "lora_alpha": 16}
+    with_lora(tiny_llama(seed=0, width=128), **lora).save_pretrained(tmp_path / "adapter")  # type: ignore[operator]
+    model = with_lora(tiny_llama(seed=0, width=128), **lora)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}
     with aggregator(amqp_url, namespace, tmp_path / "adapter", tmp_path / "state") as state_dir:
         with Client("full", amqp_url=amqp_url, namespace=namespace) as everything:
@@ -99,6 +100,9 @@ def test_peft_adapter_directory_and_adapter_names(amqp_url: str, namespace: str,
             client.receive(model, timeout=60)
             global_model = model_of(state_dir)
     assert sent.tensors == 4 and len(global_model) == 4
+    # LoRA compressed where it pays: measured 4.08x for this update, 0.90x while matrices under 4,096
+    # elements stayed fp32 (nf4 payloads plus manifest, chunk headers and commit)
+    assert sent.fp32_bytes > 3.5 * sent.wire_bytes
     assert all(".default." not in name and "lora_" in name for name in global_model)
     local = {n.replace(".default", ""): t for n, t in model.state_dict().items() if "lora_" in n}
     for name, tensor in global_model.items():  # nf4 with error feedback: the client holds the global

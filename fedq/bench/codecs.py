@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -70,9 +71,26 @@ def llama_3_2_1b_shapes() -> list[tuple[str, tuple[int, ...]]]:
     return [*shapes, ("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
 
 
+def lora_shapes(rank: int, width: int, layers: int = 4) -> list[tuple[str, tuple[int, ...]]]:
+    """LoRA adapters of ``rank`` on the q and v projections of ``layers`` ``width``-wide layers: A is
+    (rank, width), B (width, rank), as PEFT stores them."""
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for i in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            p = f"model.layers.{i}.self_attn.{proj}."
+            shapes += [(p + "lora_A.weight", (rank, width)), (p + "lora_B.weight", (width, rank))]
+    return shapes
+
+
 SHAPES: dict[str, Callable[[], list[tuple[str, tuple[int, ...]]]]] = {
     "gpt2": gpt2_shapes,
     "llama-3.2-1b": llama_3_2_1b_shapes,
+    **{
+        f"lora-r{rank}-w{width}": functools.partial(lora_shapes, rank, width)
+        for rank in (8, 16)
+        for width in (2048, 4096, 8192)
+    },
+    "lora-r4-w32": functools.partial(lora_shapes, 4, 32, layers=1),  # the tests' tiny Llama
 }
 
 

@@ -6,7 +6,12 @@ import argparse
 
 # fedq.bench.codecs' SHAPES, FEDQ_CODECS and VALUES, spelled out so that building this parser does not import
 # torch (a test checks).
-SHAPES = ("gpt2", "llama-3.2-1b")
+SHAPES = (
+    "gpt2",
+    "llama-3.2-1b",
+    *(f"lora-r{rank}-w{width}" for rank in (8, 16) for width in (2048, 4096, 8192)),
+    "lora-r4-w32",
+)
 CODECS = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
 VALUES = ("deltas", "weights")
 
