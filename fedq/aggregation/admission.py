@@ -143,7 +143,7 @@ def check_complete(
     staged: Staged,
     *,
     version: int,
-    max_staleness: int,
+    max_staleness: int | None,
     finished_updates: set[str],
     pending_updates: set[str] | dict[str, Any],
 ) -> tuple[Manifest, UpdateMeta]:
@@ -151,7 +151,7 @@ def check_complete(
     assert staged.manifest is not None
     manifest, info = parse_manifest(staged.stream, staged.manifest)
     staleness = version - info.base_version
-    if staleness < 0 or staleness > max_staleness:
+    if staleness < 0 or (max_staleness is not None and staleness > max_staleness):
         raise RejectedUpdate(
             f"update {info.update_id} is based on version {info.base_version}, current is {version} "
             f"(max staleness {max_staleness})",

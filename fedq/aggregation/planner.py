@@ -63,7 +63,7 @@ class Planner:
         strategy: Strategy,
         *,
         shards: int,
-        max_staleness: int,
+        max_staleness: int | None,
         norm_bound: NormBound,
         update_timeout: float,
         version: int = 0,
@@ -237,7 +237,7 @@ class Planner:
         staleness = self.version - report.base_version
         if report.conflict:
             return "unauthorised"
-        if staleness < 0 or staleness > self.max_staleness:
+        if staleness < 0 or (self.max_staleness is not None and staleness > self.max_staleness):
             return "stale"
         if self.strategy.name == "fedavg" and report.num_samples <= 0:
             return "no_samples"

@@ -87,7 +87,7 @@ class Settings:
     state_dir: Path
     shard: int = 0
     shards: int = 1
-    max_staleness: int = 10
+    max_staleness: int | None = None  # None: no bound, the strategy's staleness weight down-weights
     update_timeout: float = 600.0
     norm_bound: NormBound = field(default_factory=NormBound)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -188,12 +188,16 @@ def _tensors(
         yield name, torch.randn(shape, generator=g, device=device)
 
 
+# a busy loop that ends when its parent does (a bench killed by a signal cannot stop it itself)
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(10**6): pass"
+
+
 @contextlib.contextmanager
 def busy_processes(per_core: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``per_core`` busy-looping processes per core of this machine for the scope: the load of a training
     loop, data loaders and other jobs sharing the cores."""
     cores = os.cpu_count() or 1
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(per_core * cores)]
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(per_core * cores)]
     try:
         time.sleep(0.5 if procs else 0)  # let them start spinning
         yield procs

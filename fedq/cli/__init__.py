@@ -47,6 +47,7 @@ COMMANDS: list[tuple[tuple[str, ...], str]] = [
     (("bench", "stream"), "memory and throughput of regular/container/file streaming"),
     (("bench", "aggregate"), "aggregator memory and fold speed vs number of clients"),
     (("bench", "quality"), "validation loss vs wire bytes for each codec setting"),
+    (("bench", "scale"), "the aggregator's loop against 10 to hundreds of clients"),
 ]
 
 

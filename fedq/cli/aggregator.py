@@ -36,7 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="polynomial:0.5",
         help="staleness weight s(tau): constant | polynomial:A ((tau+1)^-A) | hinge:A:B",
     )
-    a("--max-staleness", type=int, default=10, help="refuse updates more than this many versions old")
+    a(
+        "--max-staleness",
+        type=int,
+        default=None,
+        help="refuse updates more than this many versions old (default: fedavg 10; fedbuff and fedasync no "
+        "bound: --staleness-fn down-weights old updates, as FedBuff does, and with many clients staleness is "
+        "about clients / buffer size)",
+    )
     a("--min-clients", type=int, default=2, help="fedavg: updates per round")
     a("--round-timeout", type=float, default=300.0, help="fedavg: step with fewer updates after this (s)")
     a(
@@ -125,6 +132,14 @@ def _client_config(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _max_staleness(given: int | None, strategy: str) -> int | None:
+    """A synchronous round weights updates by their samples alone, so FedAvg refuses old ones by default;
+    the asynchronous strategies weight them by staleness and take them all (FedBuff's default)."""
+    if given is not None:
+        return given
+    return 10 if strategy == "fedavg" else None
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     from fedq.aggregation.service import Settings
     from fedq.aggregation.strategies import NormBound, make_strategy
@@ -148,7 +163,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         state_dir=args.state_dir,
         shard=args.shard,
         shards=args.shards,
-        max_staleness=args.max_staleness,
+        max_staleness=_max_staleness(args.max_staleness, strategy.name),
         update_timeout=args.update_timeout,
         norm_bound=NormBound(args.norm_bound, clip=not args.norm_reject),
         device=_device(args.device),

@@ -1,0 +1,25 @@
+"""The aggregator's loop against 10 to hundreds of clients (fedq/bench/scale.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedq.cli.options import add_amqp_url
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clients", default="10,100,500", help="comma-separated client counts to measure")
+    parser.add_argument("--processes", type=int, default=3, help="processes the clients are spread over")
+    parser.add_argument("--codec", default="nf4", help="codec policy of the clients' updates")
+    parser.add_argument("--buffer-size", type=int, default=10, help="FedBuff K: updates per version")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured window per client count")
+    parser.add_argument("--warmup", type=float, default=8.0, help="seconds of sending before the window")
+    add_amqp_url(parser)
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedq.bench import scale
+
+    return scale.run(args)
