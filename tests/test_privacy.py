@@ -10,7 +10,14 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedq.aggregation.planner import Planner
-from fedq.aggregation.privacy import DpConfig, Privacy, epsilon, model_noise_multiplier, window_noise
+from fedq.aggregation.privacy import (
+    NOISE_BLOCK,
+    DpConfig,
+    Privacy,
+    epsilon,
+    model_noise_multiplier,
+    window_noise,
+)
 from fedq.aggregation.strategies import FedAvg, FedBuff, NormBound
 from fedq.errors import ConfigError
 
@@ -67,6 +74,10 @@ def test_noise_is_reproducible_per_window_and_seed() -> None:
     assert torch.equal(a, window_noise(7, "w", 1024, 500, 0.1, torch.device("cpu")))
     assert not torch.equal(a, window_noise(8, "w", 1024, 500, 0.1, torch.device("cpu")))
     assert a.std().item() == pytest.approx(0.1, rel=0.2)
+    # whatever the windows: the same element gets the same noise
+    whole = window_noise(7, "w", 0, 3 * NOISE_BLOCK, 1.0, torch.device("cpu"))
+    part = window_noise(7, "w", NOISE_BLOCK - 5, NOISE_BLOCK + 9, 1.0, torch.device("cpu"))
+    assert torch.equal(whole[NOISE_BLOCK - 5 : 2 * NOISE_BLOCK + 4], part)
 
 
 def test_adaptive_clip_moves_towards_the_target_quantile() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedq.aggregation.planner import Measure, Plan, Planner
-from fedq.aggregation.robust import CenteredClipping, Krum, Median, TrimmedMean, make_rule
+from fedq.aggregation.robust import CenteredClipping, Krum, Median, TrimmedMean, make_rule, sort_rows
 from fedq.aggregation.server_opt import ServerOptimizer
 from fedq.aggregation.strategies import FedAvg, FedBuff, NormBound
 from fedq.errors import ConfigError
@@ -28,10 +28,13 @@ def _ref_trimmed(column: list[float], trim: float) -> float:
     return sum(kept) / len(kept)
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 13, 32])
 def test_median_and_trimmed_mean_match_the_reference(k: int) -> None:
     rows = torch.randn(k, 37, generator=torch.Generator().manual_seed(k))
     columns = rows.t().tolist()
+    sorted_rows = rows.clone()
+    sort_rows(sorted_rows)
+    assert torch.equal(sorted_rows, rows.sort(dim=0).values)
     assert Median().reduce(rows.clone()).tolist() == pytest.approx([_ref_median(c) for c in columns])
     for trim in (0.0, 0.2, 0.3):
         got = TrimmedMean(trim).reduce(rows.clone()).tolist()

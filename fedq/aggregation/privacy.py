@@ -72,11 +72,25 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
+NOISE_BLOCK = 1 << 16  # elements: noise is drawn per aligned block of a tensor, whatever the fold's windows
+
+
 def window_noise(seed: int, name: str, lo: int, count: int, std: float, device: torch.device) -> torch.Tensor:
-    """The version's noise for elements lo .. lo+count of tensor ``name`` (flattened), N(0, std²)."""
+    """The version's noise for elements lo .. lo+count of tensor ``name`` (flattened), N(0, std²).
+
+    Drawn per aligned block of ``NOISE_BLOCK`` elements, each from its own generator seeded by (seed, tensor,
+    block): the same element gets the same noise however the fold cuts the tensor into windows (chunk sizes,
+    sub-windows, threads), on one shard or several, before or after a restart."""
+    out = torch.empty(count, dtype=torch.float32, device=device)
     gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(seed, name, lo))
-    return torch.randn(count, generator=gen, device=device, dtype=torch.float32).mul_(std)
+    hi = lo + count
+    for block in range(lo // NOISE_BLOCK, (hi - 1) // NOISE_BLOCK + 1):
+        start = block * NOISE_BLOCK
+        gen.manual_seed(derive_seed(seed, name, block))
+        noise = torch.randn(NOISE_BLOCK, generator=gen, device=device, dtype=torch.float32)
+        a, b = max(lo, start), min(hi, start + NOISE_BLOCK)
+        out[a - lo : b - lo] = noise[a - start : b - start]
+    return out.mul_(std)
 
 
 def epsilon(rates: dict[float, int], noise_multiplier: float, delta: float) -> float:
