@@ -104,6 +104,11 @@ CLIENT_METRIC = Gauge(
 CLIENT_LAST_UPDATE = Gauge(
     "fedq_client_last_update_timestamp_seconds", "When a client's last update was folded.", ["client"]
 )
+DP_EPSILON = Gauge(
+    "fedq_dp_epsilon",
+    "Central DP: epsilon spent so far at the configured delta (the leader's accountant), and the budget.",
+    ["delta", "kind"],
+)
 VALIDATION_LOSS = Gauge("fedq_validation_loss", "Validation loss of the global model (demo).", ["role"])
 
 

@@ -7,8 +7,8 @@ this module owns what those frames *mean* between the two sides of a federation:
   announcement;
 - **update metadata**: what a client's update manifest says besides its tensors (``UpdateMeta``);
 - **announcements**: the small message on the versions stream that tells clients a version is ready;
-- **control messages** between aggregator shards: ``Committed`` and ``Stepped`` reports to the leader, and the
-  leader's ``Plan``.
+- **control messages** between aggregator shards: ``Committed``, ``Stepped`` and ``GramPart`` reports to the
+  leader, and the leader's ``Plan`` and ``Measure`` requests.
 
 Everything that arrives is untrusted: each ``parse`` checks types and bounds and raises a typed error with
 a reason slug (``RejectedUpdate`` "bad_manifest" for update metadata, ``StreamError`` "bad_announcement" /
@@ -291,7 +291,61 @@ class Stepped:
         return Stepped(int(data["shard"]), int(data["version"]), float(data["published_at"]))
 
 
-Control = Committed | Stepped | Plan
+@dataclass(frozen=True)
+class Measure:
+    """The leader asks every shard for the Gram matrix of these updates' deltas (for the plan of ``version``;
+    robust rules Krum and centered clipping, see ``fedq.aggregation.robust``)."""
+
+    version: int
+    update_ids: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "measure", "version": self.version, "update_ids": list(self.update_ids)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Measure:
+        ids = data["update_ids"]
+        if not isinstance(ids, list) or not all(isinstance(u, str) for u in ids):
+            raise ValueError("update_ids must be a list of strings")
+        return Measure(int(data["version"]), tuple(ids))
+
+
+@dataclass(frozen=True)
+class GramPart:
+    """A shard's Gram matrix of a ``Measure``'s updates over its tensors (to the leader): K² floats."""
+
+    shard: int
+    version: int
+    update_ids: tuple[str, ...]
+    matrix: tuple[tuple[float, ...], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "gram",
+            "shard": self.shard,
+            "version": self.version,
+            "update_ids": list(self.update_ids),
+            "matrix": [list(row) for row in self.matrix],
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> GramPart:
+        measure = Measure.from_json(data)
+        k = len(measure.update_ids)
+        rows = data["matrix"]
+        if not (
+            isinstance(rows, list)
+            and len(rows) == k
+            and all(isinstance(r, list) and len(r) == k for r in rows)
+        ):
+            raise ValueError(f"matrix must be {k} x {k}")
+        matrix = tuple(tuple(float(v) for v in row) for row in rows)
+        if not all(math.isfinite(v) for row in matrix for v in row):
+            raise ValueError("matrix has a value that is not finite")
+        return GramPart(int(data["shard"]), measure.version, measure.update_ids, matrix)
+
+
+Control = Committed | Stepped | Plan | Measure | GramPart
 
 
 def encode_control(message: Control) -> bytes:
@@ -315,6 +369,10 @@ def parse_control(body: bytes) -> Control:
             return Committed.from_json(data)
         if kind == "stepped":
             return Stepped.from_json(data)
+        if kind == "measure":
+            return Measure.from_json(data)
+        if kind == "gram":
+            return GramPart.from_json(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise StreamError(f"control message {kind!r:.40} is malformed: {exc}", reason="bad_control") from None
     raise StreamError(f"unknown control message {kind!r:.40}", reason="bad_control")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fedq.aggregation import checkpoint
+from fedq.aggregation.server_opt import STATE_PREFIX
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedBuff, Strategy
 from fedq.codecs import get_codec
@@ -132,12 +133,18 @@ def wait_version(state_dir: Path, version: int, timeout: float = 30, shards: int
     raise AssertionError(f"version {version} not reached in {timeout} s: {state(state_dir)}")
 
 
-def model_of(state_dir: Path, shards: int = 1) -> dict[str, torch.Tensor]:
+def model_of(state_dir: Path, shards: int = 1, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The checkpointed tensors of every shard whose names start with ``prefix`` (the model's by default;
+    ``server_opt.STATE_PREFIX``: the server optimizer's state, kept in the same file)."""
     out: dict[str, torch.Tensor] = {}
     for shard in range(shards):
         loaded = checkpoint.load(state_dir / f"shard-{shard}", torch.device("cpu"))
         assert loaded is not None
-        out.update(loaded[0])
+        out.update(
+            (n, t)
+            for n, t in loaded[0].items()
+            if n.startswith(prefix) and (prefix or not n.startswith(STATE_PREFIX))
+        )
     return out
 
 

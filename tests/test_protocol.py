@@ -3,6 +3,7 @@ refuses, it refuses with a reason slug (never KeyError / TypeError)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -85,3 +86,17 @@ def test_stream_ids() -> None:
     assert protocol.update_stream("alice", "u1", 2) == "alice/u1/s2"
     assert protocol.model_stream(7, 0) == "model/v7/s0"
     assert protocol.version_stream(7) == "version/v7"
+
+
+def test_measure_and_gram_parts_round_trip_and_refuse_bad_input() -> None:
+    from fedq.protocol import GramPart, Measure, encode_control, parse_control
+
+    measure = Measure(3, ("a", "b"))
+    part = GramPart(1, 3, ("a", "b"), ((1.0, 0.5), (0.5, 2.0)))
+    assert parse_control(encode_control(measure)) == measure
+    assert parse_control(encode_control(part)) == part
+    bad = part.to_json() | {"matrix": [[1.0, 0.5]]}
+    with pytest.raises(StreamError, match="malformed"):
+        parse_control(json.dumps(bad).encode())
+    with pytest.raises(StreamError, match="malformed"):
+        parse_control(json.dumps(part.to_json() | {"matrix": [[1.0, "x"], [0.5, 2.0]]}).encode())

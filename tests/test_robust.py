@@ -10,7 +10,7 @@ import torch
 
 from fedq.aggregation.planner import Measure, Plan, Planner
 from fedq.aggregation.robust import CenteredClipping, Krum, Median, TrimmedMean, make_rule, sort_rows
-from fedq.aggregation.server_opt import ServerOptimizer
+from fedq.aggregation.server_opt import ServerOptConfig, ServerOptimizer
 from fedq.aggregation.strategies import FedAvg, FedBuff, NormBound
 from fedq.errors import ConfigError
 
@@ -106,7 +106,8 @@ def _ref_adaptive(name: str, ds: list[float], lr: float, b1: float, b2: float, t
 @pytest.mark.parametrize("name", ["avgm", "adam", "yogi", "adagrad"])
 def test_server_optimizers_match_the_reference(name: str) -> None:
     steps = torch.randn(6, 2, 9, generator=torch.Generator().manual_seed(3)) * 0.01
-    opt = ServerOptimizer(name, {"w": (2, 9)}, lr=0.05, beta1=0.8, beta2=0.95, tau=1e-3)
+    config = ServerOptConfig(name, lr=0.05, beta1=0.8, beta2=0.95, tau=1e-3)
+    opt = ServerOptimizer(config, {"w": (2, 9)})
     x = torch.zeros(18)
     for d in steps:
         flat = d.reshape(-1).clone()
@@ -117,7 +118,7 @@ def test_server_optimizers_match_the_reference(name: str) -> None:
         _ref_adaptive(name, steps[:, i // 9, i % 9].tolist(), 0.05, 0.8, 0.95, 1e-3) for i in range(18)
     ]
     assert x.tolist() == pytest.approx(reference, rel=1e-4, abs=1e-7)
-    restored = ServerOptimizer(name, {"w": (2, 9)}, lr=0.05, beta1=0.8, beta2=0.95, tau=1e-3)
+    restored = ServerOptimizer(config, {"w": (2, 9)})
     restored.load({n: t.clone() for n, t in opt.tensors().items()})
     d = torch.full((18,), 0.003)
     assert restored.step("w", 0, d.clone()).tolist() == pytest.approx(opt.step("w", 0, d.clone()).tolist())

@@ -21,7 +21,6 @@ import torch
 
 from fedq import wire
 from fedq.aggregation.staging import Check, ChunkRef, Staged
-from fedq.aggregation.strategies import NormBound
 from fedq.codecs.base import sum_sq
 from fedq.errors import FedqError, RejectedUpdate, StreamError, WireError
 from fedq.protocol import UpdateMeta
@@ -233,18 +232,19 @@ def measure(
     kind: str,
     *,
     model: dict[str, torch.Tensor],
-    norm_bound: NormBound,
+    wants_norm: bool,
     version: int,
     device: torch.device,
 ) -> Check:
     """What decoding one chunk finds: its error, or its delta's squared norm.
 
-    The norm is wanted only for a norm bound; without one a chunk is just checked (quantized codecs by their
-    scales alone: measured on llama-3.2-1b nf4, 3.8 s of the aggregator's CPU during the transfer went to
-    norms). A delta's squared norm comes from the codec's ``sq_norm`` (no full decode for quantized codecs); a
-    full update's is of x_client - x_global, which needs the decoded values."""
+    The norm is wanted only for a norm bound or central DP's clip; without them a chunk is just checked
+    (quantized codecs by their scales alone: measured on llama-3.2-1b nf4, 3.8 s of the aggregator's CPU
+    during the transfer went to norms). A delta's squared norm comes from the codec's ``sq_norm`` (no full
+    decode for quantized codecs); a full update's is of x_client - x_global, which needs the decoded
+    values."""
     try:
-        if norm_bound.bound <= 0:
+        if not wants_norm:
             wire.check_chunk(msg, device)
             norm_sq = 0.0
         elif kind == "full":
@@ -258,11 +258,11 @@ def measure(
     return Check(norm_sq=norm_sq, kind=kind, version=version)
 
 
-def current(check: Check | None, kind: str, *, norm_bound: NormBound, version: int) -> bool:
-    """Whether a chunk's note still holds: errors, delta norms and (without a norm bound) plain checks always;
-    a full update's norm only while the global it was measured against is current."""
+def current(check: Check | None, kind: str, *, wants_norm: bool, version: int) -> bool:
+    """Whether a chunk's note still holds: errors, delta norms and (without a wanted norm) plain checks
+    always; a full update's norm only while the global it was measured against is current."""
     if check is None:
         return False
-    if check.error is not None or norm_bound.bound <= 0:
+    if check.error is not None or not wants_norm:
         return True
     return check.kind == kind and (kind == "delta" or check.version == version)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedq.aggregation.planner import Planner
 from fedq.errors import StreamError
-from fedq.protocol import Committed, Control, Plan, Stepped
+from fedq.protocol import Committed, Control, GramPart, Plan, Stepped
 
 JOURNAL = "leader.journal"
 
@@ -43,7 +45,7 @@ class Replay:
 
 def check_route(message: Control, shard: int) -> None:
     """Plans go to followers, reports to the leader; anything else is refused."""
-    to_leader = isinstance(message, Committed | Stepped)
+    to_leader = isinstance(message, Committed | Stepped | GramPart)
     if to_leader != (shard == 0):
         kind = type(message).__name__.lower()
         raise StreamError(f"control message {kind!r} is not for shard {shard}", reason="bad_control")
@@ -83,6 +85,11 @@ class Leader:
             norm_sq=report.norm_sq,
             now=now,
         )
+
+    def gram(self, part: GramPart) -> None:
+        """A shard's Gram part for the planner's open ``Measure`` (not journaled: a restarted leader asks
+        again)."""
+        self.planner.gram(part.shard, part.version, list(part.update_ids), np.array(part.matrix))
 
     def on_stepped(self, report: Stepped, version: int, announced: int) -> Announce | None:
         """The announcement that is due once every shard has stepped to the current version, if any."""

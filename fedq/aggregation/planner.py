@@ -30,17 +30,9 @@ import numpy as np
 from fedq.aggregation.privacy import Privacy
 from fedq.aggregation.robust import GramRule, Rule, row_gram
 from fedq.aggregation.strategies import Candidate, NormBound, Strategy
-from fedq.protocol import Plan, PlanEntry
+from fedq.protocol import Measure, Plan, PlanEntry
 
 __all__ = ["Measure", "Plan", "PlanEntry", "Planner"]
-
-
-@dataclass(frozen=True)
-class Measure:
-    """The leader asks every shard for the Gram matrix of these updates' deltas (plan of ``version``)."""
-
-    version: int
-    update_ids: tuple[str, ...]
 
 
 @dataclass
@@ -216,6 +208,8 @@ class Planner:
                 return None
             sensitivity = scale * max(weights) * self.privacy.clip
             plan.dp = {
+                # the last version when one more like it would pass the budget: every shard stops after it
+                "final": bool(budget) and self.privacy.epsilon_after(len(chosen), 2) > budget,
                 "seed": self.privacy.version_seed(plan.version),
                 "std": self.privacy.noise_std(sensitivity, len(chosen)),
                 "epsilon": epsilon,

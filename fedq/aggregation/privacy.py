@@ -98,16 +98,16 @@ def epsilon(rates: dict[float, int], noise_multiplier: float, delta: float) -> f
     from dp_accounting import dp_event
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    accountant = rdp_privacy_accountant.RdpAccountant()
-    for q, count in rates.items():
-        event = dp_event.GaussianDpEvent(noise_multiplier)
-        accountant.compose(dp_event.PoissonSampledDpEvent(min(1.0, q), event), count)
     # the accountant logs a warning for each low order whose series does not converge, and leaves it out of
     # the minimum (correctly); once per version that is noise in the aggregator's log
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
+        accountant = rdp_privacy_accountant.RdpAccountant()
+        for q, count in rates.items():
+            event = dp_event.GaussianDpEvent(noise_multiplier)
+            accountant.compose(dp_event.PoissonSampledDpEvent(min(1.0, q), event), count)
         return float(accountant.get_epsilon(delta))
     finally:
         absl.setLevel(level)
@@ -137,11 +137,11 @@ class Privacy:
             return 0.0
         return self.config.count_std or k / 20.0
 
-    def epsilon_after(self, k: int) -> float:
-        """ε if one more version of K updates is made."""
+    def epsilon_after(self, k: int, versions: int = 1) -> float:
+        """ε if ``versions`` more versions of K updates each are made."""
         rates = dict(self.rates)
         q = k / self.config.population
-        rates[q] = rates.get(q, 0) + 1
+        rates[q] = rates.get(q, 0) + versions
         return epsilon(rates, self.config.noise_multiplier, self.config.delta)
 
     def noise_std(self, sensitivity: float, k: int) -> float:

@@ -142,13 +142,13 @@ def squared_distances(gram: np.ndarray) -> np.ndarray:
 
 class Krum(GramRule):
     """Krum (``select`` = 1) and Multi-Krum: score each row by the sum of its squared distances to its
-    K − f − 2 nearest other rows, average the ``select`` rows with the lowest scores. Tolerates f Byzantine
-    updates out of K when K > 2f + 2."""
+    K − f − 2 nearest other rows, average the ``select`` rows with the lowest scores (0: K − f of them).
+    Tolerates f Byzantine updates out of K when K > 2f + 2."""
 
     def __init__(self, byzantine: int, select: int = 1) -> None:
-        if byzantine < 0 or select < 1:
+        if byzantine < 0 or select < 0:
             raise ConfigError(
-                f"krum needs --byzantine >= 0 and --krum-select >= 1, got {byzantine}, {select}"
+                f"krum needs --byzantine >= 0 and --krum-select >= 0, got {byzantine}, {select}"
             )
         self.byzantine, self.select = byzantine, select
         self.name = "krum" if select == 1 else "multi-krum"
@@ -172,8 +172,10 @@ class Krum(GramRule):
         return np.array([np.sort(np.delete(dist[i], i))[:nearest].sum() for i in range(k)])
 
     def coefficients(self, gram: np.ndarray) -> list[float]:
-        chosen = set(np.argsort(self.scores(gram), kind="stable")[: self.select].tolist())
-        return [1.0 / self.select if i in chosen else 0.0 for i in range(gram.shape[0])]
+        k = gram.shape[0]
+        select = self.select or k - self.byzantine
+        chosen = set(np.argsort(self.scores(gram), kind="stable")[:select].tolist())
+        return [1.0 / select if i in chosen else 0.0 for i in range(k)]
 
     def config(self) -> dict[str, Any]:
         return {"rule": self.name, "byzantine": self.byzantine, "select": self.select}

@@ -19,6 +19,7 @@ are disjoint.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -33,29 +34,35 @@ NAMES = ("avgm", "adam", "yogi", "adagrad")
 DEFAULT_LR = {"avgm": 1.0, "adam": 0.01, "yogi": 0.01, "adagrad": 0.01}
 
 
+@dataclass(frozen=True)
+class ServerOptConfig:
+    """The optimizer and its hyper-parameters (the same on every shard)."""
+
+    name: str
+    lr: float = 0.0  # 0: DEFAULT_LR of the optimizer
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise ConfigError(f"unknown server optimizer {self.name!r}; expected one of {', '.join(NAMES)}")
+        if not (self.lr >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.tau > 0):
+            raise ConfigError(
+                f"server optimizer {self.name}: needs --server-opt-lr >= 0, 0 <= --server-beta1 < 1, "
+                f"0 <= --server-beta2 < 1 and --server-tau > 0"
+            )
+
+
 class ServerOptimizer:
     """One of ``NAMES`` over the tensors of one shard; ``step`` turns a window of d into the model's step."""
 
     def __init__(
-        self,
-        name: str,
-        shapes: dict[str, tuple[int, ...]],
-        device: torch.device | str = "cpu",
-        *,
-        lr: float | None = None,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-3,
+        self, config: ServerOptConfig, shapes: dict[str, tuple[int, ...]], device: torch.device | str = "cpu"
     ) -> None:
-        if name not in NAMES:
-            raise ConfigError(f"unknown server optimizer {name!r}; expected one of {', '.join(NAMES)}")
-        lr = DEFAULT_LR[name] if lr is None else lr
-        if not (lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and tau > 0):
-            raise ConfigError(
-                f"server optimizer {name}: needs lr > 0, 0 <= beta1 < 1, 0 <= beta2 < 1 and tau > 0 "
-                f"(got lr={lr}, beta1={beta1}, beta2={beta2}, tau={tau})"
-            )
-        self.name, self.lr, self.beta1, self.beta2, self.tau = name, lr, beta1, beta2, tau
+        name = config.name
+        self.name, self.beta1, self.beta2, self.tau = name, config.beta1, config.beta2, config.tau
+        self.lr = config.lr or DEFAULT_LR[name]
         self.slots = ("m",) if name == "avgm" else ("m", "v")
         device = torch.device(device)
         self.state: dict[str, dict[str, torch.Tensor]] = {

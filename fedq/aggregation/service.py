@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,11 +62,14 @@ from fedq.aggregation.admission import Admitted
 from fedq.aggregation.coordination import Announce, Leader, check_route, follow
 from fedq.aggregation.fold import Folder
 from fedq.aggregation.planner import Plan, Planner
+from fedq.aggregation.privacy import DpConfig, Privacy
+from fedq.aggregation.robust import Rule
+from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig, ServerOptimizer
 from fedq.aggregation.staging import Staged, StagingArea
 from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
-from fedq.errors import RejectedUpdate, StreamError, WireError
-from fedq.protocol import MAX_CLIENT_METRICS, Committed, Stepped
+from fedq.errors import ConfigError, RejectedUpdate, StreamError, WireError
+from fedq.protocol import MAX_CLIENT_METRICS, Committed, GramPart, Measure, PlanEntry, Stepped
 from fedq.streaming import send_container, shard_of
 from fedq.threads import cpu_workers
 from fedq.topology import Names, versions_names
@@ -99,6 +103,11 @@ class Settings:
         False  # quorum update/control/dead-letter queues (a cluster); must match the broker's setup
     )
     fold_threads: int | None = None  # plan-time fold threads; None: cpu_workers() (CPU) or 1
+    rule: Rule | None = None  # a robust rule instead of the strategy's mean (fedq.aggregation.robust)
+    robust_memory: int = 256 << 20  # bytes of decoded update rows per fold thread (window and Gram rules)
+    server_opt: ServerOptConfig | None = None  # a server optimizer over each version's step
+    privacy: DpConfig | None = None  # central differential privacy
+    dp_seed: int | None = None  # the noise's seed; None: drawn at the first start, kept in the checkpoint
 
 
 class Aggregator:
@@ -130,22 +139,48 @@ class Aggregator:
         # 1.8-2.0 s with two; 1.1 s with four on a 16-core machine.
         self.fold_threads = settings.fold_threads or (cpu_workers() if settings.device.type == "cpu" else 1)
         self.version_time = time.monotonic()
+        # updates' norms are measured for the norm bound and central DP's clip (the leader plans with them)
+        self.wants_norm = settings.norm_bound.bound > 0 or settings.privacy is not None
         self.leader: Leader | None = None
         self._load()
-        self.folder = Folder(self.model, self.staging, settings.device, self.fold_threads)
+        self.folder = Folder(
+            self.model,
+            self.staging,
+            settings.device,
+            self.fold_threads,
+            server_opt=self.server_opt,
+            rows_budget=settings.robust_memory,
+        )
 
     # start-up -----------------------------------------------------------------------------------------------
     def _load(self) -> None:
+        if any(name.startswith(STATE_PREFIX) for name in self.shapes):
+            raise ConfigError(f"the model has a tensor named {STATE_PREFIX}...: that prefix is fedq's own")
+        opt = self.s.server_opt
+        self.server_opt = ServerOptimizer(opt, self.shapes, self.s.device) if opt is not None else None
         loaded = load(self.dir, self.s.device)
         if loaded is None:
             self.model = initial.read_model(self.s.init, self.s.device, set(self.shapes))
             self.state = ShardState(self.s.shard, self.s.shards)
-            self.state.save(self.dir, self.model)
+            self.state.save(self.dir, self._tensors())
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
         else:
-            self.model, self.state = loaded
+            tensors, self.state = loaded
+            # the optimizer's state is in the same checkpoint file as the model: it commits with the model
+            saved = {n: tensors.pop(n) for n in [n for n in tensors if n.startswith(STATE_PREFIX)]}
+            if self.server_opt is not None:
+                self.server_opt.load(saved)
+            self.model = tensors
             log.info("shard %d: resumed at version %d from %s", self.s.shard, self.state.version, self.dir)
         if self.s.shard == 0:
+            privacy = None
+            if self.s.privacy is not None:
+                seed = (
+                    self.s.dp_seed
+                    if self.s.dp_seed is not None
+                    else int.from_bytes(os.urandom(8), "big") >> 1
+                )
+                privacy = Privacy(self.s.privacy, seed)  # a restored state brings its own seed back
             planner = Planner(
                 self.s.strategy,
                 shards=self.s.shards,
@@ -154,10 +189,16 @@ class Aggregator:
                 update_timeout=self.s.update_timeout,
                 version=self.state.version,
                 now=time.monotonic(),
+                rule=self.s.rule,
+                privacy=privacy,
             )
             if loaded is not None:
                 planner.restore(self.state.planner, time.monotonic())
             self.leader = Leader(self.dir, planner, self.s.shards)
+            if planner.privacy is not None:
+                delta = f"{planner.privacy.config.delta:g}"
+                metrics.DP_EPSILON.labels(delta, "spent").set(planner.privacy.spent)
+                metrics.DP_EPSILON.labels(delta, "budget").set(planner.privacy.config.epsilon_budget)
         metrics.MODEL_VERSION.labels(self.shard_label).set(self.state.version)
 
     def start(self) -> None:
@@ -188,9 +229,17 @@ class Aggregator:
 
     def _done(self) -> bool:
         st = self.state
-        if not self.s.max_versions or st.version < self.s.max_versions:
+        if not self._final():
             return False
-        return st.announced >= self.s.max_versions if self.leader is not None else st.published >= st.version
+        return st.announced >= st.version if self.leader is not None else st.published >= st.version
+
+    def _final(self) -> bool:
+        """Whether the current version is the federation's last: --max-versions, or the last one the privacy
+        budget allows (its plan says so, so that every shard knows)."""
+        if self.s.max_versions and self.state.version >= self.s.max_versions:
+            return True
+        plan = self.state.last_plan
+        return plan is not None and plan.version == self.state.version and bool((plan.dp or {}).get("final"))
 
     def _poll(self, timeout: float) -> None:
         """Take up to a batch of deliveries, stage them with one fsync, then ack them together."""
@@ -317,7 +366,7 @@ class Aggregator:
         for index in sorted(staged.chunks):
             ref = staged.chunks[index]
             if not admission.current(
-                ref.check, info.kind, norm_bound=self.s.norm_bound, version=self.state.version
+                ref.check, info.kind, wants_norm=self.wants_norm, version=self.state.version
             ):
                 ref.check = self._measure(self.staging.read(staged, ref), info.kind)
         return admission.admitted(staged, info)
@@ -327,7 +376,7 @@ class Aggregator:
             msg,
             kind,
             model=self.model,
-            norm_bound=self.s.norm_bound,
+            wants_norm=self.wants_norm,
             version=self.state.version,
             device=self.s.device,
         )
@@ -395,12 +444,51 @@ class Aggregator:
         elif isinstance(message, Committed):
             assert self.leader is not None
             self.leader.committed(message, self.state.finished_updates, journal=True, now=time.monotonic())
+        elif isinstance(message, Measure):
+            self._gram(message)
+        elif isinstance(message, GramPart):
+            assert self.leader is not None
+            self.leader.gram(message)
         else:
             self._on_stepped(message)
         self.t.ack(delivery)
 
+    def _gram(self, request: Measure) -> None:
+        """This shard's Gram part of a ``Measure`` (to the leader; the leader's own is a local call)."""
+        if request.version != self.state.version + 1:
+            return  # a request of a version already made: the leader no longer waits for it
+        entries = []
+        for update_id in request.update_ids:
+            c = self.complete.get(update_id)
+            if c is None:
+                raise StreamError(
+                    f"measure for version {request.version} names update {update_id}, which shard "
+                    f"{self.s.shard} does not hold",
+                    reason="inconsistent",
+                )
+            entries.append((PlanEntry(update_id, 1.0, c.client, 0), c))
+        started = time.monotonic()
+        matrix = self.folder.gram(entries)
+        log.info(
+            "shard %d: Gram matrix of %d updates for version %d in %.2f s",
+            self.s.shard,
+            len(entries),
+            request.version,
+            time.monotonic() - started,
+        )
+        part = GramPart(
+            self.s.shard, request.version, request.update_ids, tuple(tuple(map(float, r)) for r in matrix)
+        )
+        if self.leader is not None:
+            self.leader.gram(part)
+        else:
+            self._control(0, part)
+            self.t.flush()
+
     def _maybe_plan(self) -> None:
         assert self.leader is not None
+        if self._final():
+            return
         plan = self.leader.plan(
             time.monotonic(),
             version=self.state.version,
@@ -410,6 +498,13 @@ class Aggregator:
         if plan is not None:
             self._send_plan(plan)
             self._apply(plan)
+            return
+        request = self.leader.planner.measure_request()
+        if request is not None:
+            for shard in range(1, self.s.shards):
+                self._control(shard, request)
+            self.t.flush()
+            self._gram(request)
 
     def _send_plan(self, plan: Plan) -> None:
         for shard in range(1, self.s.shards):
@@ -447,7 +542,7 @@ class Aggregator:
                 )
             entries.append((entry, c))
         t0 = time.perf_counter()
-        folded = self.folder.fold(entries, plan.scale)
+        folded = self.folder.fold(entries, plan)
         fold_seconds = time.perf_counter() - t0
         device = self.s.device.type
         metrics.FOLDED_PARAMS.labels(device).inc(folded)
@@ -469,6 +564,20 @@ class Aggregator:
             time.monotonic() - started,
             plan.scale,
         )
+        if plan.dp is not None:
+            delta = f"{self.s.privacy.delta:g}" if self.s.privacy is not None else "?"
+            metrics.DP_EPSILON.labels(delta, "spent").set(plan.dp["epsilon"])
+            log.info(
+                "shard %d: version %d: differential privacy: epsilon %.4g at delta %s, clip %.4g, noise std "
+                "%.3g%s",
+                self.s.shard,
+                plan.version,
+                plan.dp["epsilon"],
+                delta,
+                plan.dp["clip"],
+                plan.dp["std"],
+                " (the last version the budget allows)" if plan.dp.get("final") else "",
+            )
         covered = [c for _, c in entries] + [self.complete[u] for u, _ in plan.dropped if u in self.complete]
         st = self.state
         st.version = plan.version
@@ -504,7 +613,13 @@ class Aggregator:
         """The shard's checkpoint: the model of the current version and the state, atomically."""
         if self.leader is not None:
             self.state.planner = self.leader.planner.state()
-        self.state.save(self.dir, self.model)
+        self.state.save(self.dir, self._tensors())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """What the checkpoint file holds: the model, and the server optimizer's state next to it."""
+        if self.server_opt is None:
+            return self.model
+        return {**self.model, **self.server_opt.tensors()}
 
     # distribution -------------------------------------------------------------------------------------------
     def _publish_model(self) -> None:
@@ -528,6 +643,19 @@ class Aggregator:
             "shard %d: version %d published on %s", self.s.shard, st.version, self.s.names.models_exchange
         )
 
+    def _strategy_config(self) -> dict[str, Any]:
+        """The aggregation as announced with each version: strategy, rule, server optimizer, and the ε spent
+        so far under central DP (recorded with the version it belongs to)."""
+        config = self.s.strategy.config()
+        if self.s.rule is not None:
+            config.update(self.s.rule.config())
+        if self.server_opt is not None:
+            config.update(self.server_opt.config())
+        plan = self.state.last_plan
+        if self.s.privacy is not None and plan is not None and plan.dp is not None:
+            config.update({"dp_epsilon": plan.dp["epsilon"], "dp_delta": self.s.privacy.delta})
+        return config
+
     def _announce(self, announce: Announce) -> None:
         exchange, _ = versions_names(self.s.names)
         body = protocol.Announcement(
@@ -535,9 +663,9 @@ class Aggregator:
             self.s.shards,
             announce.models_from,
             list(self.all_shapes.items()),
-            self.s.strategy.config(),
+            self._strategy_config(),
             self.s.client_config,
-            final=bool(self.s.max_versions) and announce.version >= self.s.max_versions,
+            final=self._final(),
         ).encode()
         self.t.publish(exchange, "", body, persistent=True)
         self.t.flush()

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedq.cli import aggregation_rules
 from fedq.cli.options import add_amqp_url, add_chunk_bytes, add_namespace, size
 from fedq.errors import ConfigError
 
@@ -103,6 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="setting sent to clients with each version (e.g. local_steps=50); repeatable",
     )
+    aggregation_rules.add_arguments(parser)
 
 
 def _device(name: str) -> torch.device:
@@ -172,6 +174,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         client_config=_client_config(args.config),
         chunk_bytes=args.chunk_bytes,
         quorum=args.quorum,
+        **aggregation_rules.settings_from(args),
     )
 
 
