@@ -13,13 +13,13 @@ Identity: the broker user of the AMQP URL is who the client is (the broker check
 the aggregator's logs.
 
 ``receive`` reads the ``{ns}.versions`` stream from its last entry to learn the newest version, then reads
-that version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the
-announcement's timestamp. It is atomic: the model is first lined up with the announced tensors (names,
-aliases, shapes, dtypes: ``fedq.binding``), then every chunk is decoded into a buffer, and only when the whole
-version is in hand is it copied into the model. So a refusal or a failure leaves the model untouched, at the
-cost of one copy of the global while it downloads; those buffers then become the base that ``send`` diffs
-against (the default), or ``full=True`` sends the tensors themselves (only in a 16- or 32-bit codec: a
-4-bit copy of the weights would replace the global's weights by their rounding).
+that version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the offset the
+announcement gives (its first message: nothing older is read). It is atomic: the model is first lined up with
+the announced tensors (names, aliases, shapes, dtypes: ``fedq.binding``), then every chunk is decoded into a
+buffer, and only when the whole version is in hand is it copied into the model. So a refusal or a failure
+leaves the model untouched, at the cost of one copy of the global while it downloads; those buffers then
+become the base that ``send`` diffs against (the default), or ``full=True`` sends the tensors themselves (only
+in a 16- or 32-bit codec: a 4-bit copy of the weights would replace the global's weights by their rounding).
 
 ``send`` streams: each shard's tensors go as one container to that shard's queue, and every chunk is sliced,
 (error-feedback compensated,) encoded and published only when the transport has room, so the serialized update
@@ -38,7 +38,6 @@ returns it with ``Round.final`` set, and a later ``receive`` raises ``Federation
 
 from __future__ import annotations
 
-import datetime
 import math
 import time
 import uuid
@@ -182,6 +181,7 @@ class Client:
         self.version = -1
         self.final = False
         self.wire_bytes = 0  # sent so far, every message counted
+        self.received_bytes = 0  # read from the models stream so far, skipped messages counted too
         self.fp32_bytes = 0
         self._base: dict[str, torch.Tensor] = {}  # global name -> the received tensor, in the model's dtype
         self._shapes: dict[str, tuple[int, ...]] = {}  # the global model's tensors
@@ -210,7 +210,7 @@ class Client:
                 f"{sorted(binding.missing)[:5]} ({HINTS})"
             )
         self.version, self._base = -1, {}  # until the download completes: the old base is released first
-        values = self._load(binding, version, shards, announcement.models_from, deadline)
+        values = self._load(binding, version, shards, announcement.models_offset, deadline)
         self._base = self._commit(model, binding, values)
         self._shapes = shapes
         self._assignment = shard_of({n: 4 * math.prod(s) for n, s in shapes.items()}, shards)
@@ -288,16 +288,19 @@ class Client:
                 time.sleep(0.5)
 
     def _load(
-        self, binding: Binding, version: int, shards: int, models_from: float, deadline: float
+        self, binding: Binding, version: int, shards: int, models_offset: int, deadline: float
     ) -> dict[str, torch.Tensor]:
-        """Every tensor of version ``version``, decoded chunk by chunk into buffers in the model's dtypes."""
+        """Every tensor of version ``version``, decoded chunk by chunk into buffers in the model's dtypes.
+
+        Reading starts at the version's first message (``models_offset``); a stream whose deliveries skip an
+        offset has trimmed the version away (retention): that is said, not waited out.
+        """
         values: dict[str, torch.Tensor] = {}
         wanted = {model_stream(version, shard) for shard in range(shards)}
-        # stream timestamps have a resolution of one second; earlier messages are skipped by their stream id
-        start = datetime.datetime.fromtimestamp(math.floor(models_from) - 1, tz=datetime.timezone.utc)
         queue = self.names.models_stream
-        tag = self.transport.consume(queue, prefetch=16, arguments={"x-stream-offset": start})
+        tag = self.transport.consume(queue, prefetch=16, arguments={"x-stream-offset": models_offset})
         assembler = Assembler(role=ROLE)
+        expected = models_offset
         try:
             while not all(assembler.complete(s) for s in wanted):
                 delivery = self._get(queue, max(0.0, min(1.0, deadline - time.monotonic())))
@@ -306,7 +309,12 @@ class Client:
                         missing = sorted(s for s in wanted if not assembler.complete(s))
                         raise StreamError(f"version {version} incomplete: {missing}", reason="timeout")
                     continue
+                expected = _check_not_trimmed(delivery, version, expected, queue)
+                self.received_bytes += len(delivery.body)
                 msg = wire.decode(delivery.body)
+                if msg.kind == wire.CHUNK and msg.codec is not None:
+                    metrics.WIRE_BYTES.labels(ROLE, "received", msg.codec.name).inc(len(delivery.body))
+                    metrics.FP32_BYTES.labels(ROLE, "received", msg.codec.name).inc(4 * msg.count)
                 if msg.stream in wanted:
                     for chunk in assembler.add(msg):
                         _copy_into(values, binding, chunk.entry, chunk.offset, chunk.values())
@@ -414,6 +422,25 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_not_trimmed(delivery: Delivery, version: int, expected: int, queue: str) -> int:
+    """The offset after ``delivery``'s, which must be ``expected``.
+
+    A stream's offsets are consecutive; it starts (or continues) a reader at its oldest message where the one
+    due was trimmed: then the version is gone."""
+    offset = delivery.headers.get("x-stream-offset")
+    if not isinstance(offset, int):
+        return expected + 1
+    if offset > expected:
+        raise StreamError(
+            f"version {version} can no longer be read: {queue} has trimmed it (offset {expected} was due, "
+            f"the oldest message left is at {offset}); the stream's retention "
+            "(x-max-length-bytes) holds fewer versions than this client needs: receive() again for the "
+            "newest version, or raise the retention",
+            reason="version_gone",
+        )
+    return offset + 1
 
 
 def _copy_into(

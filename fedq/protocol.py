@@ -144,11 +144,12 @@ def model_meta(version: int, shard: int, shards: int, config: Mapping[str, Any])
 
 @dataclass(frozen=True)
 class Announcement:
-    """Version ``version`` is complete on the models stream from ``models_from`` (a Unix time) on."""
+    """Version ``version`` is complete on the models stream from offset ``models_offset`` on (its first
+    message: readers attach there and read nothing older)."""
 
     version: int
     shards: int
-    models_from: float
+    models_offset: int
     tensors: list[tuple[str, tuple[int, ...]]]
     strategy: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -159,7 +160,7 @@ class Announcement:
         meta = {
             "version": self.version,
             "shards": self.shards,
-            "models_from": self.models_from,
+            "models_offset": self.models_offset,
             "tensors": [[name, list(shape)] for name, shape in self.tensors],
             "strategy": self.strategy,
             "config": self.config,
@@ -175,8 +176,8 @@ class Announcement:
         except WireError as exc:
             raise StreamError(f"unreadable version announcement: {exc}", reason="bad_announcement") from None
         meta = msg.meta
-        version, shards, models_from, tensors = (
-            meta.get(k) for k in ("version", "shards", "models_from", "tensors")
+        version, shards, models_offset, tensors = (
+            meta.get(k) for k in ("version", "shards", "models_offset", "tensors")
         )
         if not (
             msg.kind == wire.MANIFEST
@@ -185,8 +186,9 @@ class Announcement:
             and isinstance(shards, int)
             and _is_int(shards)
             and shards >= 1
-            and isinstance(models_from, int | float)
-            and not isinstance(models_from, bool)
+            and isinstance(models_offset, int)
+            and _is_int(models_offset)
+            and models_offset >= 0
             and isinstance(tensors, list)
             and all(_is_tensor_row(row) for row in tensors)
         ):
@@ -195,7 +197,7 @@ class Announcement:
         return cls(
             version,
             shards,
-            float(models_from),
+            models_offset,
             [(str(name), tuple(shape)) for name, shape in tensors],
             dict(strategy) if isinstance(strategy, dict) else {},
             dict(config) if isinstance(config, dict) else {},
@@ -277,18 +279,19 @@ class Committed:
 
 @dataclass(frozen=True)
 class Stepped:
-    """A shard has stepped to ``version`` and published it from ``published_at`` on (to the leader)."""
+    """A shard has stepped to ``version`` and published it from models-stream offset ``models_offset`` on (to
+    the leader)."""
 
     shard: int
     version: int
-    published_at: float
+    models_offset: int
 
     def to_json(self) -> dict[str, Any]:
         return {"type": "stepped", **asdict(self)}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Stepped:
-        return Stepped(int(data["shard"]), int(data["version"]), float(data["published_at"]))
+        return Stepped(int(data["shard"]), int(data["version"]), int(data["models_offset"]))
 
 
 @dataclass(frozen=True)

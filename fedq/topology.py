@@ -20,7 +20,7 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_TIMEOUT = 120.0
 # An update queue this full makes publishers wait (reject-publish): it bounds broker memory and disk.
 DEFAULT_MAX_QUEUE_BYTES = 512 << 20
-# A few versions of a 1 B-parameter model in a 4-bit codec; a client older than that reads a newer one.
+# The floor of the models stream's retention; an aggregator raises it to fit its model (see below).
 DEFAULT_MODELS_RETENTION_BYTES = 4 << 30
 VERSIONS_RETENTION_BYTES = 16 << 20
 # Streams are trimmed a whole segment at a time, so segments are kept small relative to the retention.
@@ -80,6 +80,35 @@ def versions_names(names: Names) -> tuple[str, str]:
     where its chunks begin) without scanning the large models stream.
     """
     return f"{names.namespace}.versions", f"{names.namespace}.versions"
+
+
+def models_retention_bytes(version_bytes: int) -> int:
+    """The models stream's retention for versions of ``version_bytes`` (fp32 bytes of the whole model).
+
+    Two whole versions, each with a segment of slack (streams trim whole segments): the newest version stays
+    readable in full while the next one is written, whatever the model's size. A reader slower than that finds
+    its version gone and is told so (``Client.receive``); it reads the newer one instead. Never below the
+    default, so small federations keep several versions.
+    """
+    wire_bytes = version_bytes + version_bytes // 64  # headers and checksums: well under 1/64 of 4 MiB chunks
+    return max(DEFAULT_MODELS_RETENTION_BYTES, 2 * (wire_bytes + MODELS_SEGMENT_BYTES))
+
+
+def with_passive_stream(spec: dict[str, Any], queue: str) -> dict[str, Any] | None:
+    """The same definitions with stream ``queue`` checked for existence only (a passive declaration); None
+    when ``queue`` is not one of its streams or is passive already.
+
+    For a broker where a stream was declared beforehand with other limits: declaring it with ours would fail
+    (``PRECONDITION_FAILED``), and its limits only decide how long old versions stay readable.
+    """
+    changed = False
+    queues = []
+    for item in spec["queues"]:
+        is_stream = item["arguments"].get("x-queue-type") == "stream"
+        if item["name"] == queue and is_stream and "passive" not in item:
+            item, changed = {**item, "passive": True}, True
+        queues.append(item)
+    return {**spec, "queues": queues} if changed else None
 
 
 def namespace_of(queue: str) -> str:

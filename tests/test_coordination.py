@@ -22,10 +22,10 @@ def leader(tmp_path: Path, shards: int = 2) -> Leader:
 
 def test_announce_when_every_shard_stepped(tmp_path: Path) -> None:
     lead = leader(tmp_path)
-    assert lead.on_stepped(Stepped(0, 1, 10.0), version=1, announced=0) is None
-    announce = lead.on_stepped(Stepped(1, 1, 9.0), version=1, announced=0)
-    assert announce is not None and (announce.version, announce.models_from) == (1, 9.0)
-    assert lead.on_stepped(Stepped(1, 1, 9.0), version=1, announced=1) is None
+    assert lead.on_stepped(Stepped(0, 1, 10), version=1, announced=0) is None
+    announce = lead.on_stepped(Stepped(1, 1, 9), version=1, announced=0)
+    assert announce is not None and (announce.version, announce.models_offset) == (1, 9)
+    assert lead.on_stepped(Stepped(1, 1, 9), version=1, announced=1) is None
 
 
 def test_plans_are_journaled_and_replayed(tmp_path: Path) -> None:
@@ -47,9 +47,9 @@ def test_plans_are_journaled_and_replayed(tmp_path: Path) -> None:
 
 
 def test_routes_and_follow() -> None:
-    check_route(Stepped(1, 1, 0.0), 0)
+    check_route(Stepped(1, 1, 0), 0)
     with pytest.raises(StreamError):
-        check_route(Stepped(1, 1, 0.0), 1)
+        check_route(Stepped(1, 1, 0), 1)
     with pytest.raises(StreamError):
         check_route(Plan(1, 1.0, []), 0)
     assert follow(Plan(2, 1.0, []), 1) and not follow(Plan(1, 1.0, []), 1)

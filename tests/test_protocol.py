@@ -41,16 +41,16 @@ def test_update_meta_refuses_bad_fields(change: dict[str, Any]) -> None:
 
 
 def test_announcement_round_trip_and_refusals() -> None:
-    a = Announcement(4, 2, 1700000000.5, [("w", (3, 4)), ("b", (4,))], {"strategy": "fedavg"}, {"steps": 5})
+    a = Announcement(4, 2, 123456, [("w", (3, 4)), ("b", (4,))], {"strategy": "fedavg"}, {"steps": 5})
     assert Announcement.parse(a.encode()) == a
     for body in (
         b"junk",
         wire.encode_control(wire.MANIFEST, "version/v1", {"version": "1", "shards": 1}),
         wire.encode_control(
-            wire.MANIFEST, "v", {"version": 1, "shards": 0, "models_from": 0.0, "tensors": []}
+            wire.MANIFEST, "v", {"version": 1, "shards": 0, "models_offset": 0, "tensors": []}
         ),
         wire.encode_control(
-            wire.MANIFEST, "v", {"version": 1, "shards": 1, "models_from": 0.0, "tensors": [["w", [-1]]]}
+            wire.MANIFEST, "v", {"version": 1, "shards": 1, "models_offset": 0, "tensors": [["w", [-1]]]}
         ),
     ):
         with pytest.raises(StreamError) as info:
@@ -60,7 +60,7 @@ def test_announcement_round_trip_and_refusals() -> None:
 
 def test_control_messages_round_trip() -> None:
     plan = Plan(3, 0.5, [PlanEntry("u", 2.0, "alice", 1, True)], [("v", "stale")])
-    for message in (Committed(1, "u", "alice", 2, 10, 4.0), Stepped(1, 3, 17.5), plan):
+    for message in (Committed(1, "u", "alice", 2, 10, 4.0), Stepped(1, 3, 17), plan):
         assert protocol.parse_control(protocol.encode_control(message)) == message
 
 
@@ -72,7 +72,7 @@ def test_control_messages_round_trip() -> None:
         b'{"type": "plan"}',
         b'{"type": "plan", "plan": {"version": 1}}',
         b'{"type": "committed", "shard": 0}',
-        b'{"type": "stepped", "shard": "x", "version": 1, "published_at": 0}',
+        b'{"type": "stepped", "shard": "x", "version": 1, "models_offset": 0}',
         b'{"type": "reboot"}',
     ],
 )

@@ -28,10 +28,10 @@ JOURNAL = "leader.journal"
 
 @dataclass(frozen=True)
 class Announce:
-    """Announce ``version``: every shard has published it, the earliest from ``models_from`` on."""
+    """Announce ``version``: every shard has published it, the earliest from offset ``models_offset`` on."""
 
     version: int
-    models_from: float
+    models_offset: int
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Leader:
         self.journal_path = directory / JOURNAL
         self.planner = planner
         self.shards = shards
-        self.stepped: dict[int, dict[int, float]] = {}  # version -> shard -> models-stream time
+        self.stepped: dict[int, dict[int, int]] = {}  # version -> shard -> models-stream offset
 
     def committed(self, report: Committed, finished_updates: set[str], *, journal: bool, now: float) -> None:
         """Record a shard's report (journaled first when it came over the broker)."""
@@ -95,7 +95,7 @@ class Leader:
         """The announcement that is due once every shard has stepped to the current version, if any."""
         if report.version <= announced:
             return None
-        self.stepped.setdefault(report.version, {})[report.shard] = report.published_at
+        self.stepped.setdefault(report.version, {})[report.shard] = report.models_offset
         if report.version == version and len(self.stepped[report.version]) == self.shards:
             return Announce(report.version, min(self.stepped.pop(report.version).values()))
         return None

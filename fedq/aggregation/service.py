@@ -72,7 +72,7 @@ from fedq.errors import ConfigError, RejectedUpdate, StreamError, WireError
 from fedq.protocol import MAX_CLIENT_METRICS, Committed, GramPart, Measure, PlanEntry, Stepped
 from fedq.streaming import send_container, shard_of
 from fedq.threads import cpu_workers
-from fedq.topology import Names, versions_names
+from fedq.topology import Names, models_retention_bytes, versions_names
 from fedq.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,13 @@ class Aggregator:
 
     def start(self) -> None:
         """Declare, consume, and redo whatever a crash may have left half done."""
-        self.t.declare(self.s.names, self.s.shards, quorum=self.s.quorum)
+        model_bytes = sum(4 * math.prod(shape) for shape in self.all_shapes.values())
+        self.t.declare(
+            self.s.names,
+            self.s.shards,
+            quorum=self.s.quorum,
+            models_retention_bytes=models_retention_bytes(model_bytes),
+        )
         self.t.consume(self.s.names.updates_queue(self.s.shard), prefetch=self.s.prefetch)
         self.t.consume(self.s.names.control_queue(self.s.shard), prefetch=self.s.shards * 4 + 4)
         for stream in [s for s in self.staging.streams if s in self.state.finished]:
@@ -420,7 +426,7 @@ class Aggregator:
             self.t.flush()
 
     def _report_stepped(self) -> None:
-        report = Stepped(self.s.shard, self.state.version, self.state.published_at)
+        report = Stepped(self.s.shard, self.state.version, self.state.published_offset)
         if self.leader is not None:
             self._on_stepped(report)
         else:
@@ -623,9 +629,18 @@ class Aggregator:
 
     # distribution -------------------------------------------------------------------------------------------
     def _publish_model(self) -> None:
-        """This shard's part of the current version as a container stream on the models exchange."""
+        """This shard's part of the current version as a container stream on the models exchange.
+
+        A marker goes first, published so that its offset on the models stream is known: the announcement
+        carries the lowest of the shards' offsets, and clients attach there and read only this version.
+        """
         st = self.state
-        st.published_at = time.time()
+        st.published_offset = self.t.publish_tracked(
+            self.s.names.models_exchange,
+            "",
+            wire.encode_control(wire.COMMIT, protocol.model_stream(st.version, self.s.shard) + "/start", {}),
+            stream=self.s.names.models_stream,
+        )
         send_container(
             self.t,
             self.s.names.models_exchange,
@@ -661,7 +676,7 @@ class Aggregator:
         body = protocol.Announcement(
             announce.version,
             self.s.shards,
-            announce.models_from,
+            announce.models_offset,
             list(self.all_shapes.items()),
             self._strategy_config(),
             self.s.client_config,

@@ -29,7 +29,7 @@ class ShardState:
     finished_updates: set[str] = field(default_factory=set)  # update ids folded or refused
     expired: set[str] = field(default_factory=set)  # streams dropped for inactivity: late parts dead-lettered
     published: int = -1  # the last version published on the models stream
-    published_at: float = 0.0  # Unix time its publication began (clients read the models stream from there)
+    published_offset: int = 0  # the models-stream offset where it begins (clients read from there)
     announced: int = -1  # the leader: the last version announced on the versions stream
     planner: dict[str, Any] = field(default_factory=dict)  # the leader: Planner.state()
     last_plan: Plan | None = None
@@ -46,7 +46,7 @@ class ShardState:
             "finished_updates": sorted(self.finished_updates),
             "expired": sorted(self.expired),
             "published": self.published,
-            "published_at": self.published_at,
+            "published_offset": self.published_offset,
             "announced": self.announced,
             "planner": self.planner,
             "last_plan": self.last_plan.to_json() if self.last_plan else None,
@@ -62,7 +62,7 @@ class ShardState:
             finished_updates=set(data["finished_updates"]),
             expired=set(data.get("expired", [])),
             published=data["published"],
-            published_at=data["published_at"],
+            published_offset=data["published_offset"],
             announced=data.get("announced", -1),
             planner=data.get("planner", {}),
             last_plan=Plan.from_json(data["last_plan"]) if data.get("last_plan") else None,

@@ -11,12 +11,15 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fedq.topology import DEFAULT_MODELS_RETENTION_BYTES
+
 if TYPE_CHECKING:
     from fedq.topology import Names
 
 REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
 QUEUE_HEADER = "x-fedq-queue"
+TRACK_HEADER = "x-fedq-track"  # marks a ``publish_tracked`` message so that its publisher recognises it
 
 
 @dataclass
@@ -76,10 +79,28 @@ class Transport(abc.ABC):
         """Move a delivery to the dead-letter exchange with ``reason``/``detail`` headers, then drop it."""
 
     @abc.abstractmethod
-    def declare(self, names: Names, shards: int, *, quorum: bool = False) -> None:
+    def publish_tracked(self, exchange: str, routing_key: str, body: bytes, *, stream: str) -> int:
+        """Publish ``body`` (persistent, confirmed) to an exchange feeding ``stream``; return its offset.
+
+        Readers then attach at exactly that offset instead of a timestamp (1-second resolution), so a reader
+        of a version reads that version, not the messages published in the second before it.
+        """
+
+    @abc.abstractmethod
+    def declare(
+        self,
+        names: Names,
+        shards: int,
+        *,
+        quorum: bool = False,
+        models_retention_bytes: int = DEFAULT_MODELS_RETENTION_BYTES,
+    ) -> None:
         """Declare the federation's exchanges, queues and bindings exactly as ``topology.definitions`` lists.
 
-        Idempotent; declaring with different arguments than an existing queue has is a ``TransportError``.
+        Idempotent; declaring with different arguments than an existing queue has is a ``TransportError``,
+        except for the streams' retention: a stream declared beforehand (by an operator, with other limits) is
+        used as it is, with a warning, since only retention differs and a version that it cut is reported to
+        its reader as such.
         """
 
     @abc.abstractmethod

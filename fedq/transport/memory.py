@@ -23,7 +23,7 @@ from typing import Any
 
 from fedq import metrics
 from fedq.errors import TransportError
-from fedq.topology import Names, definitions, namespace_of
+from fedq.topology import DEFAULT_MODELS_RETENTION_BYTES, Names, definitions, namespace_of
 from fedq.transport.base import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, Delivery, Transport
 
 DEFAULT_WINDOW_MESSAGES = 64
@@ -360,13 +360,33 @@ class MemoryTransport(Transport):
         self.ack(delivery)
 
     # topology and lifetime ----------------------------------------------------------------------------------
-    def declare(self, names: Names, shards: int, *, quorum: bool = False) -> None:
+    def publish_tracked(self, exchange: str, routing_key: str, body: bytes, *, stream: str) -> int:
+        with self.broker.cond:
+            target = self.broker.queues.get(stream)
+            if target is None or not target.is_stream:
+                raise TransportError(f"no stream {stream!r}", reason="not_found")
+            offset = target.first_offset + len(target.messages)
+            self.publish(exchange, routing_key, body)
+            self.flush()
+            return offset
+
+    def declare(
+        self,
+        names: Names,
+        shards: int,
+        *,
+        quorum: bool = False,
+        models_retention_bytes: int = DEFAULT_MODELS_RETENTION_BYTES,
+    ) -> None:
         self._check_open()
-        spec = definitions(names, shards, quorum=quorum)
+        spec = definitions(names, shards, quorum=quorum, models_retention_bytes=models_retention_bytes)
         with self.broker.cond:
             for exchange in spec["exchanges"]:
                 self.broker.declare_exchange(exchange["name"], exchange["type"])
             for queue in spec["queues"]:
+                existing = self.broker.queues.get(queue["name"])
+                if existing is not None and existing.is_stream:
+                    continue  # a stream declared beforehand keeps its limits (see Transport.declare)
                 self.broker.declare_queue(queue["name"], queue["arguments"])
             for binding in spec["bindings"]:
                 self.broker.bind(binding["source"], binding["destination"], binding["routing_key"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -42,8 +43,21 @@ from pika.channel import Channel
 
 from fedq import metrics
 from fedq.errors import TransportError
-from fedq.topology import Names, definitions, namespace_of
-from fedq.transport.base import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, Delivery, Transport
+from fedq.topology import (
+    DEFAULT_MODELS_RETENTION_BYTES,
+    Names,
+    definitions,
+    namespace_of,
+    with_passive_stream,
+)
+from fedq.transport.base import (
+    DETAIL_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    TRACK_HEADER,
+    Delivery,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +74,7 @@ _TLS_QUERY_KEYS = ("cafile", "certfile", "keyfile", "server_name")
 _RECV_BYTES = 256 << 10  # per socket read (pika: 4 KiB); see _widen_reads
 _CONSUME_BYTES = 4 << 20  # per I/O-loop event before other events get their turn (pika: 100 KiB)
 
+_INEQUIVALENT_RETENTION = re.compile(r"inequivalent arg 'x-max-length-bytes' for queue '([^']+)'")
 _REPLY_REASONS = {
     320: "connection_forced",
     403: "access_refused",
@@ -103,6 +118,16 @@ class _ConsumerSpec:
     arguments: dict[str, Any]
     channel: Channel | None = None
     next_stream_offset: int | None = None  # set once a stream delivery was handed out
+
+
+@dataclass
+class _Probe:
+    """A tracked publish: the consumer channel that watches for it and the offset it was given."""
+
+    token: str
+    channel: Channel | None = None
+    offset: int | None = None
+    seen: threading.Event = field(default_factory=threading.Event)
 
 
 class _Call:
@@ -372,9 +397,54 @@ class RabbitTransport(Transport):
         self._deliveries = deque(d for d in self._deliveries if not predicate(d))
 
     # user thread: topology and lifetime ---------------------------------------------------------------------
-    def declare(self, names: Names, shards: int, *, quorum: bool = False) -> None:
-        spec = definitions(names, shards, quorum=quorum)
-        self._call(lambda call: self._declare(spec, call), f"declare {names.namespace}")
+    def publish_tracked(self, exchange: str, routing_key: str, body: bytes, *, stream: str) -> int:
+        """A consumer of ``stream`` attached at ``next`` on a channel of its own sees the message come by with
+        its offset (AMQP 0-9-1 has no other way to learn it); messages of other publishers in between are
+        acked and passed over, and the channel is closed as soon as ours is seen."""
+        token = f"{self.name}/tracked/{next(self._numbers)}"
+        probe = _Probe(token)
+        self._call(lambda call: self._start_probe(stream, probe, call), f"track {stream}")
+        try:
+            self._publish(exchange, routing_key, body, {TRACK_HEADER: token}, True)
+            self.flush()
+            probe.seen.wait(CALL_TIMEOUT)
+            if probe.offset is None:
+                raise TransportError(
+                    f"track {stream}: the message did not appear on the stream", reason="timeout"
+                )
+            return probe.offset
+        finally:
+            self._call(lambda call: self._stop_probe(probe, call), f"untrack {stream}")
+
+    def declare(
+        self,
+        names: Names,
+        shards: int,
+        *,
+        quorum: bool = False,
+        models_retention_bytes: int = DEFAULT_MODELS_RETENTION_BYTES,
+    ) -> None:
+        spec: dict[str, Any] | None = definitions(
+            names, shards, quorum=quorum, models_retention_bytes=models_retention_bytes
+        )
+        while spec is not None:
+            try:
+                self._call(partial(self._declare, spec), f"declare {names.namespace}")
+                return
+            except TransportError as exc:
+                found = _INEQUIVALENT_RETENTION.search(str(exc))
+                if exc.reason != "precondition_failed" or found is None:
+                    raise
+                spec = with_passive_stream(spec, found.group(1))
+                if spec is None:
+                    raise
+                log.warning(
+                    "%s: stream %s was declared beforehand with another retention; it is used as it is "
+                    "(a version it trims is reported to its reader as such): %s",
+                    self.name,
+                    found.group(1),
+                    exc,
+                )
 
     def close(self) -> None:
         if not self._thread.is_alive():
@@ -697,6 +767,46 @@ class RabbitTransport(Transport):
         if channel.is_open:  # a delivery of a dead channel is redelivered by the broker; its ack is moot
             channel.basic_ack(delivery_tag, multiple=multiple)
 
+    # I/O thread: tracked publishes -------------------------------------------------------------------------
+    def _start_probe(self, stream: str, probe: _Probe, call: _Call) -> None:
+        assert self._connection is not None
+
+        def on_message(channel: Channel, method: Any, properties: Any, _body: bytes) -> None:
+            headers = properties.headers or {}
+            if headers.get(TRACK_HEADER) == probe.token and "x-stream-offset" in headers:
+                probe.offset = int(headers["x-stream-offset"])
+                probe.seen.set()
+            elif channel.is_open:
+                channel.basic_ack(method.delivery_tag)
+
+        def on_open(channel: Channel) -> None:
+            probe.channel = channel
+
+            def on_close(_channel: Channel, exc: BaseException) -> None:
+                call.finish(error=_error_from(exc, f"track {stream}"))
+                probe.seen.set()  # nothing more will come by
+
+            channel.add_on_close_callback(on_close)
+            channel.basic_qos(
+                prefetch_count=1,
+                callback=lambda _f: channel.basic_consume(
+                    stream,
+                    on_message,
+                    arguments={"x-stream-offset": "next"},
+                    callback=lambda _f: call.finish(),
+                ),
+            )
+
+        self._connection.channel(on_open_callback=on_open)
+
+    def _stop_probe(self, probe: _Probe, call: _Call) -> None:
+        channel, probe.channel = probe.channel, None
+        if channel is None or not channel.is_open:
+            call.finish()
+            return
+        channel.add_on_close_callback(lambda _c, _e: call.finish())
+        channel.close()
+
     # I/O thread: topology -----------------------------------------------------------------------------------
     def _declare(self, spec: dict[str, Any], call: _Call) -> None:
         """Declare every exchange, queue and binding in turn on a short-lived channel."""
@@ -736,6 +846,7 @@ def _declare_exchange(exchange: dict[str, Any], channel: Channel, done: Callable
 def _declare_queue(queue: dict[str, Any], channel: Channel, done: Callable[[Any], None]) -> None:
     channel.queue_declare(
         queue["name"],
+        passive=queue.get("passive", False),
         durable=queue["durable"],
         auto_delete=queue["auto_delete"],
         arguments=queue["arguments"],

@@ -1,0 +1,94 @@
+"""The round as a user lives it, at any scale: receive only the version wanted, retention that follows the
+model, and a clear error when a version was trimmed away."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedq.broker import Management, q
+from fedq.client import Client
+from fedq.errors import StreamError
+from fedq.topology import DEFAULT_MODELS_RETENTION_BYTES, MODELS_SEGMENT_BYTES, Names, models_retention_bytes
+from fedq.transport import connect
+from tests.test_client import every_update, federation, memory_url, perturb, tiny_gpt
+from workers import gpt
+
+torch.set_num_threads(1)
+
+
+def test_retention_follows_the_model_size() -> None:
+    assert models_retention_bytes(1 << 20) == DEFAULT_MODELS_RETENTION_BYTES
+    llama_1b = 4 * 1_498_482_688
+    retention = models_retention_bytes(llama_1b)
+    assert 2 * llama_1b + 2 * MODELS_SEGMENT_BYTES <= retention < 2.1 * llama_1b + 2 * MODELS_SEGMENT_BYTES
+
+
+def test_receive_reads_only_the_version_it_needs(tmp_path: Path) -> None:
+    """Three versions on the models stream; a client joining then reads the newest one and nothing else."""
+    url = memory_url()
+    model = tiny_gpt(seed=1)
+    version_bytes = 4 * gpt.num_parameters(model)
+    with federation(url, "ns", tmp_path, every_update()), Client("a", amqp_url=url, namespace="ns") as a:
+        for seed in range(3):
+            a.receive(model, timeout=30)
+            perturb(model, 0.01, seed=seed)
+            a.send(model, num_samples=1)
+        with Client("late", amqp_url=url, namespace="ns", codec="fp32") as late:
+            fresh = tiny_gpt(seed=9)
+            assert late.receive(fresh, timeout=30).version == 3
+    assert version_bytes < late.received_bytes < 1.1 * version_bytes
+    assert a.received_bytes < 3 * 1.1 * version_bytes  # three receives, each of one version
+
+
+def test_a_trimmed_version_says_so(tmp_path: Path) -> None:
+    """A models stream declared beforehand far too small for one version (the aggregator uses it as it is):
+    a client is told its version was trimmed, not left waiting."""
+    url = memory_url()
+    with connect(url) as transport:
+        transport.declare(Names("ns"), 1, models_retention_bytes=100_000)  # tiny_gpt: 239 kB a version
+    with (
+        federation(url, "ns", tmp_path, every_update()),
+        Client("c", amqp_url=url, namespace="ns") as client,
+        pytest.raises(StreamError, match="can no longer be read") as caught,
+    ):
+        client.receive(tiny_gpt(), timeout=30)
+    assert caught.value.reason == "version_gone"
+
+
+@pytest.mark.broker
+def test_a_predeclared_stream_with_other_limits_is_used(
+    amqp_url: str, namespace: str, management: Management, vhost: str, tmp_path: Path
+) -> None:
+    """An operator declared the streams beforehand with other limits: the aggregator starts and serves."""
+    names = Names(namespace)
+    for stream in (names.models_stream, f"{namespace}.versions"):
+        management.put(
+            f"/queues/{q(vhost)}/{q(stream)}",
+            {"durable": True, "arguments": {"x-queue-type": "stream", "x-max-length-bytes": 50_000_000}},
+        )
+    with (
+        federation(amqp_url, namespace, tmp_path, every_update()),
+        Client("c", amqp_url=amqp_url, namespace=namespace) as client,
+    ):
+        assert client.receive(tiny_gpt(), timeout=30).version == 0
+
+
+@pytest.mark.broker
+def test_a_round_reads_one_version_through_the_broker(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    """Offsets, not timestamps: each receive on the real broker reads its version only."""
+    model = tiny_gpt(seed=3)
+    version_bytes = 4 * gpt.num_parameters(model)
+    with (
+        federation(amqp_url, namespace, tmp_path, every_update()),
+        Client("c", amqp_url=amqp_url, namespace=namespace, codec="int8") as client,
+    ):
+        for seed in range(3):
+            before = client.received_bytes
+            client.receive(model, timeout=60)
+            assert client.received_bytes - before < 1.1 * version_bytes
+            perturb(model, 0.01, seed=seed)
+            client.send(model, num_samples=1)
+        assert client.receive(model, timeout=60).version == 3
