@@ -241,7 +241,7 @@ def test_a_client_learns_that_the_federation_ended(amqp_url: str, namespace: str
         started = time.monotonic()
         with pytest.raises(FederationEnded):
             client.receive(model, timeout=60)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 10.0  # at once, not after the 60 s timeout
         with Client("late", amqp_url=amqp_url, namespace=namespace) as late:
             assert late.receive(tiny_llama(seed=3), timeout=60).final  # a late joiner gets the final model
             with pytest.raises(FederationEnded):
