@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import urllib.error
 import urllib.request
 from base64 import b64encode
@@ -43,7 +44,8 @@ class Management:
     def __init__(self, url: str, timeout: float = 30.0) -> None:
         parts = urlsplit(url)
         self.base = f"{parts.scheme}://{parts.hostname}:{parts.port or MANAGEMENT_PORT}/api"
-        credentials = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
+        self.user = unquote(parts.username or "guest")
+        credentials = f"{self.user}:{unquote(parts.password or 'guest')}"
         self._auth = "Basic " + b64encode(credentials.encode()).decode()
         self.timeout = timeout
 
@@ -57,12 +59,31 @@ class Management:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
+            if exc.code == 401:
+                raise TransportError(
+                    f"the management API at {self.base} refused the login of user {self.user!r} (HTTP 401): "
+                    "broker commands need a user tagged administrator "
+                    f"(`rabbitmqctl set_user_tags {self.user} administrator`)",
+                    reason="http_401",
+                ) from exc
             raise TransportError(
                 f"{method} {path}: HTTP {exc.code} {detail}", reason=f"http_{exc.code}"
             ) from exc
         except OSError as exc:
-            raise TransportError(f"{method} {path}: {exc}", reason="management_unreachable") from exc
+            raise TransportError(self._unreachable(exc), reason="management_unreachable") from exc
         return json.loads(payload) if payload else None
+
+    def _unreachable(self, exc: OSError) -> str:
+        """Why the management API did not answer, with the fix."""
+        reason = getattr(exc, "reason", exc)  # urllib wraps socket errors in URLError.reason
+        if isinstance(reason, socket.gaierror):
+            return f"cannot resolve the management API's host in {self.base} ({reason.strerror})"
+        if isinstance(reason, ConnectionRefusedError):
+            return (
+                f"no management API answers at {self.base} (connection refused): enable the plugin with "
+                "`rabbitmq-plugins enable rabbitmq_management`, or give --management-url"
+            )
+        return f"the management API at {self.base} did not answer: {reason}"
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

@@ -210,8 +210,10 @@ class Aggregator:
             quorum=self.s.quorum,
             models_retention_bytes=models_retention_bytes(model_bytes),
         )
-        self.t.consume(self.s.names.updates_queue(self.s.shard), prefetch=self.s.prefetch)
-        self.t.consume(self.s.names.control_queue(self.s.shard), prefetch=self.s.shards * 4 + 4)
+        # Exclusive: a second worker of this shard (another machine, another state dir) is refused here.
+        names, shard = self.s.names, self.s.shard
+        self.t.consume(names.updates_queue(shard), prefetch=self.s.prefetch, exclusive=True)
+        self.t.consume(names.control_queue(shard), prefetch=self.s.shards * 4 + 4, exclusive=True)
         for stream in [s for s in self.staging.streams if s in self.state.finished]:
             self.staging.remove(stream)
         for staged in list(self.staging.streams.values()):

@@ -22,9 +22,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from fedq import __version__
+from fedq.cli.config import check_keys, defaults_from, load_file, options_of, table_for
 from fedq.cli.options import HelpFormatter
 from fedq.errors import FedqError
 
@@ -56,27 +61,45 @@ def module_name(words: tuple[str, ...]) -> str:
     return "fedq.cli." + "_".join(words).replace("-", "_")
 
 
-def _verbose_option() -> argparse.ArgumentParser:
-    """``-v`` is accepted before or after the command (``fedq -v status``, ``fedq status -v``)."""
+def _common_options() -> argparse.ArgumentParser:
+    """Options of every command, before or after its name (``fedq -v status``, ``fedq status -v``)."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages"
     )
+    parent.add_argument(
+        "--config-file",
+        type=Path,
+        metavar="TOML",
+        default=argparse.SUPPRESS,
+        help="option values from a TOML file (env FEDQ_CONFIG_FILE; see docs/operating.md)",
+    )
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> argparse.ArgumentParser:
+    """Every command's parser; option defaults come from ``environ`` and ``config`` (fedq.cli.config)."""
+    return _build(config or {}, environ or {})[0]
+
+
+def _build(
+    config: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="fedq",
         description="Federated learning of large models over RabbitMQ: quantized, streamed, asynchronous.",
         epilog="Exit codes: 0 done, 1 failed, 2 usage or configuration, 3 broker, 4 file or system, "
-        "130 interrupted. The broker URL comes from --amqp-url or FEDQ_AMQP_URL.",
+        "130 interrupted. Every option can also come from FEDQ_<OPTION> or a TOML file (--config-file).",
+        parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"fedq {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages (default: info)")
+    parser.set_defaults(verbose=False)
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
-    verbose = _verbose_option()
+    commands: dict[tuple[str, ...], argparse.ArgumentParser] = {}
     for words, help_text in COMMANDS:
         parent = top
         if len(words) == 2:
@@ -92,21 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
             description=(module.__doc__ or help_text).strip(),
             formatter_class=HelpFormatter,
-            parents=[verbose],
+            parents=[common],
         )
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run, _command=" ".join(words))
-    return parser
+        defaults = defaults_from(sub, table_for(config, words), environ)
+        sub.set_defaults(_run=module.run, _command=" ".join(words), **defaults)
+        commands[words] = sub
+    return parser, commands
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse with option defaults from the environment and the TOML file named by --config-file (or
+    FEDQ_CONFIG_FILE), whose keys are checked against every command's options."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config-file", type=Path, default=None)
+    path = pre.parse_known_args(argv)[0].config_file
+    if path is None and os.environ.get("FEDQ_CONFIG_FILE"):
+        path = Path(os.environ["FEDQ_CONFIG_FILE"])
+    config = load_file(path) if path is not None else {}
+    parser, commands = _build(config, os.environ)
+    if path is not None:
+        check_keys(config, {words: set(options_of(sub)) for words, sub in commands.items()}, path)
+    return parser.parse_args(argv)
 
 
 def configure_logging(verbose: bool) -> None:
-    """Operator-readable logs on stderr; pika's own chatter only with --verbose."""
+    """Operator-readable logs on stderr; pika's own chatter only with --verbose (its errors come as several
+    lines per failed attempt; the transport logs one line per attempt with the cause instead)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pika").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     Only ``FedqError``, ``OSError`` and ``KeyboardInterrupt`` are caught: anything else is a bug in fedq, and
     its traceback is what a bug report needs.
     """
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    prefix = f"fedq {args._command}"
+    prefix = "fedq"
     try:
+        args = _parse(sys.argv[1:] if argv is None else argv)
+        configure_logging(args.verbose)
+        prefix = f"fedq {args._command}"
         return int(args._run(args))
     except FedqError as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
+import signal
+import threading
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedq.cli import aggregation_rules
 from fedq.cli.options import add_amqp_url, add_chunk_bytes, add_namespace, size
-from fedq.errors import ConfigError
+from fedq.errors import ConfigError, FedqError
 
 if TYPE_CHECKING:
     import torch
@@ -179,18 +183,26 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    import threading
+
     import torch
 
     from fedq import metrics
+    from fedq.aggregation.lock import StateLock
     from fedq.aggregation.service import Aggregator
     from fedq.transport import connect
 
     settings = settings_from(args)
+    # Everything that can be refused locally is checked before the broker is touched.
+    _check_init(settings.init)
+    lock = StateLock(settings.state_dir / f"shard-{settings.shard}")
     # One thread by default: on a shared machine torch's intra-op threads spin against each other and the
     # transport's I/O thread (measured at load ~6: an nf4 chunk decodes 1.4x faster on 1 thread than on 2).
     torch.set_num_threads(max(1, args.threads))
-    metrics.serve(args.metrics_port)
+    _serve_metrics(args.metrics_port)
     metrics.record_process("aggregator", args.memory_budget)
+    stop = threading.Event()
+    _stop_on_signals(stop, settings.shard)
     log.info(
         "shard %d/%d, %s on %s, state in %s",
         settings.shard,
@@ -208,11 +220,51 @@ def run(args: argparse.Namespace) -> int:
         window_bytes=window_bytes,
         window_messages=max(2, window_bytes // max(1, settings.chunk_bytes) * 4),
     ) as transport:
-        Aggregator(transport, settings).run()
+        Aggregator(transport, settings).run(stop)
+    lock.release()
     log.info("shard %d stopped; peak RSS %d bytes", settings.shard, _peak_rss())
     if settings.device.type == "cuda":
         log.info("shard %d: peak GPU memory %d bytes", settings.shard, torch.cuda.max_memory_allocated())
     return 0
+
+
+def _check_init(path: Path) -> None:
+    """The initial model must be readable before anything is connected or written."""
+    from fedq.aggregation import checkpoint
+
+    if not path.is_file():
+        raise ConfigError(
+            f"--init {path}: no such file (the initial model, safetensors or a torch state dict)"
+        )
+    try:
+        checkpoint.read_shapes(path)
+    except FedqError:
+        raise
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"--init {path}: not a safetensors file nor a torch state dict ({exc})") from exc
+
+
+def _serve_metrics(port: int) -> None:
+    from fedq import metrics
+
+    try:
+        metrics.serve(port)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, f"--metrics-port {port}") from exc
+
+
+def _stop_on_signals(stop: threading.Event, shard: int) -> None:
+    """SIGTERM and SIGINT stop the worker between two batches (what it staged is durable, what it folded is
+    checkpointed); a second signal interrupts at once."""
+
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("shard %d: %s received, stopping", shard, signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def _peak_rss() -> int:

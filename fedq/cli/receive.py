@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     flow = flow_for_budget(args.memory_budget, args.chunk_bytes)
     names = Names(args.namespace)
     progress = Progress("receive", quiet=args.quiet)
-    with connect(args.amqp_url) as transport:
+    with connect(args.amqp_url, connect_timeout=0) as transport:
         manifest = receive_file(
             transport,
             names.models_stream,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedq.cli.options import add_amqp_url, add_chunk_bytes, add_namespace, size
+from fedq.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -66,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress("send", _wire_estimate(manifest), quiet=args.quiet)
     names = Names(args.namespace)
     with connect(
-        args.amqp_url, window_messages=flow.window_messages, window_bytes=flow.window_bytes
+        args.amqp_url,
+        connect_timeout=0,  # a command run by hand fails at once with its cause; workers retry
+        window_messages=flow.window_messages,
+        window_bytes=flow.window_bytes,
     ) as transport:
         stats = send_container(
             transport,
@@ -88,13 +92,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _open(path: Path) -> Mapping[str, torch.Tensor]:
+    import pickle
+
     import torch
 
     from fedq.safetensors import SafetensorsReader
 
     if path.suffix == ".safetensors":
         return SafetensorsReader(path)
-    return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"{path}: not a .safetensors file nor a torch state dict ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path}: holds no state dict of tensors")
+    return state
 
 
 def _wire_estimate(manifest: Manifest) -> int:

@@ -59,8 +59,15 @@ class Transport(abc.ABC):
         """Wait until every published message is confirmed; raise ``TransportError`` on failure or timeout."""
 
     @abc.abstractmethod
-    def consume(self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None) -> str:
-        """Start consuming ``queue`` with at most ``prefetch`` unacknowledged deliveries; return its tag."""
+    def consume(
+        self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None, exclusive: bool = False
+    ) -> str:
+        """Start consuming ``queue`` with at most ``prefetch`` unacknowledged deliveries; return its tag.
+
+        ``exclusive``: no other consumer may consume the queue meanwhile (a ``TransportError`` with reason
+        ``exclusive`` if one does): an aggregator shard's queues have one reader, so that two workers of
+        the same shard cannot both take its updates.
+        """
 
     @abc.abstractmethod
     def cancel(self, consumer_tag: str) -> None:
@@ -112,3 +119,11 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def exclusive_refusal(queue: str) -> str:
+    """The one line an operator gets when a second worker tries to consume a shard's queue."""
+    return (
+        f"queue {queue} is already consumed by another worker (an aggregator of this shard running "
+        "elsewhere? `fedq status` lists each queue's consumers); one aggregator per shard"
+    )

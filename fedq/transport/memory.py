@@ -24,7 +24,14 @@ from typing import Any
 from fedq import metrics
 from fedq.errors import TransportError
 from fedq.topology import DEFAULT_MODELS_RETENTION_BYTES, Names, definitions, namespace_of
-from fedq.transport.base import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, Delivery, Transport
+from fedq.transport.base import (
+    DETAIL_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    Delivery,
+    Transport,
+    exclusive_refusal,
+)
 
 DEFAULT_WINDOW_MESSAGES = 64
 DEFAULT_WINDOW_BYTES = 64 << 20
@@ -49,6 +56,8 @@ class _Queue:
     messages: deque[_Message] = field(default_factory=deque)
     nbytes: int = 0
     first_offset: int = 0  # streams: the offset of messages[0]
+    consumers: int = 0
+    exclusive: bool = False  # held by one exclusive consumer
 
     @property
     def is_stream(self) -> bool:
@@ -202,9 +211,10 @@ class MemoryTransport(Transport):
         role: str = "client",
         name: str = "memory",
         reconnect_timeout: float = 0.0,
+        connect_timeout: float = 0.0,
     ) -> None:
-        """``name`` and ``reconnect_timeout`` mean nothing here; they are accepted so that callers pass the
-        RabbitMQ transport's options whatever the URL."""
+        """``name``, ``reconnect_timeout`` and ``connect_timeout`` mean nothing here; they are accepted so
+        that callers pass the RabbitMQ transport's options whatever the URL."""
         self.broker = broker or MemoryBroker()
         self.role = role
         self.name = name
@@ -259,12 +269,18 @@ class MemoryTransport(Transport):
             raise TransportError(f"{what}: queues stayed full for {limit:.1f} s", reason="queue_full")
 
     # consuming ----------------------------------------------------------------------------------------------
-    def consume(self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None) -> str:
+    def consume(
+        self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None, exclusive: bool = False
+    ) -> str:
         self._check_open()
         with self.broker.cond:
             target = self.broker.queues.get(queue)
             if target is None:
                 raise TransportError(f"no queue {queue!r}", reason="not_found")
+            if target.exclusive or (exclusive and target.consumers):
+                raise TransportError(exclusive_refusal(queue), reason="exclusive")
+            target.consumers += 1
+            target.exclusive = exclusive
             consumer = _Consumer(f"memory-ctag-{next(self._seq)}", queue, prefetch)
             if target.is_stream:
                 consumer.stream_next = _stream_start(target, (arguments or {}).get("x-stream-offset", "next"))
@@ -276,6 +292,13 @@ class MemoryTransport(Transport):
             consumer = self._consumers.pop(consumer_tag, None)
             if consumer is not None:
                 self._requeue(consumer)
+                self._release(consumer)
+
+    def _release(self, consumer: _Consumer) -> None:
+        queue = self.broker.queues.get(consumer.queue)
+        if queue is not None:
+            queue.consumers -= 1
+            queue.exclusive = queue.exclusive and queue.consumers > 0
 
     def get(self, timeout: float | None = None) -> Delivery | None:
         self._check_open()
@@ -407,6 +430,7 @@ class MemoryTransport(Transport):
         with self.broker.cond:
             for consumer in self._consumers.values():
                 self._requeue(consumer)
+                self._release(consumer)
             self._consumers.clear()
             for item in [p for p in self.broker.pending if p.owner is self]:
                 self.broker.pending.remove(item)

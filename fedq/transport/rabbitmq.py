@@ -14,10 +14,13 @@ length limit with ``x-overflow: reject-publish``, or a broker-side failure) is r
 it a ``TransportError``. Every message carries the ``user_id`` property, which RabbitMQ checks against the
 authenticated user: receivers attribute messages to that validated name.
 
-Failures. A lost connection is re-established with bounded exponential backoff (for at most
-``reconnect_timeout`` seconds); unconfirmed messages are then published again (at-least-once: receivers
-dedupe) and consumers resumed (streams from the offset after the last one handed out). Deliveries of the dead
-connection are dropped from the local queue and acks of them are ignored: the broker redelivers them.
+Failures. A first connection that cannot succeed by retrying (an unknown host, a refused login, a missing
+vhost, an untrusted certificate) fails at once with its cause and the fix; one that may (nothing listening
+yet, a timeout) is retried for ``connect_timeout`` seconds (0: one attempt), one log line per attempt. A lost
+connection is re-established with bounded exponential backoff (for at most ``reconnect_timeout`` seconds);
+unconfirmed messages are then published again (at-least-once: receivers dedupe) and consumers resumed (streams
+from the offset after the last one handed out). Deliveries of the dead connection are dropped from the local
+queue and acks of them are ignored: the broker redelivers them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import itertools
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -57,6 +61,7 @@ from fedq.transport.base import (
     TRACK_HEADER,
     Delivery,
     Transport,
+    exclusive_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ _RECV_BYTES = 256 << 10  # per socket read (pika: 4 KiB); see _widen_reads
 _CONSUME_BYTES = 4 << 20  # per I/O-loop event before other events get their turn (pika: 100 KiB)
 
 _INEQUIVALENT_RETENTION = re.compile(r"inequivalent arg 'x-max-length-bytes' for queue '([^']+)'")
+_REPLY_IN_TEXT = re.compile(r"\(\d{3}\) '([^']+)'")  # pika's "(530) 'NOT_ALLOWED - vhost x not found'"
 _REPLY_REASONS = {
     320: "connection_forced",
     403: "access_refused",
@@ -116,8 +122,12 @@ class _ConsumerSpec:
     queue: str
     prefetch: int
     arguments: dict[str, Any]
+    exclusive: bool = False
     channel: Channel | None = None
     next_stream_offset: int | None = None  # set once a stream delivery was handed out
+    refused_since: float | None = (
+        None  # exclusive and refused after a reconnect: retried until this + timeout
+    )
 
 
 @dataclass
@@ -187,6 +197,7 @@ class RabbitTransport(Transport):
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         full_queue_timeout: float = DEFAULT_FULL_QUEUE_TIMEOUT,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
         role: str = "client",
         name: str | None = None,
     ) -> None:
@@ -194,10 +205,13 @@ class RabbitTransport(Transport):
         self.window_bytes = window_bytes
         self.full_queue_timeout = full_queue_timeout
         self.reconnect_timeout = reconnect_timeout
+        self.connect_timeout = reconnect_timeout if connect_timeout is None else connect_timeout
         self.role = role
         self.name = name or f"fedq-{role}-{os.getpid()}-{id(self):x}"
         self.user = unquote(urlsplit(url).username or "guest")
         self._params = parameters_from_url(url, self.name)
+        self._where = f"{self._params.host}:{self._params.port}"
+        self._attempts = 0
 
         self._cond = threading.Condition()
         self._outgoing: OrderedDict[int, _Outgoing] = OrderedDict()
@@ -319,9 +333,11 @@ class RabbitTransport(Transport):
             raise error
 
     # user thread: consuming ---------------------------------------------------------------------------------
-    def consume(self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None) -> str:
+    def consume(
+        self, queue: str, *, prefetch: int, arguments: dict[str, Any] | None = None, exclusive: bool = False
+    ) -> str:
         spec = _ConsumerSpec(
-            f"{self.name}/{queue}/{next(self._numbers)}", queue, prefetch, dict(arguments or {})
+            f"{self.name}/{queue}/{next(self._numbers)}", queue, prefetch, dict(arguments or {}), exclusive
         )
         with self._cond:
             self._consumers[spec.tag] = spec  # registered first, so a reconnect during the call resumes it
@@ -518,16 +534,30 @@ class RabbitTransport(Transport):
             self._start_consumer(spec, None)
 
     def _on_open_error(self, _connection: pika.SelectConnection, exc: BaseException) -> None:
-        if isinstance(
-            exc, pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError
-        ):
-            self._die(TransportError(f"{self.name}: broker refused the login: {exc!r}", reason="auth"))
-        elif _is_certificate_failure(exc):
-            self._die(
-                TransportError(f"{self.name}: TLS certificate verification failed: {exc!r}", reason="tls")
-            )
+        error, permanent = open_failure(exc, self._where, self.user, self._params.virtual_host)
+        if permanent:
+            self._die(error)
+        elif not self._opened_once:
+            self._first_connection_failed(error)
         else:
             self._connection_lost(exc)
+
+    def _first_connection_failed(self, error: TransportError) -> None:
+        """Retry a transient first failure for ``connect_timeout`` seconds, one log line per attempt."""
+        now = time.monotonic()
+        self._down_since = self._down_since or now
+        self._attempts += 1
+        left = self.connect_timeout - (now - self._down_since)
+        if left <= 0:
+            if self._attempts > 1:
+                error = TransportError(
+                    f"{error} (gave up after {self._attempts} attempts)", reason=error.reason
+                )
+            self._die(error)
+            return
+        delay, self._backoff = min(self._backoff, left), min(self._backoff * 2, _BACKOFF_MAX)
+        log.warning("%s (attempt %d; next in %.1f s, for %.0f s more)", error, self._attempts, delay, left)
+        self._ioloop.call_later(delay, self._connect)
 
     def _on_closed(self, _connection: pika.SelectConnection, exc: BaseException) -> None:
         if self._closing:
@@ -557,12 +587,17 @@ class RabbitTransport(Transport):
             self._cond.notify_all()
         now = time.monotonic()
         self._down_since = self._down_since or now
+        cause, _ = open_failure(exc, self._where, self.user, self._params.virtual_host)
         if now - self._down_since > self.reconnect_timeout:
             self._die(
-                TransportError(f"{self.name}: could not reconnect within {self.reconnect_timeout} s: {exc!r}")
+                TransportError(
+                    f"{self.name}: could not reconnect within {self.reconnect_timeout:.0f} s: {cause}",
+                    reason=cause.reason,
+                )
             )
             return
         delay, self._backoff = self._backoff, min(self._backoff * 2, _BACKOFF_MAX)
+        log.warning("%s: reconnecting in %.1f s: %s", self.name, delay, cause)
         self._ioloop.call_later(delay, self._connect)
 
     def _die(self, error: TransportError) -> None:
@@ -697,8 +732,13 @@ class RabbitTransport(Transport):
         assert self._connection is not None
 
         def on_close(_channel: Channel, exc: BaseException) -> None:
+            error = _error_from(exc, f"consume {spec.queue}")
+            if spec.exclusive and error.reason == "access_refused":
+                error = TransportError(exclusive_refusal(spec.queue), reason="exclusive")
+                if call is None and self._retry_exclusive(spec, error):
+                    return
             if call is not None and not call.event.is_set():  # refused at once: consume() raises it
-                call.finish(error=_error_from(exc, f"consume {spec.queue}"))
+                call.finish(error=error)
                 return
             if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and spec.channel is not None:
                 self._consumer_failed(
@@ -706,6 +746,7 @@ class RabbitTransport(Transport):
                 )
 
         def on_consume_ok(_frame: Any) -> None:
+            spec.refused_since = None
             if call is not None:
                 call.finish()
 
@@ -719,12 +760,33 @@ class RabbitTransport(Transport):
             channel.basic_qos(
                 prefetch_count=spec.prefetch,
                 callback=lambda _f: channel.basic_consume(
-                    spec.queue, on_message, consumer_tag=spec.tag, arguments=arguments, callback=on_consume_ok
+                    spec.queue,
+                    on_message,
+                    exclusive=spec.exclusive,
+                    consumer_tag=spec.tag,
+                    arguments=arguments,
+                    callback=on_consume_ok,
                 ),
             )
             spec.channel = channel
 
         self._connection.channel(on_open_callback=on_open)
+
+    def _retry_exclusive(self, spec: _ConsumerSpec, error: TransportError) -> bool:
+        """After a reconnect, the broker may still hold this worker's previous connection (and its exclusive
+        consumer) until it notices that connection is gone: retry for ``reconnect_timeout`` seconds."""
+        now = time.monotonic()
+        spec.refused_since = spec.refused_since or now
+        if now - spec.refused_since > self.reconnect_timeout or spec.tag not in self._consumers:
+            return False
+        spec.channel = None
+        log.warning("%s: %s; retrying in %.0f s", self.name, error, _BACKOFF_MAX)
+        self._ioloop.call_later(_BACKOFF_MAX, lambda: self._resume_consumer(spec))
+        return True
+
+    def _resume_consumer(self, spec: _ConsumerSpec) -> None:
+        if self._connection is not None and self._connection.is_open and spec.tag in self._consumers:
+            self._start_consumer(spec, None)
 
     def _cancelled(self, spec: _ConsumerSpec) -> TransportError:
         return TransportError(
@@ -858,18 +920,70 @@ def _bind(binding: dict[str, Any], channel: Channel, done: Callable[[Any], None]
     channel.queue_bind(binding["destination"], binding["source"], binding["routing_key"], callback=done)
 
 
-def _is_certificate_failure(exc: BaseException) -> bool:
-    """Whether a failed connection attempt was a TLS verification failure: retrying cannot fix it."""
+def open_failure(exc: BaseException, where: str, user: str, vhost: str) -> tuple[TransportError, bool]:
+    """Why a connection attempt failed, in one line with the fix, and whether retrying cannot help."""
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        message = (
+            f"the broker at {where} refused the login of user {user!r}: wrong user or password "
+            "(`fedq broker add-client NAME` prints a URL that works)"
+        )
+        return TransportError(message, reason="auth"), True
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        message = (
+            f"user {user!r} may not open vhost {vhost!r} on {where} ({_reply_text(exc)}): create it with "
+            f"`rabbitmqctl add_vhost {vhost}` or grant it: `rabbitmqctl set_permissions -p {vhost} {user}`"
+        )
+        return TransportError(message, reason="vhost"), True
+    cause = _cause_of(exc, ssl.SSLCertVerificationError, socket.gaierror, ConnectionRefusedError, OSError)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        message = f"TLS certificate verification of {where} failed: {cause.verify_message or cause}"
+        return TransportError(message, reason="tls"), True
+    if isinstance(cause, socket.gaierror):
+        host = where.rsplit(":", 1)[0]
+        message = f"cannot resolve the broker host {host!r} ({cause.strerror}): check the URL's host"
+        return TransportError(message, reason="dns"), True
+    if isinstance(cause, ConnectionRefusedError):
+        message = f"nothing accepts connections at {where} (connection refused): is RabbitMQ running there?"
+        return TransportError(message, reason="refused"), False
+    detail = _reply_text(exc) if not isinstance(cause, OSError) else (cause.strerror or repr(cause))
+    return TransportError(f"cannot connect to {where}: {detail}", reason="unreachable"), False
+
+
+def _reply_text(exc: BaseException) -> str:
+    """The broker's own words, e.g. ``NOT_ALLOWED - vhost x not found``, else the exception."""
+    for item in _chain(exc):
+        text = getattr(item, "reply_text", None) or _REPLY_IN_TEXT.search(str(item))
+        if text:
+            return text if isinstance(text, str) else text[1]
+    return repr(exc)
+
+
+def _cause_of(exc: BaseException, *kinds: type[BaseException]) -> BaseException | None:
+    """The first exception of the most specific of ``kinds`` found anywhere in pika's nested errors."""
+    found = list(_chain(exc))
+    for kind in kinds:
+        for item in found:
+            if isinstance(item, kind):
+                return item
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """Every exception nested in ``exc``: pika wraps socket errors in args and in lists of attempts."""
+    out: list[BaseException] = []
     seen: list[object] = [exc]
     while seen:
         item = seen.pop()
-        if isinstance(item, ssl.SSLCertVerificationError):
-            return True
         if isinstance(item, BaseException):
+            if any(item is o for o in out):
+                continue
+            out.append(item)
             seen.extend(item.args)
-            seen.extend(getattr(item, "exceptions", None) or [])
-            if item.__cause__ is not None:
-                seen.append(item.__cause__)
+            seen.extend(getattr(item, "exceptions", None) or [])  # a connection workflow's attempts
+            seen.append(getattr(item, "exception", None))  # a connector phase's error
+            for attr in ("__cause__", "__context__"):
+                if getattr(item, attr) is not None:
+                    seen.append(getattr(item, attr))
         elif isinstance(item, list | tuple):
             seen.extend(item)
-    return False
+    return out

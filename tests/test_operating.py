@@ -1,0 +1,149 @@
+"""Operating fedq on the real broker: failures end in one line with their cause, the fix and an exit code;
+settings come from the environment, secret files and TOML; a shard has one writer; signals stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+import torch
+
+from fedq import cli
+from fedq.broker import Management, q
+from fedq.safetensors import save_file
+from fedq.topology import Names
+
+ROOT = Path(__file__).parent.parent
+
+
+def with_parts(url: str, *, password: str | None = None, vhost: str | None = None, port: int | None = None,
+               host: str | None = None) -> str:  # fmt: skip
+    parts = urlsplit(url)
+    user = parts.username or "guest"
+    netloc = (
+        f"{quote(user)}:{quote(password if password is not None else parts.password or 'guest')}"
+        f"@{host or parts.hostname}:{port or parts.port or 5672}"
+    )
+    path = "/" + quote(vhost, safe="") if vhost is not None else parts.path
+    return urlunsplit((parts.scheme, netloc, path, parts.query, ""))
+
+
+def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run a command that must fail; return its exit code and its one line of error."""
+    started = time.monotonic()
+    code = cli.main(list(argv))
+    err = [line for line in capsys.readouterr().err.splitlines() if "WARNING" not in line]
+    assert len(err) == 1, err
+    assert time.monotonic() - started < 15, "a first connection must fail fast"
+    return code, err[0]
+
+
+@pytest.mark.broker
+def test_a_first_connection_fails_fast_with_its_cause(
+    amqp_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = str(tmp_path / "m.safetensors")
+    code, line = fails(capsys, "receive", out, "--amqp-url", with_parts(amqp_url, password="wrong"))
+    assert code == 3 and "refused the login of user" in line and "wrong user or password" in line, line
+    code, line = fails(capsys, "receive", out, "--amqp-url", with_parts(amqp_url, vhost="fedq-no-such-vhost"))
+    assert code == 3 and "vhost 'fedq-no-such-vhost'" in line and "rabbitmqctl add_vhost" in line, line
+    code, line = fails(
+        capsys, "receive", out, "--amqp-url", with_parts(amqp_url, host="no-such-host.invalid")
+    )
+    assert code == 3 and "cannot resolve the broker host 'no-such-host.invalid'" in line, line
+    code, line = fails(capsys, "receive", out, "--amqp-url", with_parts(amqp_url, port=9))
+    assert code == 3 and "connection refused" in line and "is RabbitMQ running" in line, line
+    assert not Path(out).exists()
+
+
+@pytest.mark.broker
+def test_broker_commands_name_the_management_plugin(
+    amqp_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, line = fails(capsys, "broker", "apply", "--management-url", "http://guest:guest@127.0.0.1:9")
+    assert code == 3 and "rabbitmq-plugins enable rabbitmq_management" in line, line
+    parts = urlsplit(amqp_url)
+    wrong = f"http://{parts.username or 'guest'}:wrong@{parts.hostname}:15672"
+    code, line = fails(capsys, "broker", "apply", "--management-url", wrong)
+    assert code == 3 and "HTTP 401" in line and "administrator" in line, line
+
+
+def test_options_come_from_the_environment_secret_files_and_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "amqp-url"
+    secret.write_text("amqp://alice:from-a-file@broker:5672/%2F\n")
+    config = tmp_path / "fedq.toml"
+    config.write_text(
+        'namespace = "from-toml"\n'
+        f'amqp-url-file = "{secret}"\n'
+        '[aggregator]\nshards = 3\nquorum = true\nmemory-budget = "32MiB"\n'
+        '[broker.add-client]\nnamespace = "clients"\n'
+    )
+    monkeypatch.setenv("FEDQ_CONFIG_FILE", str(config))
+    monkeypatch.delenv("FEDQ_AMQP_URL", raising=False)
+    monkeypatch.setenv("FEDQ_SHARD", "2")
+    args = cli._parse(["aggregator", "--init", "m.safetensors"])
+    assert (args.namespace, args.shards, args.shard, args.quorum) == ("from-toml", 3, 2, True)
+    assert args.amqp_url == "amqp://alice:from-a-file@broker:5672/%2F"
+    assert args.memory_budget == 32 << 20
+    assert cli._parse(["broker", "add-client", "bob"]).namespace == "clients"
+    assert cli._parse(["aggregator", "--init", "m", "--shards", "4"]).shards == 4  # the command line wins
+    monkeypatch.setenv("FEDQ_NAMESPACE", "from-env")  # the environment wins over the file
+    assert cli._parse(["status"]).namespace == "from-env"
+
+    config.write_text("[aggregator]\nstate-dri = 'x'\n")
+    assert cli.main(["status"]) == 2
+    monkeypatch.setenv("FEDQ_QUORUM", "maybe")
+    config.write_text("")
+    assert cli.main(["aggregator", "--init", "m"]) == 2
+
+
+def _start_aggregator(amqp_url: str, namespace: str, init: Path, state: Path) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "fedq", "aggregator", "--namespace", namespace, "--init", str(init),
+               "--state-dir", str(state), "--device", "cpu", "--chunk-bytes", "64KiB",
+               "--memory-budget", "1MiB"]  # fmt: skip
+    env = os.environ | {"FEDQ_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+
+
+def _wait_for_consumer(management: Management, vhost: str, queue: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = management.get(f"/queues/{q(vhost)}?columns=name,consumers")
+        if any(r["name"] == queue and r.get("consumers") for r in rows):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no consumer on {queue}")
+
+
+@pytest.mark.broker
+def test_one_aggregator_per_shard_and_a_clean_stop_on_sigterm(
+    amqp_url: str, management: Management, vhost: str, names: Names, tmp_path: Path
+) -> None:
+    init = tmp_path / "init.safetensors"
+    save_file({"w": torch.zeros(64, 64), "b": torch.zeros(64)}, init)
+    first = _start_aggregator(amqp_url, names.namespace, init, tmp_path / "state")
+    try:
+        _wait_for_consumer(management, vhost, names.updates_queue(0))
+        same_dir = _start_aggregator(amqp_url, names.namespace, init, tmp_path / "state")
+        _, err = same_dir.communicate(timeout=60)
+        assert same_dir.returncode == 2, err
+        assert err.strip().endswith("one process per shard state directory"), err
+        assert f"in use by another aggregator (pid {first.pid})" in err
+        elsewhere = _start_aggregator(amqp_url, names.namespace, init, tmp_path / "state-elsewhere")
+        _, err = elsewhere.communicate(timeout=60)
+        assert elsewhere.returncode == 3, err
+        assert f"queue {names.updates_queue(0)} is already consumed by another worker" in err.splitlines()[-1]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert "shard 0: SIGTERM received, stopping" in err and "shard 0 stopped" in err, err
+    assert "Traceback" not in err
