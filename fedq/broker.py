@@ -13,10 +13,11 @@ import socket
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from fedq.errors import TransportError
+from fedq.errors import ConfigError, TransportError
 
 MANAGEMENT_PORT = 15672
 _VHOST_OBJECTS = ("exchanges", "queues", "bindings")
@@ -126,17 +127,122 @@ def client_permissions(namespace: str) -> dict[str, str]:
     return {"configure": "^$", "write": f"^{ns}\\.updates$", "read": f"^{ns}\\.(models|versions)$"}
 
 
-def add_client(management: Management, name: str, password: str, *, namespace: str, vhost: str = "/") -> None:
-    """Create (or reset) a client's broker user with ``client_permissions`` on ``vhost``."""
-    management.put(f"/users/{q(name)}", {"password": password, "tags": ""})
+# Users fedq creates carry a tag naming their role and namespace: fedq only ever changes or deletes those.
+CLIENT_ROLE = "client"
+AGGREGATOR_ROLE = "aggregator"
+DEFAULT_CLIENT_LIMITS = {"max-connections": 4, "max-channels": 32}
+
+
+def fedq_tag(role: str, namespace: str) -> str:
+    return f"fedq-{role}:{namespace}"
+
+
+def tags_of(user: dict[str, Any]) -> list[str]:
+    """A user's tags: a list in RabbitMQ 3.9+, a comma-separated string before."""
+    tags = user.get("tags") or []
+    return [t for t in tags.split(",") if t] if isinstance(tags, str) else list(tags)
+
+
+def fedq_role(user: dict[str, Any]) -> tuple[str, str] | None:
+    """(role, namespace) of a user fedq created, None for any other user."""
+    for tag in tags_of(user):
+        if tag.startswith("fedq-") and ":" in tag:
+            role, namespace = tag[len("fedq-") :].split(":", 1)
+            return role, namespace
+    return None
+
+
+def find_user(management: Management, name: str) -> dict[str, Any] | None:
+    try:
+        user: dict[str, Any] = management.get(f"/users/{q(name)}")
+    except TransportError as exc:
+        if exc.reason == "http_404":
+            return None
+        raise
+    return user
+
+
+def add_client(
+    management: Management,
+    name: str,
+    password: str,
+    *,
+    namespace: str,
+    vhost: str = "/",
+    rotate: bool = False,
+    limits: dict[str, int] | None = None,
+) -> None:
+    """Create a client's broker user with ``client_permissions`` on ``vhost`` and per-user ``limits``
+    (default ``DEFAULT_CLIENT_LIMITS``; a value of 0 leaves that limit off); with ``rotate``, set a new
+    password on a client user fedq created before."""
+    _put_user(management, name, password, CLIENT_ROLE, namespace, rotate)
     management.put(f"/permissions/{q(vhost)}/{q(name)}", client_permissions(namespace))
+    for limit, value in (DEFAULT_CLIENT_LIMITS if limits is None else limits).items():
+        if value > 0:
+            management.put(f"/user-limits/{q(name)}/{limit}", {"value": value})
 
 
-def remove_client(management: Management, name: str) -> int:
-    """Delete a client's user and close its open connections (a deleted user's live connection would stay up).
+def aggregator_permissions(namespace: str, shard: int | None) -> dict[str, str]:
+    """Least privilege for an aggregator shard (``shard`` None: any shard).
 
-    Returns how many connections were closed.
+    It declares the whole topology at start-up (idempotent), so it may configure the namespace's objects
+    and bind its queues; it publishes to the control, models, versions and dead-letter exchanges; it reads
+    only its own update and control queues (and the exchanges it binds from). It cannot publish updates.
     """
+    ns = re.escape(namespace)
+    queues = r"\d+" if shard is None else str(shard)
+    return {
+        "configure": f"^{ns}\\.(updates|control|models|versions|dlx|dead-letter)(\\.shard\\.\\d+)?$",
+        "write": f"^{ns}\\.(control|models|versions|dlx|dead-letter|(updates|control)\\.shard\\.\\d+)$",
+        "read": f"^{ns}\\.(updates|control|models|versions|dlx|(updates|control)\\.shard\\.{queues})$",
+    }
+
+
+def add_aggregator(
+    management: Management,
+    name: str,
+    password: str,
+    *,
+    namespace: str,
+    shard: int | None,
+    vhost: str = "/",
+    rotate: bool = False,
+) -> None:
+    """Create an aggregator's broker user with ``aggregator_permissions`` (or rotate its password)."""
+    _put_user(management, name, password, AGGREGATOR_ROLE, namespace, rotate)
+    management.put(f"/permissions/{q(vhost)}/{q(name)}", aggregator_permissions(namespace, shard))
+
+
+def _put_user(
+    management: Management, name: str, password: str, role: str, namespace: str, rotate: bool
+) -> None:
+    """Create a user tagged as fedq's, or with ``rotate`` change the password of one fedq created; refuse to
+    touch anyone else (an administrator, another team's user, ``guest``)."""
+    existing = find_user(management, name)
+    tag = fedq_tag(role, namespace)
+    if existing is not None:
+        owner = fedq_role(existing)
+        if owner != (role, namespace):
+            what = f"a fedq {owner[0]} of namespace {owner[1]}" if owner else "not created by fedq"
+            raise ConfigError(f"user {name!r} exists ({what}): fedq leaves it alone; choose another name")
+        if not rotate:
+            raise ConfigError(
+                f"user {name!r} exists (a fedq {role} of {namespace}); its password is unchanged: give "
+                "--rotate to set a new one (its connections then need the new URL at their next reconnect)"
+            )
+    management.put(f"/users/{q(name)}", {"password": password, "tags": tag})
+
+
+def remove_user(management: Management, name: str, role: str | None = None) -> int:
+    """Delete a user fedq created (of ``role``, if given) and close its open connections (a deleted user's
+    live connection would stay up). Refuses users fedq did not create. Returns how many connections closed."""
+    existing = find_user(management, name)
+    if existing is None:
+        raise ConfigError(f"no broker user {name!r}")
+    owner = fedq_role(existing)
+    if owner is None or (role is not None and owner[0] != role):
+        what = f"a fedq {owner[0]}" if owner else "not created by fedq"
+        raise ConfigError(f"user {name!r} is {what}: fedq removes only the {role or 'fedq'} users it created")
     management.delete(f"/users/{q(name)}")
     closed = 0
     for connection in management.get("/connections?columns=name,user"):
@@ -148,3 +254,55 @@ def remove_client(management: Management, name: str) -> int:
                 if exc.reason != "http_404":
                     raise
     return closed
+
+
+def remove_client(management: Management, name: str) -> int:
+    """``remove_user`` for a client user."""
+    return remove_user(management, name, CLIENT_ROLE)
+
+
+@dataclass
+class Teardown:
+    queues: list[str]
+    exchanges: list[str]
+    users: list[str]
+
+
+def teardown(management: Management, namespace: str, vhost: str, *, force: bool = False) -> Teardown:
+    """Delete a namespace: its queues (with their messages), exchanges, and the users fedq created for it.
+
+    Refuses while a queue has consumers (workers still running) unless ``force``: deleting their queues would
+    cancel them mid-work.
+    """
+    prefix = namespace + "."
+    queues = [r for r in management.get(f"/queues/{q(vhost)}?columns=name") if r["name"].startswith(prefix)]
+    # Live consumers, not the queues' statistics (those lag by seconds).
+    consumed = {c.get("queue", {}).get("name", "") for c in management.get(f"/consumers/{q(vhost)}")}
+    busy = [r["name"] for r in queues if r["name"] in consumed]
+    if busy and not force:
+        raise ConfigError(
+            f"{len(busy)} queue(s) of {namespace} have consumers ({', '.join(sorted(busy))}): stop the "
+            "workers first, or give --force"
+        )
+    done = Teardown([], [], [])
+    for row in queues:
+        _delete(management, f"/queues/{q(vhost)}/{q(row['name'])}", done.queues, row["name"])
+    for row in management.get(f"/exchanges/{q(vhost)}?columns=name"):
+        if row["name"].startswith(prefix):
+            _delete(management, f"/exchanges/{q(vhost)}/{q(row['name'])}", done.exchanges, row["name"])
+    for user in management.get("/users"):
+        owner = fedq_role(user)
+        if owner is not None and owner[1] == namespace:
+            remove_user(management, user["name"])
+            done.users.append(user["name"])
+    return done
+
+
+def _delete(management: Management, path: str, done: list[str], name: str) -> None:
+    """Delete what may already be gone (auto-deleted, or removed by someone else meanwhile)."""
+    try:
+        management.delete(path)
+        done.append(name)
+    except TransportError as exc:
+        if exc.reason != "http_404":
+            raise

@@ -48,6 +48,8 @@ COMMANDS: list[tuple[tuple[str, ...], str]] = [
     (("broker", "definitions"), "print the broker definitions fedq declares"),
     (("broker", "add-client"), "create a least-privilege broker user for a client"),
     (("broker", "remove-client"), "revoke a client's broker user"),
+    (("broker", "add-aggregator"), "create a least-privilege broker user for aggregator shards"),
+    (("broker", "teardown"), "delete a namespace: its queues, exchanges and fedq's users of it"),
     (("bench", "codecs"), "codec sizes, errors and speeds on real model shapes"),
     (("bench", "stream"), "memory and throughput of regular/container/file streaming"),
     (("bench", "aggregate"), "aggregator memory and fold speed vs number of clients"),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from fedq.cli import aggregation_rules
 from fedq.cli.options import add_amqp_url, add_chunk_bytes, add_namespace, size
-from fedq.errors import ConfigError, FedqError
+from fedq.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -230,18 +230,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_init(path: Path) -> None:
     """The initial model must be readable before anything is connected or written."""
-    from fedq.aggregation import checkpoint
+    from fedq.aggregation import initial
 
-    if not path.is_file():
-        raise ConfigError(
-            f"--init {path}: no such file (the initial model, safetensors or a torch state dict)"
-        )
+    if not path.exists():
+        raise ConfigError(f"--init {path}: no such file or directory (the initial model, version 0)")
     try:
-        checkpoint.read_shapes(path)
-    except FedqError:
-        raise
+        initial.read_shapes(path)
     except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise ConfigError(f"--init {path}: not a safetensors file nor a torch state dict ({exc})") from exc
+        raise ConfigError(f"--init {path}: not a model fedq can read ({exc})") from exc
 
 
 def _serve_metrics(port: int) -> None:

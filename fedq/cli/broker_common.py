@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedq.cli.options import add_amqp_url, add_namespace
@@ -26,6 +27,51 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
 def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=1, help="number of aggregator shards (update queues)")
     parser.add_argument("--quorum", action="store_true", help="quorum queues for updates/control (clusters)")
+
+
+def add_user_arguments(parser: argparse.ArgumentParser, who: str) -> None:
+    """What creating a fedq broker user takes: its name, password, rotation and where its URL goes."""
+    parser.add_argument("name", help=f"the {who}'s broker user name")
+    parser.add_argument(
+        "--password",
+        default=None,
+        help="password to set (default: a random one; prefer FEDQ_PASSWORD_FILE to a command line)",
+    )
+    parser.add_argument(
+        "--rotate", action="store_true", help="set a new password on an existing user that fedq created"
+    )
+    parser.add_argument(
+        "--url-file",
+        type=Path,
+        default=None,
+        help="write the user's AMQP URL to this file (mode 0600) instead of printing it",
+    )
+    add_broker_arguments(parser)
+
+
+def new_password(args: argparse.Namespace) -> str:
+    import secrets
+
+    return args.password or secrets.token_urlsafe(24)
+
+
+def hand_over_url(args: argparse.Namespace, password: str) -> None:
+    """The new user's AMQP URL (the broker's host and vhost, the user's credentials): printed, or written to
+    ``--url-file`` readable by its owner only, so that it need not pass through a terminal or a log."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from fedq.broker import q, vhost_of
+
+    parts = urlsplit(args.amqp_url)
+    netloc = f"{q(args.name)}:{q(password)}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    url = urlunsplit((parts.scheme, netloc, "/" + q(vhost_of(args.amqp_url)), parts.query, ""))
+    if args.url_file is None:
+        print(url)
+        return
+    fd = os.open(args.url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
+    print(f"wrote {args.name}'s URL to {args.url_file}")
 
 
 def management(args: argparse.Namespace) -> Management:

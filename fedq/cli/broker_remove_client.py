@@ -1,4 +1,5 @@
-"""Revoke a client: delete its broker user and close its open connections."""
+"""Revoke a client: delete its broker user and close its open connections. Only client users that fedq
+created are removed: an administrator, guest or an aggregator's user is refused."""
 
 from __future__ import annotations
 

@@ -928,6 +928,12 @@ def open_failure(exc: BaseException, where: str, user: str, vhost: str) -> tuple
             "(`fedq broker add-client NAME` prints a URL that works)"
         )
         return TransportError(message, reason="auth"), True
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) and "limit" in _reply_text(exc):
+        message = (
+            f"the broker at {where} refused a connection of user {user!r}: {_reply_text(exc)} (a per-user "
+            "limit: `fedq broker add-client --max-connections`; are other processes of this user running?)"
+        )
+        return TransportError(message, reason="limit"), True
     if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
         message = (
             f"user {user!r} may not open vhost {vhost!r} on {where} ({_reply_text(exc)}): create it with "
