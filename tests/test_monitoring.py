@@ -330,10 +330,11 @@ MODEL_ARGS = ["--clients", "2", "--n-embd", "32", "--n-layer", "1", "--n-head", 
 
 def write_initial_model(path: Path) -> None:
     """Version 0 for the aggregator: the demo client's GPT with MODEL_ARGS, as the demo launcher makes it."""
+    from fedq.cli import client as client_command
     from workers import demo_client, gpt, shakespeare
 
     parser = argparse.ArgumentParser()
-    demo_client.add_arguments(parser)
+    client_command.add_arguments(parser)
     args = parser.parse_args(MODEL_ARGS)
     vocab = shakespeare.build_corpus(args.clients, args.split, args.seed).vocab
     torch.manual_seed(args.seed)

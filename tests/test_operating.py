@@ -49,15 +49,18 @@ def test_a_first_connection_fails_fast_with_its_cause(
     amqp_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     out = str(tmp_path / "m.safetensors")
-    code, line = fails(capsys, "receive", out, "--amqp-url", with_parts(amqp_url, password="wrong"))
+    budget = ("--memory-budget", "64GiB")  # this test process holds the test suite's memory already
+    code, line = fails(capsys, "receive", out, *budget, "--amqp-url", with_parts(amqp_url, password="wrong"))
     assert code == 3 and "refused the login of user" in line and "wrong user or password" in line, line
-    code, line = fails(capsys, "receive", out, "--amqp-url", with_parts(amqp_url, vhost="fedq-no-such-vhost"))
+    code, line = fails(
+        capsys, "receive", out, *budget, "--amqp-url", with_parts(amqp_url, vhost="fedq-no-such-vhost")
+    )
     assert code == 3 and "vhost 'fedq-no-such-vhost'" in line and "rabbitmqctl add_vhost" in line, line
     code, line = fails(
         capsys, "receive", out, "--amqp-url", with_parts(amqp_url, host="no-such-host.invalid")
     )
     assert code == 3 and "cannot resolve the broker host 'no-such-host.invalid'" in line, line
-    code, line = fails(capsys, "receive", out, "--amqp-url", with_parts(amqp_url, port=9))
+    code, line = fails(capsys, "receive", out, *budget, "--amqp-url", with_parts(amqp_url, port=9))
     assert code == 3 and "connection refused" in line and "is RabbitMQ running" in line, line
     assert not Path(out).exists()
 
@@ -95,6 +98,7 @@ def test_options_come_from_the_environment_secret_files_and_toml(
     assert args.memory_budget == 32 << 20
     assert cli._parse(["broker", "add-client", "bob"]).namespace == "clients"
     assert cli._parse(["aggregator", "--init", "m", "--shards", "4"]).shards == 4  # the command line wins
+    assert cli._parse(["aggregator", "--init", "m", "--config", "local_steps=2"]).config == ["local_steps=2"]
     monkeypatch.setenv("FEDQ_NAMESPACE", "from-env")  # the environment wins over the file
     assert cli._parse(["status"]).namespace == "from-env"
 

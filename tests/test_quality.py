@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 from fedq.bench import quality
+from fedq.cli import bench_quality
 
 
 def test_quality_bench_writes_rows_with_real_wire_bytes(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    quality.add_arguments(parser)
+    bench_quality.add_arguments(parser)
     out = tmp_path / "quality.json"
     args = parser.parse_args(
         [

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedq import __version__
-from fedq.cli.config import check_keys, defaults_from, load_file, options_of, table_for
+from fedq.cli.config import CONFIG_FILE_ENV, check_keys, defaults_from, load_file, options_of, table_for
 from fedq.cli.options import HelpFormatter
 from fedq.errors import FedqError
 
@@ -129,11 +129,11 @@ def _build(
 def _parse(argv: list[str]) -> argparse.Namespace:
     """Parse with option defaults from the environment and the TOML file named by --config-file (or
     FEDQ_CONFIG_FILE), whose keys are checked against every command's options."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --config is the aggregator's own
     pre.add_argument("--config-file", type=Path, default=None)
     path = pre.parse_known_args(argv)[0].config_file
-    if path is None and os.environ.get("FEDQ_CONFIG_FILE"):
-        path = Path(os.environ["FEDQ_CONFIG_FILE"])
+    if path is None and os.environ.get(CONFIG_FILE_ENV):
+        path = Path(os.environ[CONFIG_FILE_ENV])
     config = load_file(path) if path is not None else {}
     parser, commands = _build(config, os.environ)
     if path is not None:

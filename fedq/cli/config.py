@@ -37,6 +37,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 ENV_PREFIX = "FEDQ_"
+CONFIG_FILE_ENV = "FEDQ_CONFIG_FILE"
 FILE_SUFFIX = "-file"
 
 
@@ -105,7 +106,7 @@ def _from_env(key: str, action: argparse.Action, environ: Mapping[str, str]) -> 
     name = ENV_PREFIX + key.upper().replace("-", "_")
     if name in environ:
         return _cast(action, environ[name], name)
-    if name + "_FILE" in environ:
+    if name + "_FILE" in environ and name + "_FILE" != CONFIG_FILE_ENV:  # not the aggregator's --config
         return _cast(action, _read_secret(Path(environ[name + "_FILE"]), name + "_FILE"), name)
     return None
 
