@@ -49,8 +49,9 @@ import torch
 from torch import nn
 
 from fedq import metrics, wire
+from fedq.basestore import BaseStore
 from fedq.binding import HINTS, Binding, bind
-from fedq.codecs import Codec, ErrorFeedback, choose_codec, get_codec
+from fedq.codecs import Codec, EncodedErrorFeedback, ErrorFeedback, choose_codec, get_codec
 from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError
 from fedq.protocol import Announcement, UpdateMeta, model_stream, update_stream
 from fedq.streaming import Assembler, CodecFor, TensorEntry, send_container, shard_of
@@ -174,7 +175,8 @@ class Client:
         self.codec = codec
         self.codec_for = codec_policy(codec)
         use_feedback = default_error_feedback(codec) if error_feedback is None else error_feedback
-        self.feedback: ErrorFeedback | None = ErrorFeedback() if use_feedback else None
+        # residuals kept nf4-encoded: a seventh of float32 (fedq/codecs/feedback.py)
+        self.feedback: ErrorFeedback | None = EncodedErrorFeedback() if use_feedback else None
         self.trainable_only = trainable_only
         self.chunk_bytes = chunk_bytes
         self.transport = transport if transport is not None else connect(amqp_url)
@@ -183,7 +185,7 @@ class Client:
         self.wire_bytes = 0  # sent so far, every message counted
         self.received_bytes = 0  # read from the models stream so far, skipped messages counted too
         self.fp32_bytes = 0
-        self._base: dict[str, torch.Tensor] = {}  # global name -> the received tensor, in the model's dtype
+        self._base: BaseStore | None = None  # the received version, on disk, in the model's dtypes
         self._shapes: dict[str, tuple[int, ...]] = {}  # the global model's tensors
         self._assignment: dict[str, int] = {}
         self._shards = 1
@@ -209,9 +211,17 @@ class Client:
                 f"version {version}: the model has no tensor for {len(binding.missing)} global tensor(s): "
                 f"{sorted(binding.missing)[:5]} ({HINTS})"
             )
-        self.version, self._base = -1, {}  # until the download completes: the old base is released first
-        values = self._load(binding, version, shards, announcement.models_offset, deadline)
-        self._base = self._commit(model, binding, values)
+        if self._base is not None:  # until the download completes: the old base is released first
+            self._base.close()
+        self.version, self._base = -1, None
+        store = BaseStore()
+        try:
+            self._load(binding, version, shards, announcement.models_offset, deadline, store)
+            self._commit(model, binding, store)
+        except BaseException:
+            store.close()
+            raise
+        self._base = store
         self._shapes = shapes
         self._assignment = shard_of({n: 4 * math.prod(s) for n, s in shapes.items()}, shards)
         self._shards = shards
@@ -219,27 +229,25 @@ class Client:
         self.final = announcement.final
         return Round(version, announcement.config, announcement.strategy, self.final)
 
-    def _commit(
-        self, model: Model, binding: Binding, values: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Copy a whole downloaded version into the model (it cannot fail: everything was checked); return
-        the new delta base: the buffers of the tensors ``send`` may send. With ``trainable_only`` those are
-        the tensors that require grad, or all of them when none does (a plain state dict was received into,
-        and its module may be sent)."""
+    def _commit(self, model: Model, binding: Binding, store: BaseStore) -> None:
+        """Copy a whole downloaded version from ``store`` into the model (it cannot fail: everything was
+        checked); the store then shows the delta base: the tensors ``send`` may send. With ``trainable_only``
+        those are the tensors that require grad, or all of them when none does (a plain state dict was
+        received into, and its module may be sent)."""
         keep_all = not self.trainable_only or not any(slot.trainable for slot in binding.slots.values())
-        base: dict[str, torch.Tensor] = {}
+        kept = set()
         with torch.no_grad():
             for name, slot in binding.slots.items():
-                slot.tensor.copy_(values[name])
+                store.read_into(name, slot.tensor)
                 if keep_all or slot.trainable:
-                    base[name] = values[name]
+                    kept.add(name)
         if binding.missing:
             assert isinstance(model, MutableMapping)
             for name in binding.missing:
-                model[name] = values[name]
+                model[name] = store.read(name)
                 if keep_all:
-                    base[name] = values[name].clone()
-        return base
+                    kept.add(name)
+        store.keep(kept)
 
     def _newest_announcement(self, deadline: float) -> Announcement:
         """The newest announcement, waiting for one newer than ``self.version``."""
@@ -288,14 +296,19 @@ class Client:
                 time.sleep(0.5)
 
     def _load(
-        self, binding: Binding, version: int, shards: int, models_offset: int, deadline: float
-    ) -> dict[str, torch.Tensor]:
-        """Every tensor of version ``version``, decoded chunk by chunk into buffers in the model's dtypes.
+        self,
+        binding: Binding,
+        version: int,
+        shards: int,
+        models_offset: int,
+        deadline: float,
+        store: BaseStore,
+    ) -> None:
+        """Every tensor of version ``version``, decoded chunk by chunk into ``store`` in the model's dtypes.
 
         Reading starts at the version's first message (``models_offset``); a stream whose deliveries skip an
         offset has trimmed the version away (retention): that is said, not waited out.
         """
-        values: dict[str, torch.Tensor] = {}
         wanted = {model_stream(version, shard) for shard in range(shards)}
         queue = self.names.models_stream
         tag = self.transport.consume(queue, prefetch=16, arguments={"x-stream-offset": models_offset})
@@ -317,13 +330,12 @@ class Client:
                     metrics.FP32_BYTES.labels(ROLE, "received", msg.codec.name).inc(4 * msg.count)
                 if msg.stream in wanted:
                     for chunk in assembler.add(msg):
-                        _copy_into(values, binding, chunk.entry, chunk.offset, chunk.values())
+                        _copy_into(store, binding, chunk.entry, chunk.offset, chunk.values())
                 self.transport.ack(delivery)
         finally:
             self.transport.cancel(tag)
-        if absent := sorted((set(binding.slots) | set(binding.missing)) - set(values)):
+        if absent := sorted(n for n in set(binding.slots) | set(binding.missing) if not store.reserved(n)):
             raise StreamError(f"version {version} lacks announced tensors {absent[:5]}", reason="manifest")
-        return values
 
     def _get(self, queue: str, timeout: float) -> Delivery | None:
         """The next delivery of ``queue``; deliveries of a consumer cancelled earlier are acked, skipped."""
@@ -348,7 +360,9 @@ class Client:
         ``metrics`` (numbers, e.g. the local loss) travel in the manifest; the client's peak RSS is added.
         """
         local = self._local_tensors(model, full)
-        tensors = local if full else delta(local, self._base)
+        base = self._base
+        assert base is not None  # _local_tensors refuses a send before a receive
+        tensors = local if full else LazyTensors(list(local), lambda name: base.delta(name, local[name]))
         update_id = uuid.uuid4().hex
         meta = UpdateMeta(
             update_id,
@@ -407,7 +421,7 @@ class Client:
                 else "the model has no float tensor the global model has"
             )
             raise ConfigError(f"nothing to send: {why}; an empty update would only dilute the others'")
-        if not full and (unknown := sorted(set(binding.slots) - set(self._base))):
+        if not full and (unknown := sorted(set(binding.slots) - set(self._base or {}))):
             raise ConfigError(
                 f"{unknown[:5]} were not received into by the last receive(): send the model (or state dict) "
                 "that receive() loaded"
@@ -415,6 +429,8 @@ class Client:
         return {name: slot.tensor for name, slot in binding.slots.items()}
 
     def close(self) -> None:
+        if self._base is not None:
+            self._base.close()
         self.transport.close()
 
     def __enter__(self) -> Client:
@@ -444,24 +460,20 @@ def _check_not_trimmed(delivery: Delivery, version: int, expected: int, queue: s
 
 
 def _copy_into(
-    values: dict[str, torch.Tensor], binding: Binding, entry: TensorEntry, offset: int, chunk: torch.Tensor
+    store: BaseStore, binding: Binding, entry: TensorEntry, offset: int, chunk: torch.Tensor
 ) -> None:
-    """Decode one chunk into its tensor's download buffer (allocated at its first chunk, in the dtype and on
-    the device of the model's tensor; the announcement's shapes were checked against the model already)."""
+    """Write one decoded chunk into its tensor's place in the store (reserved at its first chunk, in the dtype
+    of the model's tensor; the announcement's shapes were checked against the model already)."""
     name = entry.name
-    buffer = values.get(name)
-    if buffer is None:
+    if store.reserved(name) is None:
         slot = binding.slots.get(name)
         if slot is None and name not in binding.missing:
             raise StreamError(f"the global model has an unannounced tensor {name!r}", reason="unknown_tensor")
         expected = tuple(slot.tensor.shape) if slot is not None else binding.missing[name]
         if entry.shape != expected:
             raise StreamError(f"{name}: announced as {expected}, streamed as {entry.shape}", reason="shape")
-        like = slot.tensor if slot is not None else chunk
-        buffer = values[name] = torch.empty(
-            entry.shape, dtype=like.dtype if slot is not None else entry.dtype, device=like.device
-        )
-    buffer.view(-1)[offset : offset + chunk.numel()].copy_(chunk)
+        store.reserve(name, entry.shape, slot.tensor.dtype if slot is not None else entry.dtype)
+    store.write(name, offset, chunk)
 
 
 def _peak_rss() -> float:

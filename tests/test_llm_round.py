@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedq.basestore import BaseStore
 from fedq.broker import Management, q
 from fedq.client import Client
 from fedq.errors import StreamError
@@ -92,3 +93,21 @@ def test_a_round_reads_one_version_through_the_broker(amqp_url: str, namespace: 
             perturb(model, 0.01, seed=seed)
             client.send(model, num_samples=1)
         assert client.receive(model, timeout=60).version == 3
+
+
+def test_a_client_keeps_a_fraction_of_its_model(tmp_path: Path) -> None:
+    """Lean client: the received version lives on disk, error feedback residuals are kept nf4-encoded, so
+    fedq's state in memory is a seventh of the fp32 model; deltas against the stored base stay exact."""
+    url = memory_url()
+    model = tiny_gpt(seed=5)
+    model_bytes = 4 * gpt.num_parameters(model)
+    with federation(url, "ns", tmp_path, every_update()), Client("a", amqp_url=url, namespace="ns") as c:
+        c.receive(model, timeout=30)
+        received = {k: v.clone() for k, v in model.state_dict().items()}
+        perturb(model, 0.01, seed=1)
+        c.send(model, num_samples=1)
+        assert c.feedback is not None and 0 < c.feedback.nbytes < model_bytes / 6
+        assert c._base is not None and isinstance(c._base, BaseStore)
+        for name, value in received.items():  # the base on disk is exactly what was received
+            assert torch.equal(c._base[name], value)
+        c.receive(model, timeout=30)

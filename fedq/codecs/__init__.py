@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from fedq.codecs.base import Codec
-from fedq.codecs.feedback import ErrorFeedback
+from fedq.codecs.feedback import EncodedErrorFeedback, ErrorFeedback
 from fedq.codecs.policy import choose_codec
 from fedq.codecs.registry import CODECS, codec_from_header, get_codec
 
-__all__ = ["CODECS", "Codec", "ErrorFeedback", "choose_codec", "codec_from_header", "get_codec"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "EncodedErrorFeedback",
+    "ErrorFeedback",
+    "choose_codec",
+    "codec_from_header",
+    "get_codec",
+]

@@ -13,8 +13,12 @@ bfloat16, and 7.06 / 7.11 without feedback (growing like sqrt(rounds)); see test
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from fedq.codecs.base import Codec
+from fedq.codecs.registry import get_codec
 from fedq.errors import CodecError
 
 
@@ -56,3 +60,42 @@ class ErrorFeedback:
     def nbytes(self) -> int:
         """Memory held by the residuals."""
         return sum(r.numel() * r.element_size() for r in self._residuals.values())
+
+
+class EncodedErrorFeedback(ErrorFeedback):
+    """Error feedback with its residuals kept encoded (by default nf4: ~0.56 bytes per parameter, a seventh
+    of float32): the lean client's choice, so that fedq's state stays a fraction of the model.
+
+    The stored residual is the residual's own quantization, so what it drops (a few percent of a residual,
+    itself a few percent of an update) is lost; a residual is never encoded twice, so that loss does not
+    compound. Chunks hold whole codec blocks (the chunker aligns them), so encoding a residual chunk is exact
+    in layout.
+    """
+
+    def __init__(self, codec: Codec | None = None) -> None:
+        super().__init__(torch.float32)
+        self.codec = codec if codec is not None else get_codec("nf4")
+        self._encoded: dict[tuple[str, int], tuple[dict[str, Any], bytes, int]] = {}
+
+    def compensate(self, name: str, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        stored = self._encoded.get((name, offset))
+        if stored is None:
+            return x.to(torch.float32)
+        meta, payload, count = stored
+        if count != x.numel():
+            raise CodecError(
+                f"{name!r}@{offset}: residual of {count} elements, chunk of {x.numel()}; "
+                "the chunking of a tensor must not change between rounds"
+            )
+        out = x.to(torch.float32, copy=True).reshape(-1)
+        self.codec.decode_add(meta, payload, count, out, 1.0)
+        return out.view(x.shape)
+
+    def update(self, name: str, sent: torch.Tensor, decoded: torch.Tensor, offset: int = 0) -> None:
+        residual = torch.sub(sent, decoded).reshape(-1)
+        meta, payload = self.codec.encode(residual)
+        self._encoded[(name, offset)] = (meta, bytes(payload), residual.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(payload) for _, payload, _ in self._encoded.values())

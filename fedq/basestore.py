@@ -1,0 +1,110 @@
+"""The version a client received, kept on disk: the base its next update is the difference to.
+
+A client must remember the version it received (``send`` sends ``local - base``). In memory that is a second
+model (Llama-3.2-1B in fp32: 5.7 GB more). Here it is an unlinked temporary file (gone when the client closes
+or dies) in the model's dtypes, written chunk by chunk while a version downloads and read back one tensor at a
+time: when the version is complete it is copied into the model (so a receive stays atomic: the model is not
+touched before the whole version is in hand), and at ``send`` each tensor's delta is computed in one buffer.
+Written pages go through the page cache, which the kernel can drop; they are not the process's memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+_IO_BYTES = 1 << 30  # per pread/pwrite call (Linux moves at most ~2 GiB per call)
+
+
+class BaseStore(Mapping[str, torch.Tensor]):
+    """Tensors by name in one file; ``store[name]`` reads a fresh copy. Names are reserved before written."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (lives as long as the store)
+        self._fd = self._file.fileno()
+        self._index: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}  # name -> (byte offset, ...)
+        self._end = 0
+        self._kept: set[str] | None = None  # the names a Mapping view shows (None: all)
+
+    def reserve(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Room for tensor ``name`` (once): its chunks are then written with ``write``."""
+        self._index[name] = (self._end, dtype, tuple(shape))
+        self._end += math.prod(shape) * _itemsize(dtype)
+
+    def reserved(self, name: str) -> tuple[torch.dtype, tuple[int, ...]] | None:
+        entry = self._index.get(name)
+        return None if entry is None else (entry[1], entry[2])
+
+    def write(self, name: str, offset: int, values: torch.Tensor) -> None:
+        """Elements ``offset ..`` of tensor ``name``, cast to its dtype."""
+        start, dtype, _ = self._index[name]
+        data = values.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy()
+        _pwrite(self._fd, _bytes_of(data), start + offset * _itemsize(dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor ``name`` into ``out`` (same shape; converted where its dtype or device differ)."""
+        start, dtype, _ = self._index[name]
+        target = out.detach()
+        if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
+            _pread(self._fd, _bytes_of(target.view(-1).view(torch.uint8).numpy()), start)
+        else:
+            target.copy_(self.read(name))
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh tensor with the stored values (on the CPU, as ``dtype`` if given)."""
+        start, stored, shape = self._index[name]
+        out = torch.empty(shape, dtype=stored)
+        _pread(self._fd, _bytes_of(out.view(-1).view(torch.uint8).numpy()), start)
+        return out if dtype is None or dtype == stored else out.to(dtype)
+
+    def delta(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """``local - stored`` in float32, computed in the one buffer the stored values are read into."""
+        base = self.read(name, torch.float32).to(local.device)
+        return torch.sub(local.detach(), base, out=base)
+
+    def keep(self, names: set[str]) -> None:
+        """Show only ``names`` from now on (the tensors ``send`` may send); the others stay in the file."""
+        self._kept = set(names)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._index or (self._kept is not None and name not in self._kept):
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(n for n in self._index if self._kept is None or n in self._kept)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _bytes_of(array: Any) -> memoryview:
+    """A writable byte view of a uint8 numpy array (the memory of the tensor it views)."""
+    return memoryview(array)
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done : done + _IO_BYTES], offset + done)
+
+
+def _pread(fd: int, out: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done : done + _IO_BYTES]], offset + done)
+        if n == 0:
+            raise OSError(f"base store: short read at byte {offset + done}")
+        done += n
