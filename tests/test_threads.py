@@ -106,6 +106,8 @@ def test_one_torch_thread_is_the_calling_threads_own_and_is_restored() -> None:
 def test_every_step_runs_once_each_on_its_own_scratch(threads: int) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    # The bound as the steps see it: other tests leave this process at one torch thread, restored below.
+    bound = min(threads, cpu_workers(limit=threads))
     done: list[tuple[int, int]] = []
     scratches: list[list[int]] = []
 
@@ -124,7 +126,7 @@ def test_every_step_runs_once_each_on_its_own_scratch(threads: int) -> None:
     finally:
         torch.set_num_threads(before)
     assert sorted(done) == [(lo, min(lo + 10, 1001)) for lo in range(0, 1001, 10)]
-    assert len(scratches) <= min(threads, cpu_workers(limit=threads))
+    assert len(scratches) <= bound
     assert sorted(lo for s in scratches for lo in s) == list(range(0, 1001, 10))
 
 
