@@ -374,9 +374,8 @@ class Client:
         ).to_meta()
         wire_bytes = fp32_bytes = chunks = 0
         for shard in range(self._shards):
+            # every shard gets its container, empty or not: an update folds once all shards have committed it
             names = [name for name in tensors if self._assignment[name] == shard]
-            if not names:
-                continue
             stats = send_container(
                 self.transport,
                 self.names.updates_exchange,

@@ -12,9 +12,11 @@ import safetensors.torch
 import torch
 
 from fedq import wire
+from fedq.aggregation.strategies import FedBuff
 from fedq.client import Client
 from fedq.errors import ConfigError, FederationEnded, TransportError
-from tests.aggregation_helpers import model_of, state
+from fedq.topology import Names
+from tests.aggregation_helpers import Worker, model_of, settings, state, wait_version
 from tests.hf_models import aggregator, perturb, tiny_gpt2, tiny_llama, with_lora
 
 pytestmark = pytest.mark.broker
@@ -137,11 +139,15 @@ def test_state_dicts_wrappers_and_empty_updates(amqp_url: str, namespace: str, t
         prefixed = {f"module.{n}": t for n, t in tiny_llama(seed=9).state_dict().items()}
         with Client("prefixed", amqp_url=amqp_url, namespace=namespace) as reader:
             assert reader.receive(prefixed, timeout=60).version == 2
+        half = tiny_llama(seed=11).to(torch.bfloat16)
+        with Client("bf16", amqp_url=amqp_url, namespace=namespace) as reader:
+            assert reader.receive(half, timeout=60).version == 2
         global_model = model_of(state_dir)
     for name, tensor in global_model.items():
         torch.testing.assert_close(compiled.state_dict()[f"_orig_mod.{name}"], tensor, rtol=0, atol=1e-6)
         torch.testing.assert_close(parallel.state_dict()[f"module.{name}"], tensor, rtol=0, atol=0)
         torch.testing.assert_close(prefixed[f"module.{name}"].detach(), tensor, rtol=0, atol=0)
+        assert torch.equal(half.state_dict()[name], tensor.to(torch.bfloat16))
 
 
 def test_receive_is_atomic(amqp_url: str, namespace: str, tmp_path: Path) -> None:
@@ -247,3 +253,28 @@ def test_a_client_learns_that_the_federation_ended(amqp_url: str, namespace: str
             with pytest.raises(FederationEnded):
                 late.receive(tiny_llama(seed=3), timeout=60)
     assert [(r.version, r.final) for r in rounds] == [(0, False), (1, True)]
+
+
+def test_adapters_of_one_shard_fold_on_two_shards(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    """trainable_only sends every shard its container, empty or not: a version needs every shard's commit."""
+    init = save_init(tiny_llama(seed=0), "pt", tmp_path)
+    strategy = FedBuff(buffer_size=1, server_lr=1.0, staleness="constant")
+    workers = [
+        Worker(amqp_url, settings(Names(namespace), strategy, init, tmp_path / "state", shard=s, shards=2))
+        for s in range(2)
+    ]
+    model = tiny_llama(seed=1)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "lm_head.weight")  # one tensor: one shard's
+    try:
+        with Client("one", amqp_url=amqp_url, namespace=namespace, trainable_only=True) as client:
+            client.receive(model, timeout=60)
+            perturb(model, 0.01, seed=2)
+            assert client.send(model, num_samples=1).tensors == 1
+            assert client.receive(model, timeout=60).version == 1
+        wait_version(tmp_path / "state", 1, shards=2)
+    finally:
+        for worker in workers:
+            worker.stop.set()
+        for worker in workers:
+            worker.join(30)
