@@ -42,7 +42,8 @@ from fedq.streaming import send_container
 from fedq.topology import Names
 from fedq.transport import connect, default_url
 
-_FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version 1: folded .* in ([0-9.]+) s, scale")
+_FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version \d+: folded .* in ([0-9.]+) s, scale")
+_GRAM = re.compile(r"shard 0: Gram matrix of \d+ updates for version \d+ in ([0-9.]+) s")
 _FILL = 1 << 24
 _PEAK = re.compile(r"peak RSS (\d+) bytes")
 _PEAK_GPU = re.compile(r"peak GPU memory (\d+) bytes")
@@ -107,7 +108,8 @@ def _describe(row: dict[str, Any]) -> str:
     gpu = row.get("aggregator_peak_gpu")
     e2e = row["e2e_seconds"]
     return (
-        f"{row['clients']:3d} clients: aggregator peak RSS {row['aggregator_peak_rss'] / 2**20:.0f} MiB "
+        f"{row['strategy']} {row['clients']:3d} clients: "
+        f"aggregator peak RSS {row['aggregator_peak_rss'] / 2**20:.0f} MiB "
         f"({row['aggregator_peak_rss'] / model:.2f}x the fp32 model), "
         + (f"peak GPU {gpu / 2**20:.0f} MiB ({gpu / model:.2f}x), " if gpu is not None else "")
         + f"e2e {e2e:.2f} s ({e2e / row['raw_fp32_broker_seconds']:.2f}x the raw "
@@ -138,14 +140,7 @@ def _one_run(
         url,
         "--namespace",
         names.namespace,
-        "--strategy",
-        "fedbuff",
-        "--buffer-size",
-        str(clients),
-        "--staleness-fn",
-        "constant",
-        "--max-versions",
-        "1",
+        *strategy_arguments(args.strategy, clients),
         "--init",
         str(init),
         "--state-dir",
@@ -180,13 +175,16 @@ def _one_run(
         peak.stop()
         if status != 0:
             raise RuntimeError(f"aggregator failed ({status}); see {log}")
-        match = next(m for line in log.read_text().splitlines() if (m := _FOLDED.match(line)))
-        folded_at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        fold_seconds = float(match.group(2))
         lines = log.read_text().splitlines()
+        folds = [m for line in lines if (m := _FOLDED.match(line))]
+        folded_at = datetime.strptime(folds[-1].group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        # every version's fold, and the Gram pass of Krum / centered clipping
+        fold_seconds = sum(float(m.group(2)) for m in folds)
+        fold_seconds += sum(float(m.group(1)) for line in lines if (m := _GRAM.search(line)))
         logged = [int(m.group(1)) for line in lines if (m := _PEAK.search(line))]
         gpu = [int(m.group(1)) for line in lines if (m := _PEAK_GPU.search(line))]
         return {
+            "strategy": args.strategy,
             "clients": clients,
             "aggregator_peak_rss": max([peak.bytes, *logged]),
             **({"aggregator_peak_gpu": max(gpu)} if gpu else {}),
@@ -197,6 +195,25 @@ def _one_run(
         }
     finally:
         delete_namespace(url, names)
+
+
+def strategy_arguments(strategy: str, clients: int) -> list[str]:
+    """``fedq aggregator`` options that fold ``clients`` updates with ``strategy``: one version of all of them
+    (FedAsync: one version per update); robust rules and server optimizers over FedBuff with K = clients."""
+    if strategy == "fedasync":
+        return ["--strategy", "fedasync", "--staleness-fn", "constant", "--max-versions", str(clients)]
+    if strategy == "fedavg":
+        return ["--strategy", "fedavg", "--min-clients", str(clients), "--max-versions", "1"]
+    base = ["--strategy", "fedbuff", "--buffer-size", str(clients), "--staleness-fn", "constant"]
+    base += ["--max-versions", "1"]
+    if strategy in ("median", "trimmed-mean", "krum", "multi-krum", "centered-clipping"):
+        # Krum's f: the most its guarantee allows with these K (K > 2f + 2)
+        return [*base, "--rule", strategy, "--byzantine", str(max(0, (clients - 3) // 2))]
+    if strategy in ("fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+        return [*base, "--server-opt", strategy.removeprefix("fed")]
+    if strategy == "dp":
+        return [*base, "--dp-noise", "1.0", "--dp-population", str(100 * clients)]
+    return base
 
 
 class _PeakRss:

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -216,13 +217,16 @@ def _train(
         Client(f"c{i}", amqp_url=f"memory://c{i}@{broker}", namespace=names.namespace, codec="fp32")
         for i in range(n)
     ]
+    # receives in parallel: each waits for a quiet spell on the versions stream, one after the other would
+    # add those up
+    pool = ThreadPoolExecutor(n)
     try:
         for _ in range(args.versions):
+            if errors:
+                raise errors[0]
+            list(pool.map(lambda i: clients[i].receive(models[i], timeout=120), range(n)))
             bases, deltas = [], []
             for i in range(n):
-                if errors:
-                    raise errors[0]
-                clients[i].receive(models[i], timeout=120)
                 base = {k: v.detach().clone() for k, v in models[i].state_dict().items()}
                 batches = shakespeare.sample_batches(
                     corpus.clients[i], args.local_steps, args.batch_size, args.block_size, generators[i]
@@ -241,6 +245,7 @@ def _train(
         clients[0].receive(final, timeout=120)
         return final
     finally:
+        pool.shutdown()
         for client in clients:
             client.close()
 

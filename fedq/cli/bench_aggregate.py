@@ -7,11 +7,35 @@ import argparse
 from fedq.cli.bench_stream import SHAPES
 from fedq.cli.options import add_amqp_url, add_chunk_bytes
 
+# the names of fedq.bench.aggregate.STRATEGIES (that module imports torch: not at --help time)
+STRATEGIES = (
+    "fedbuff",
+    "fedavg",
+    "fedasync",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "multi-krum",
+    "centered-clipping",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "dp",
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", choices=SHAPES, default="llama-3.2-1b", help="model shapes")
     parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts to measure")
     parser.add_argument("--codec", default="nf4", help="codec of the client updates")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="fedbuff",
+        help="how the aggregator folds the updates (robust rules, server optimizers and dp over fedbuff; "
+        "docs/aggregation.md)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="fold device")
     add_chunk_bytes(parser)
     add_amqp_url(parser)

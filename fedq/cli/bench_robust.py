@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--attacks", default="none,signflip,noise,alie,ipm", help="attacks to run (none = all clients honest)")
     a("--clients", type=int, default=8, help="clients, each on its own IID share of the text")
     a("--attackers", type=int, default=2, help="Byzantine clients among them")
-    a("--versions", type=int, default=20, help="versions per run")
+    a("--versions", type=int, default=15, help="versions per run")
     a("--local-steps", type=int, default=4, help="client steps per version")
     a("--batch-size", type=int, default=16, help="sequences per step")
     a("--block-size", type=int, default=32, help="context length in characters")
