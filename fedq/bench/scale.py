@@ -12,7 +12,8 @@ random step) with the metadata ``fedq.Client.send`` writes; what a client does n
 model (a receive is the concern of ``fedq bench round``): the bench measures the update path.
 
 After a warm-up, a window of ``--seconds`` is measured from the aggregator's log (every folded update and
-dropped one is named there, with a timestamp), its /proc entries and the broker's management API:
+dropped one is named there, with a timestamp), its /proc entries and the broker's management API. Every
+aggregator setting is its default but K (and ``--memory-budget`` when given):
 
 - ``updates_per_s``: updates folded per second;
 - ``aggregator_cpu_s_per_update``: the aggregator process's CPU seconds per folded update;
@@ -263,6 +264,7 @@ def one_run(
     cmd = [sys.executable, "-m", "fedq", "aggregator", "--amqp-url", url, "--namespace", names.namespace]
     cmd += ["--strategy", "fedbuff", "--buffer-size", str(args.buffer_size), "--init", str(init)]
     cmd += ["--state-dir", str(work / f"state-{names.namespace}"), "--device", "cpu"]
+    cmd += ["--memory-budget", args.memory_budget] if args.memory_budget else []
     ctx = mp.get_context("spawn")
     stop, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
     procs: list[Any] = []

@@ -14,6 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer-size", type=int, default=10, help="FedBuff K: updates per version")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window per client count")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of sending before the window")
+    parser.add_argument(
+        "--memory-budget",
+        help="the aggregator's --memory-budget (default: its own), which sets its prefetch; with an update's "
+        "many small messages a larger one keeps more of them coming",
+    )
     add_amqp_url(parser)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
