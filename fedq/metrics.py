@@ -2,7 +2,10 @@
 
 Names follow Prometheus conventions (``fedq_`` prefix, base units, ``_total`` for counters). Labels are
 bounded: role, codec, reason, queue, shard, client name (one per enrolled client) - never update ids or tensor
-names. Workers serve them with ``serve(port)``; port 0 means off. Label values that form a small fixed set are
+names. Workers serve them with ``serve(port, namespace)``; port 0 means off. Every ``fedq_*`` series served
+carries a ``namespace`` label (one process belongs to one federation), so federations sharing a Prometheus
+stay apart. A program using ``fedq.Client`` serves its metrics the same way:
+``fedq.metrics.serve(9111, namespace="prod")``. Label values that form a small fixed set are
 created at import (at zero), so a dashboard shows "nothing happened" as a zero line, not as missing data.
 """
 
@@ -11,9 +14,11 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
 
 ROLES = ("client", "aggregator", "demo", "bench")
 
@@ -23,11 +28,6 @@ FP32_BYTES = Counter(
     "fedq_fp32_equivalent_bytes",
     "Bytes the same tensors would take as raw float32 (the uncompressed reference).",
     ["role", "direction", "codec"],
-)
-COMPRESSION_RATIO = Gauge(
-    "fedq_compression_ratio",
-    "fp32-equivalent bytes / wire bytes of the last update or model sent.",
-    ["role", "codec"],
 )
 
 # Messages -----------------------------------------------------------------------------------------
@@ -92,7 +92,8 @@ STAGED_BYTES = Gauge(
 PEAK_RSS = Gauge("fedq_process_peak_rss_bytes", "Peak resident set size of this process.", ["role"])
 MEMORY_BUDGET = Gauge(
     "fedq_process_memory_budget_bytes",
-    "Memory this process may use: its configured budget, else its container limit or physical memory.",
+    "Memory this whole process may use: its configured process budget, else its container limit or physical "
+    "memory (never a budget of in-flight messages).",
     ["role"],
 )
 PEAK_GPU = Gauge("fedq_process_peak_gpu_bytes", "Peak CUDA memory allocated by this process.", ["role"])
@@ -174,7 +175,22 @@ def record_process(role: str, budget_bytes: int | None = None) -> None:
         PEAK_GPU.labels(role).set_function(torch.cuda.max_memory_allocated)
 
 
-def serve(port: int) -> None:
-    """Serve /metrics on ``port`` (0 = off)."""
+class _WithNamespace:
+    """The default registry's metrics, every ``fedq_*`` sample labelled with the process's namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("fedq_"):
+                family.samples = [
+                    s._replace(labels={**s.labels, "namespace": self.namespace}) for s in family.samples
+                ]
+            yield family
+
+
+def serve(port: int, namespace: str | None = None) -> None:
+    """Serve /metrics on ``port`` (0 = off), ``fedq_*`` series labelled with ``namespace`` when given."""
     if port:
-        start_http_server(port)
+        start_http_server(port, registry=_WithNamespace(namespace) if namespace else REGISTRY)

@@ -28,7 +28,7 @@ from fedq import wire
 from fedq.codecs import Codec, ErrorFeedback, get_codec
 from fedq.codecs.base import zeros
 from fedq.errors import StreamError, WireError
-from fedq.metrics import CHUNKS, COMPRESSION_RATIO, FP32_BYTES, WIRE_BYTES, current_rss_bytes
+from fedq.metrics import CHUNKS, FP32_BYTES, WIRE_BYTES, current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.threads import cpu_workers, ordered_map
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_TIMEOUT
@@ -322,17 +322,7 @@ def send_container(
     stats.seconds = time.perf_counter() - start
     for entry in manifest.tensors:
         FP32_BYTES.labels(role, "sent", entry.codec).inc(4 * entry.numel)
-    if stats.wire_bytes:
-        COMPRESSION_RATIO.labels(role, _codec_label(manifest)).set(stats.fp32_bytes / stats.wire_bytes)
     return stats
-
-
-def _codec_label(manifest: Manifest) -> str:
-    """The codec most of the container's elements use (tiny tensors may keep another one)."""
-    sizes: dict[str, int] = {}
-    for entry in manifest.tensors:
-        sizes[entry.codec] = sizes.get(entry.codec, 0) + entry.numel
-    return max(sizes, key=lambda c: sizes[c]) if sizes else "none"
 
 
 def shard_of(sizes: Mapping[str, int], shards: int) -> dict[str, int]:

@@ -56,7 +56,7 @@ def test_every_quantity_the_issue_lists_has_a_metric() -> None:
     assert {
         "fedq_wire_bytes",
         "fedq_fp32_equivalent_bytes",
-        "fedq_compression_ratio",
+        # the compression ratio is fp32-equivalent / wire bytes of these two counters (the dashboard's panel)
         "fedq_chunks",
         "fedq_updates",
         "fedq_rejected",

@@ -145,17 +145,27 @@ def test_alert_signals_drop_thresholds_and_split_conditions() -> None:
     assert alert_signals("a / (b > 0)") == ["a / (b > 0)"]
 
 
-def test_dashboard_uses_the_provisioned_datasource_and_unique_panel_ids() -> None:
-    datasource = (MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
-    uid = re.search(r"^\s*uid:\s*(\S+)", datasource, re.M)
-    assert uid
+def test_dashboard_is_importable_through_grafanas_ui_and_filters_by_namespace() -> None:
+    """Grafana's import UI asks for each ``__inputs`` datasource; every panel then follows the ``datasource``
+    variable, so no datasource uid is baked in; every fedq series is filtered by the namespace variable."""
     dashboard = json.loads(DASHBOARD.read_text())
+    assert [(i["type"], i["pluginId"]) for i in dashboard["__inputs"]] == [("datasource", "prometheus")]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    assert variables["datasource"]["current"]["value"] == f"${{{dashboard['__inputs'][0]['name']}}}"
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     for panel in panels:
         if panel["type"] != "row":
-            assert panel["datasource"]["uid"] == uid[1], panel["title"]
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
             assert panel["targets"], panel["title"]
+            for target in panel["targets"]:
+                assert target.get("datasource", panel["datasource"])["uid"] == "${datasource}"
+                for selector in re.findall(r"\bfedq_[a-z0-9_]+(\{[^}]*\})?", target["expr"]):
+                    assert 'namespace="$namespace"' in selector, target["expr"]
+    assert '"uid": "prometheus"' not in DASHBOARD.read_text()
     provider = (MONITORING / "grafana" / "provisioning" / "dashboards" / "fedq.yml").read_text()
     compose = (MONITORING / "docker-compose.yml").read_text()
     path = re.search(r"^\s*path:\s*(\S+)", provider, re.M)
@@ -342,23 +352,56 @@ def write_initial_model(path: Path) -> None:
 
 
 def federated_job(
-    workdir: Path, amqp_url: str, namespace: str, aggregator_port: int, client_ports: list[int]
+    workdir: Path, amqp_url: str, namespace: str, aggregator_ports: list[int], client_ports: list[int]
 ) -> list[list[str]]:
-    """The real aggregator worker (FedBuff, K = 2) and demo clients, each serving /metrics on its port."""
+    """The real aggregator workers (two shards, FedBuff, K = 2) and demo clients, each serving /metrics.
+
+    Shard 1 is told that it may use 16 MiB (it uses some 15 times that): the near-budget alert must fire for
+    it, and for no other process."""
     init = workdir / "init.pt"
     write_initial_model(init)
     common = ["--amqp-url", amqp_url, "--namespace", namespace, "--metrics-port"]
-    aggregator = [
-        sys.executable, "-m", "workers.aggregator", *common, str(aggregator_port),
-        "--init", str(init), "--state-dir", str(workdir / "aggregator"),
-        "--strategy", "fedbuff", "--buffer-size", "2", "--config", "local_steps=2",
+    shards = [
+        [sys.executable, "-m", "workers.aggregator", *common, str(port),
+         "--shard", str(shard), "--shards", "2",
+         "--init", str(init), "--state-dir", str(workdir / f"aggregator-{shard}"),
+         "--strategy", "fedbuff", "--buffer-size", "2", "--config", "local_steps=2",
+         *(["--process-budget", "16MiB"] if shard else [])]
+        for shard, port in enumerate(aggregator_ports)
     ]  # fmt: skip
     client = [sys.executable, "-m", "workers.demo_client", *MODEL_ARGS, "--batch-size", "8"]
     clients = [
         [*client, *common, str(port), "--name", f"client{n}", "--index", str(n), "--local-steps", "2"]
         for n, port in enumerate(client_ports)
     ]
-    return [aggregator, *clients]
+    return [*shards, *clients]
+
+
+def right_data(prometheus: Prometheus, namespace: str, over_budget: str) -> list[str]:
+    """What the numbers must say, beyond "there is data"; an empty list when they all say it."""
+    wrong = []
+    alerts = prometheus.query('ALERTS{alertname="FedqWorkerNearMemoryBudget"}')
+    if {a["metric"]["instance"] for a in alerts} != {over_budget}:
+        wrong.append(f"near-budget alert for {[a['metric'] for a in alerts]}, want only {over_budget}")
+    namespaces = {
+        r["metric"].get("namespace") for r in prometheus.query("count by (namespace) ({__name__=~'fedq_.+'})")
+    }
+    if namespaces != {namespace}:
+        wrong.append(f"fedq series in namespaces {namespaces}")
+    received = prometheus.query(
+        'sum(fedq_wire_bytes_total{role="aggregator", direction="received"}) '
+        '/ sum(fedq_wire_bytes_total{role="client", direction="sent"})'
+    )
+    if not received or not 0.5 <= float(received[0]["value"][1]) <= 1.05:  # scrapes a second apart
+        wrong.append(f"aggregator received / clients sent = {received}")
+    ratio = prometheus.query(
+        'sum(fedq_fp32_equivalent_bytes_total{role="client", direction="sent", codec="nf4"}) '
+        '/ sum(fedq_wire_bytes_total{role="client", direction="sent", codec="nf4"})'
+    )
+    # nf4 is 4.13 bits a parameter (32 / 4.13 = 7.75); this tiny model's chunk headers take some of that
+    if not ratio or not 5.0 <= float(ratio[0]["value"][1]) <= 7.75:
+        wrong.append(f"nf4 compression ratio {ratio}")
+    return wrong
 
 
 @pytest.mark.broker
@@ -370,12 +413,12 @@ def test_every_dashboard_and_alert_query_returns_data_on_a_real_prometheus(
         pytest.skip("prometheus not installed (Debian package prometheus; .ci/run installs it)")
     broker = f"{urllib.parse.urlsplit(amqp_url).hostname or '127.0.0.1'}:15692"
     names = Names(namespace)
-    aggregator_port, client_ports = free_port(), [free_port(), free_port()]
+    aggregator_ports, client_ports = [free_port(), free_port()], [free_port(), free_port()]
     with tempfile.TemporaryDirectory(prefix="fedq-prom-") as tmp:
         workdir = Path(tmp)
-        commands = federated_job(workdir, amqp_url, namespace, aggregator_port, client_ports)
+        commands = federated_job(workdir, amqp_url, namespace, aggregator_ports, client_ports)
         targets = {
-            "fedq-aggregator": [f"127.0.0.1:{aggregator_port}"],
+            "fedq-aggregator": [f"127.0.0.1:{port}" for port in aggregator_ports],
             "fedq-client": [f"127.0.0.1:{port}" for port in client_ports],
         }
         rules_checked: list[tuple[str, str]] = []
@@ -405,6 +448,12 @@ def test_every_dashboard_and_alert_query_returns_data_on_a_real_prometheus(
                     time.sleep(2)
                     missing = missing_data(prometheus, missing)
                 assert missing == [], f"queries without data: {missing}\n{logs(workdir)}"
+                over_budget = f"127.0.0.1:{aggregator_ports[1]}"
+                wrong = right_data(prometheus, namespace, over_budget)
+                while wrong and time.monotonic() < deadline:
+                    time.sleep(2)
+                    wrong = right_data(prometheus, namespace, over_budget)
+                assert wrong == [], f"{wrong}\n{logs(workdir)}"
                 targets_down = [t for t in prometheus.api("targets")["activeTargets"] if t["health"] != "up"]
                 assert targets_down == []
             bad_rules = [

@@ -33,7 +33,7 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> gpt.GPTConfig:
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     torch.set_num_threads(args.threads)
-    metrics.serve(args.metrics_port)
+    metrics.serve(args.metrics_port, args.namespace)
     corpus = shakespeare.build_corpus(args.clients, args.split, args.seed)
     tokens = corpus.clients[args.index]
     model = gpt.GPT(model_config(args, corpus.vocab.size))

@@ -343,6 +343,9 @@ class Aggregator:
             return
         if msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "received").inc()
+            codec = msg.codec.name if msg.codec is not None else "none"  # a chunk always names its codec
+            metrics.WIRE_BYTES.labels(ROLE, "received", codec).inc(len(delivery.body))
+            metrics.FP32_BYTES.labels(ROLE, "received", codec).inc(4 * msg.count)
         staged = self.staging.append(user, msg, bytes(delivery.body))
         if staged is None:
             metrics.CHUNKS.labels(ROLE, "duplicate").inc()

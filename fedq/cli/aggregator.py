@@ -92,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="deliveries held in flight, e.g. 64MiB (sets prefetch; a quarter of it bounds the publish "
         "window of the model stream)",
     )
+    a(
+        "--process-budget",
+        type=size,
+        default=None,
+        help="memory this whole process may use, e.g. 8GiB, exported as fedq_process_memory_budget_bytes for "
+        "the near-budget alert (default: the container's limit, else physical memory)",
+    )
     add_chunk_bytes(parser, "chunk size of published models")
     a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
     a(
@@ -199,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
     # One thread by default: on a shared machine torch's intra-op threads spin against each other and the
     # transport's I/O thread (measured at load ~6: an nf4 chunk decodes 1.4x faster on 1 thread than on 2).
     torch.set_num_threads(max(1, args.threads))
-    _serve_metrics(args.metrics_port)
-    metrics.record_process("aggregator", args.memory_budget)
+    _serve_metrics(args.metrics_port, settings.names.namespace)
+    metrics.record_process("aggregator", args.process_budget)
     stop = threading.Event()
     _stop_on_signals(stop, settings.shard)
     log.info(
@@ -240,11 +247,11 @@ def _check_init(path: Path) -> None:
         raise ConfigError(f"--init {path}: not a model fedq can read ({exc})") from exc
 
 
-def _serve_metrics(port: int) -> None:
+def _serve_metrics(port: int, namespace: str) -> None:
     from fedq import metrics
 
     try:
-        metrics.serve(port)
+        metrics.serve(port, namespace)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, f"--metrics-port {port}") from exc
 

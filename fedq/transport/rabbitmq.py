@@ -951,6 +951,9 @@ def open_failure(exc: BaseException, where: str, user: str, vhost: str) -> tuple
     if isinstance(cause, ConnectionRefusedError):
         message = f"nothing accepts connections at {where} (connection refused): is RabbitMQ running there?"
         return TransportError(message, reason="refused"), False
+    if cause is None and _cause_of(exc, pika.exceptions.IncompatibleProtocolError) is not None:
+        message = f"the broker at {where} closed the connection during the AMQP handshake (still starting?)"
+        return TransportError(message, reason="handshake"), False
     detail = _reply_text(exc) if not isinstance(cause, OSError) else (cause.strerror or repr(cause))
     return TransportError(f"cannot connect to {where}: {detail}", reason="unreachable"), False
 
