@@ -101,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
             dp_rows.append({"noise_multiplier": z, "epsilon": epsilon[-1], "delta": 1e-5, "val_loss": loss})
             print(f"{z:8.2f} {epsilon[-1]:8.2f} {loss:8.4f}", flush=True)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "dp": dp_rows, "settings": vars(args)}, indent=1)
-        )
+        settings = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str)}
+        Path(args.json).write_text(json.dumps({"rows": rows, "dp": dp_rows, "settings": settings}, indent=1))
         print(f"results: {args.json}")
     return 0
 
