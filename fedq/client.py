@@ -371,6 +371,7 @@ class Client:
             "full" if full else "delta",
             {**{k: float(v) for k, v in (metrics or {}).items()}, "peak_rss_bytes": _peak_rss()},
             self.label,
+            len(tensors),
         ).to_meta()
         wire_bytes = fp32_bytes = chunks = 0
         for shard in range(self._shards):

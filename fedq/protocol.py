@@ -69,6 +69,10 @@ class UpdateMeta:
     kind: str = "delta"
     metrics: dict[str, float] = field(default_factory=dict)
     client: str | None = None
+    # tensors in the whole update, over all shards. A shard may get an empty stream of a non-empty update
+    # (every shard must commit an update before it folds, so a client sends each shard its container), so
+    # whether an update is empty is judged on this count, not on one shard's stream.
+    update_tensors: int | None = None
 
     def to_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -81,6 +85,8 @@ class UpdateMeta:
             meta["client"] = self.client
         if self.metrics:
             meta["metrics"] = dict(self.metrics)
+        if self.update_tensors is not None:
+            meta["update_tensors"] = self.update_tensors
         return meta
 
     @classmethod
@@ -108,6 +114,11 @@ class UpdateMeta:
         if not isinstance(raw_metrics, dict):
             raise RejectedUpdate("manifest metrics must be a map", reason="bad_manifest")
         client = meta.get("client")
+        tensors = meta.get("update_tensors")
+        if tensors is not None and not (isinstance(tensors, int) and _is_int(tensors) and tensors >= 0):
+            raise RejectedUpdate(
+                "manifest update_tensors must be a non-negative integer", reason="bad_manifest"
+            )
         return cls(
             update_id,
             base,
@@ -115,6 +126,7 @@ class UpdateMeta:
             kind,
             _clean_metrics(raw_metrics),
             client if isinstance(client, str) else None,
+            tensors,
         )
 
 

@@ -14,7 +14,7 @@ from fedq.protocol import Announcement, Committed, Plan, PlanEntry, Stepped, Upd
 
 
 def test_update_meta_round_trip_and_metric_cleaning() -> None:
-    meta = UpdateMeta("u1", 3, 12, "full", {"loss": 0.5}, "alice")
+    meta = UpdateMeta("u1", 3, 12, "full", {"loss": 0.5}, "alice", update_tensors=7)
     assert UpdateMeta.parse(meta.to_meta()) == meta
     dirty = {**meta.to_meta(), "metrics": {"loss": 0.5, "Bad Name": 1.0, "nan": float("nan"), "ok": True}}
     assert UpdateMeta.parse(dirty).metrics == {"loss": 0.5}
@@ -32,6 +32,8 @@ def test_update_meta_round_trip_and_metric_cleaning() -> None:
         {"num_samples": -2},
         {"kind": "weights"},
         {"metrics": [1, 2]},
+        {"update_tensors": -1},
+        {"update_tensors": "3"},
     ],
 )
 def test_update_meta_refuses_bad_fields(change: dict[str, Any]) -> None:
