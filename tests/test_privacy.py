@@ -124,3 +124,18 @@ def test_fedavg_with_dp_uses_unit_weights() -> None:
     plan = planner.plan(now=2.0)
     assert plan is not None and [e.factor for e in plan.updates] == [1.0, 1.0]
     assert plan.scale == pytest.approx(0.5) and plan.dp is not None and plan.dp["std"] == pytest.approx(0.5)
+
+
+def test_dp_with_a_robust_rule_is_refused() -> None:
+    from fedq.aggregation.robust import Median
+
+    with pytest.raises(ConfigError, match="mean only"):
+        Planner(
+            FedAvg(min_clients=2, round_timeout=60),
+            shards=1,
+            max_staleness=5,
+            norm_bound=NormBound(),
+            update_timeout=60,
+            rule=Median(),
+            privacy=Privacy(DpConfig(noise_multiplier=1.0, clip=1.0, population=10), seed=1),
+        )

@@ -30,6 +30,7 @@ import numpy as np
 from fedq.aggregation.privacy import Privacy
 from fedq.aggregation.robust import GramRule, Rule, row_gram
 from fedq.aggregation.strategies import Candidate, NormBound, Strategy
+from fedq.errors import ConfigError
 from fedq.protocol import Measure, Plan, PlanEntry
 
 __all__ = ["Measure", "Plan", "PlanEntry", "Planner"]
@@ -63,6 +64,8 @@ class Planner:
         rule: Rule | None = None,
         privacy: Privacy | None = None,
     ) -> None:
+        if rule is not None and privacy is not None:
+            raise ConfigError("central DP works with the strategy's mean only: its noise is calibrated to it")
         self.strategy = strategy
         self.rule = rule
         self.privacy = privacy
