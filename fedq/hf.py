@@ -30,6 +30,7 @@ Requires the ``hf`` extra (``pip install 'fedq[hf]'``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,7 +86,7 @@ class FedqCallback(TrainerCallback):
             if trainable_only is None:
                 trainable_only = any(not p.requires_grad for p in model.parameters())
             self.client = Client(self.label, trainable_only=trainable_only, **self.client_options)
-        self._receive(model, control)
+        self._closing_on_error(lambda: self._receive(model, control))
 
     def on_log(
         self,
@@ -103,20 +104,31 @@ class FedqCallback(TrainerCallback):
     ) -> None:
         self.steps += 1
         if self.steps >= self.local_steps:
-            self._send(args, kwargs["model"])
-            self._receive(kwargs["model"], control)
+            self._closing_on_error(lambda: self._send(args, kwargs["model"]))
+            self._closing_on_error(lambda: self._receive(kwargs["model"], control))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.client is None:
-            return
-        if self.steps and not self.client.final:
-            self._send(args, kwargs["model"])
-        self.client.close()
-        self.client = None
+        if self.client is not None and self.steps and not self.client.final:
+            self._closing_on_error(lambda: self._send(args, kwargs["model"]))
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (done at the end of training, and when a call fails: the error then ends
+        ``trainer.train()``, which does not call ``on_train_end``)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     # the three calls ----------------------------------------------------------------------------------------
+    def _closing_on_error(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except BaseException:
+            self.close()
+            raise
+
     def _receive(self, model: torch.nn.Module, control: TrainerControl) -> None:
         assert self.client is not None
         self.round = self.client.receive(model, timeout=self.timeout)

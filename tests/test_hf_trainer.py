@@ -12,6 +12,7 @@ import transformers
 import trl
 from peft import LoraConfig
 
+from fedq.errors import ConfigError
 from fedq.hf import FedqCallback
 from tests.aggregation_helpers import model_of
 from tests.hf_models import aggregator, char_tokenizer, tiny_llama, with_lora
@@ -71,6 +72,13 @@ def test_trainer_with_peft_adapters_joins_a_federation(amqp_url: str, namespace:
         max_versions=3,
         client_config={"local_steps": 4},
     ) as state_dir:
+        wrong = FedqCallback("wrong", amqp_url=amqp_url, namespace=namespace)
+        other = with_lora(tiny_llama(seed=0, width=48))  # another configuration: refused, connection closed
+        with pytest.raises(ConfigError, match="shape"):
+            transformers.Trainer(
+                model=other, args=training_args(tmp_path), train_dataset=Pattern(), callbacks=[wrong]
+            ).train()
+        assert wrong.client is None
         trainer.train()
         global_model = model_of(state_dir)
     assert trainer.state.global_step == 12  # three rounds of the aggregator's local_steps, then the end
