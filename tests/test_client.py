@@ -32,7 +32,12 @@ def tiny_gpt(seed: int = 0) -> gpt.GPT:
 
 @contextmanager
 def federation(
-    url: str, namespace: str, tmp_path: Path, strategy: Strategy, config: dict[str, int] | None = None
+    url: str,
+    namespace: str,
+    tmp_path: Path,
+    strategy: Strategy,
+    config: dict[str, int] | None = None,
+    model_codec: str = "fp32",
 ) -> Iterator[None]:
     """A real aggregator (one shard) in a thread, with its own connection, started from ``tiny_gpt()``."""
     names = Names(namespace)
@@ -41,7 +46,12 @@ def federation(
         transport.declare(names, 1)
     init = save_file(tiny_gpt().state_dict(), tmp_path / "init.safetensors")
     settings = Settings(
-        names=names, strategy=strategy, init=init, state_dir=tmp_path / "state", client_config=config or {}
+        names=names,
+        strategy=strategy,
+        init=init,
+        state_dir=tmp_path / "state",
+        client_config=config or {},
+        model_codec=model_codec,
     )
     stop = threading.Event()
     errors: list[BaseException] = []

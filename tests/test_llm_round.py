@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from fedq.basestore import BaseStore
 from fedq.broker import Management, q
@@ -111,3 +112,39 @@ def test_a_client_keeps_a_fraction_of_its_model(tmp_path: Path) -> None:
         for name, value in received.items():  # the base on disk is exactly what was received
             assert torch.equal(c._base[name], value)
         c.receive(model, timeout=30)
+
+
+def test_versions_travel_in_the_model_codec(tmp_path: Path) -> None:
+    """--model-codec bf16: a bf16 client downloads half the bytes and holds exactly the global's bf16 values;
+    1-D tensors stay fp32; the update it sends against that base folds as usual."""
+    url = memory_url()
+    reference = {k: v.clone() for k, v in tiny_gpt().state_dict().items()}  # the federation's version 0
+    model = tiny_gpt(seed=7).to(torch.bfloat16)
+    fp32_bytes = 4 * gpt.num_parameters(model)
+    with (
+        federation(url, "ns", tmp_path, every_update(), model_codec="bf16"),
+        Client("b", amqp_url=url, namespace="ns", codec="int8") as c,
+    ):
+        c.receive(model, timeout=30)
+        assert fp32_bytes / 2 < c.received_bytes < 0.55 * fp32_bytes
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, reference[name].to(torch.bfloat16)), name
+        perturb(model, 0.01, seed=2)
+        before = _wire_bytes("aggregator", "received")
+        sent = c.send(model, num_samples=1)
+        assert c.receive(model, timeout=30).version == 1
+    # every process counts both directions: the aggregator counted this update's chunks coming in
+    assert _wire_bytes("aggregator", "received") - before == pytest.approx(sent.wire_bytes, rel=0.05)
+    assert _wire_bytes("client", "received") > 0 and _wire_bytes("aggregator", "sent") > 0
+
+
+def _wire_bytes(role: str, direction: str) -> float:
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "fedq_wire_bytes"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+        and sample.labels["role"] == role
+        and sample.labels["direction"] == direction
+    )

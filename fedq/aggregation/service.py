@@ -69,6 +69,7 @@ from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig, ServerOpt
 from fedq.aggregation.staging import Staged, StagingArea
 from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
+from fedq.codecs import choose_codec
 from fedq.errors import ConfigError, RejectedUpdate, StreamError, WireError
 from fedq.protocol import MAX_CLIENT_METRICS, Committed, GramPart, Measure, PlanEntry, Stepped
 from fedq.streaming import send_container, shard_of
@@ -100,6 +101,7 @@ class Settings:
     prefetch: int = 16
     client_config: dict[str, Any] = field(default_factory=dict)
     chunk_bytes: int = 4 << 20
+    model_codec: str = "fp32"  # of published versions (whole versions: fp32, bf16 or fp16)
     quorum: bool = (
         False  # quorum update/control/dead-letter queues (a cluster); must match the broker's setup
     )
@@ -323,6 +325,9 @@ class Aggregator:
     ) -> None:
         user = admission.sender(delivery.user_id)
         msg = wire.decode(delivery.body)
+        if msg.kind == wire.CHUNK and msg.codec is not None:  # every update byte in, as clients count out
+            metrics.WIRE_BYTES.labels(ROLE, "received", msg.codec.name).inc(len(delivery.body))
+            metrics.FP32_BYTES.labels(ROLE, "received", msg.codec.name).inc(4 * msg.count)
         decision = admission.admit(
             msg,
             user,
@@ -680,6 +685,7 @@ class Aggregator:
             stream=protocol.model_stream(st.version, self.s.shard),
             role=ROLE,
             meta=protocol.model_meta(st.version, self.s.shard, self.s.shards, self.s.client_config),
+            codec_for=lambda name, t: choose_codec(name, tuple(t.shape), self.s.model_codec),
             chunk_bytes=self.s.chunk_bytes,
         )
         self.t.flush()

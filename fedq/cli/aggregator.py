@@ -18,6 +18,10 @@ from fedq.cli import aggregation_rules
 from fedq.cli.options import add_amqp_url, add_chunk_bytes, add_namespace, size
 from fedq.errors import ConfigError
 
+# Versions travel whole, so only codecs that keep weights as weights: a 4-bit copy of the weights would
+# replace them by their rounding (quantized version-to-version deltas would be the way there).
+MODEL_CODECS = ("fp32", "bf16", "fp16")
+
 if TYPE_CHECKING:
     import torch
 
@@ -100,6 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the near-budget alert (default: the container's limit, else physical memory)",
     )
     add_chunk_bytes(parser, "chunk size of published models")
+    a(
+        "--model-codec",
+        choices=MODEL_CODECS,
+        default="fp32",
+        help="codec of the published model versions (whole versions; bf16 halves every client's download, "
+        "and bf16 clients receive exactly their dtype); 1-D tensors stay fp32",
+    )
     a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
     a(
         "--threads",
@@ -184,6 +195,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         prefetch=max(2, args.memory_budget // max(args.chunk_bytes, 1)),
         client_config=_client_config(args.config),
         chunk_bytes=args.chunk_bytes,
+        model_codec=args.model_codec,
         quorum=args.quorum,
         **aggregation_rules.settings_from(args),
     )
