@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="fedq-bench-round-"))
     init = work / "init.safetensors"
     _write_model(init, shapes, scale=0.02, seed=0)
-    print(f"{args.shapes}: {fp32_bytes / 4e9:.3f} B parameters, {fp32_bytes / 2**20:.0f} MiB fp32")
+    print(f"{args.shapes}: {fp32_bytes / 4e9:.3f} B parameters, {fp32_bytes / 2**20:.0f} MiB", flush=True)
     names = Names(f"bench{uuid.uuid4().hex[:10]}")
     log = work / "aggregator.log"
     cmd = [
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         rows = [results.get(timeout=args.timeout) for _ in clients]
         for p in clients:
             p.join()
+        if failed := [r["error"] for r in rows if "error" in r]:
+            raise RuntimeError(f"a client failed: {failed[0]}")
         if proc.wait(timeout=args.timeout) != 0:
             raise RuntimeError(f"aggregator failed; see {log}")
         aggregator_peak.stop()
@@ -86,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
         if proc.poll() is None:
             proc.kill()
         delete_namespace(url, names)
-    if failed := [r["error"] for r in rows if "error" in r]:
-        raise RuntimeError(f"a client failed: {failed[0]}")
     row = {
         "shapes": args.shapes,
         "dtype": args.dtype,
