@@ -325,9 +325,6 @@ class Aggregator:
     ) -> None:
         user = admission.sender(delivery.user_id)
         msg = wire.decode(delivery.body)
-        if msg.kind == wire.CHUNK and msg.codec is not None:  # every update byte in, as clients count out
-            metrics.WIRE_BYTES.labels(ROLE, "received", msg.codec.name).inc(len(delivery.body))
-            metrics.FP32_BYTES.labels(ROLE, "received", msg.codec.name).inc(4 * msg.count)
         decision = admission.admit(
             msg,
             user,
