@@ -57,7 +57,7 @@ def test_a_first_connection_fails_fast_with_its_cause(
     )
     assert code == 3 and "vhost 'fedq-no-such-vhost'" in line and "rabbitmqctl add_vhost" in line, line
     code, line = fails(
-        capsys, "receive", out, "--amqp-url", with_parts(amqp_url, host="no-such-host.invalid")
+        capsys, "receive", out, *budget, "--amqp-url", with_parts(amqp_url, host="no-such-host.invalid")
     )
     assert code == 3 and "cannot resolve the broker host 'no-such-host.invalid'" in line, line
     code, line = fails(capsys, "receive", out, *budget, "--amqp-url", with_parts(amqp_url, port=9))
