@@ -29,6 +29,7 @@ from fedq import wire
 from fedq.errors import RejectedUpdate, StreamError, WireError
 
 UPDATE_KINDS = ("delta", "full")
+MAX_ANNOUNCED_CONTRIBUTORS = 10_000  # rows a reader takes from one announcement
 # Client metrics become Prometheus label values: bounded so that no client can blow up the label cardinality.
 MAX_CLIENT_METRICS = 8  # metric names per update (and per client and process lifetime, see the aggregator)
 METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]{0,31}")
@@ -167,6 +168,8 @@ class Announcement:
     config: dict[str, Any] = field(default_factory=dict)
     # the last version of a run with --max-versions: clients stop instead of waiting for another
     final: bool = False
+    # who made it (``contributors``): shown by ``fedq status``, written into ``fedq receive``'s file
+    contributors: list[dict[str, Any]] = field(default_factory=list)
 
     def encode(self) -> bytes:
         meta = {
@@ -177,6 +180,7 @@ class Announcement:
             "strategy": self.strategy,
             "config": self.config,
             "final": self.final,
+            "contributors": self.contributors,
         }
         return wire.encode_control(wire.MANIFEST, version_stream(self.version), meta)
 
@@ -214,7 +218,37 @@ class Announcement:
             dict(strategy) if isinstance(strategy, dict) else {},
             dict(config) if isinstance(config, dict) else {},
             meta.get("final") is True,
+            _contributor_rows(meta.get("contributors")),
         )
+
+
+def contributors(plan: Plan) -> list[dict[str, Any]]:
+    """Who made a version: each folded update's validated broker user, update id, weight (its factor in the
+    step) and staleness, as recorded with the version and announced with it."""
+    return [
+        {
+            "client": e.client,
+            "update_id": e.update_id,
+            "weight": e.factor,
+            "staleness": e.staleness,
+            "clipped": e.clipped,
+        }
+        for e in plan.updates
+    ]
+
+
+def _contributor_rows(raw: Any) -> list[dict[str, Any]]:
+    """Announced contributors, rows of the wrong shape left out (the announcement is the leader's, but a
+    reader must not fail on what it only displays)."""
+    if not isinstance(raw, list):
+        return []
+    return [
+        row
+        for row in raw
+        if isinstance(row, dict)
+        and isinstance(row.get("client"), str)
+        and isinstance(row.get("update_id"), str)
+    ][:MAX_ANNOUNCED_CONTRIBUTORS]
 
 
 def _is_tensor_row(row: Any) -> bool:

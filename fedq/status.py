@@ -19,7 +19,9 @@ from typing import Any, TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedq.broker import Management, management_url_for, q, vhost_of
-from fedq.topology import Names
+from fedq.errors import StreamError
+from fedq.protocol import Announcement
+from fedq.topology import Names, versions_names
 from fedq.transport.base import REASON_HEADER
 
 
@@ -70,9 +72,44 @@ def run(args: argparse.Namespace) -> int:
     dead = next((s for s in queues if s.name == names.dead_letter_queue), None)
     dead_letters = dead_letter_state(management, vhost, dead, args.peek)
     workers = read_workers(args.metrics_url)
+    _, versions = versions_names(names)
+    newest = newest_version(args.amqp_url, names) if any(s.name == versions for s in queues) else None
     print(f"federation {args.namespace} on {management.base} (vhost {vhost})")
     print_report(sys.stdout, args.namespace, queues, dead_letters, workers, args.top, time.time())
+    print_contributors(sys.stdout, newest, args.top_contributors)
     return 1 if workers.errors else 0
+
+
+def newest_version(amqp_url: str, names: Names) -> Announcement | None:
+    """The newest announced version (from the versions stream), None when none is announced yet."""
+    from fedq.results import newest_announcement
+    from fedq.transport import connect
+
+    with connect(amqp_url, connect_timeout=0) as transport:
+        try:
+            return newest_announcement(transport, names, timeout=2.0)
+        except StreamError:
+            return None
+
+
+def print_contributors(out: TextIO, newest: Announcement | None, top: int) -> None:
+    """Who made the newest version: validated broker user, update id, weight, staleness."""
+    print(file=out)
+    if newest is None:
+        print("newest announced version: none yet", file=out)
+        return
+    rows = newest.contributors
+    print(f"newest announced version {newest.version}: {len(rows)} contributing updates", file=out)
+    for row in rows[:top]:
+        weight = float(row.get("weight", 0))
+        clipped = "  (clipped)" if row.get("clipped") else ""
+        print(
+            f"  {row.get('client')}  update {row.get('update_id')}  weight {weight:.4g}  "
+            f"staleness {row.get('staleness')}{clipped}",
+            file=out,
+        )
+    if len(rows) > top:
+        print(f"  ... and {len(rows) - top} more (fedq export writes them all into the model file)", file=out)
 
 
 def queue_states(management: Management, vhost: str, namespace: str) -> list[QueueState]:

@@ -1,15 +1,18 @@
 """Atomic checkpoints of one shard: its part of the global model plus a small state JSON.
 
 The model of version v goes to ``model-v{v}.safetensors`` (written tensor by tensor to a temporary name,
-fsynced, renamed), then ``state.json`` is replaced the same way and names that file: the rename of
-``state.json`` is the single commit point, so a crash at any moment leaves either the old or the new
-checkpoint, never a mix. Older model files are deleted only after the new state is durable.
+fsynced, renamed), with its record ``model-v{v}.json`` (who contributed, how it was aggregated: what
+``fedq export`` writes into the file's metadata), then ``state.json`` is replaced the same way and names that
+file: the rename of ``state.json`` is the single commit point, so a crash at any moment leaves either the old
+or the new checkpoint, never a mix. The newest ``keep`` versions stay on disk (``fedq export --version N``);
+older ones are deleted only after the new state is durable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,21 @@ from fedq.safetensors import SafetensorsWriter, TensorSpec
 STATE = "state.json"
 
 
-def save(directory: Path, version: int, model: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    """Write the model of ``version`` and ``state`` (JSON-able) atomically; ``state`` gains
-    ``version``/``model``."""
+def save(
+    directory: Path,
+    version: int,
+    model: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    *,
+    record: dict[str, Any] | None = None,
+    keep: int = 1,
+) -> None:
+    """Write the model of ``version`` (with its ``record``, JSON-able) and ``state`` (JSON-able) atomically;
+    ``state`` gains ``version``/``model``. Keeps the newest ``keep`` versions' files."""
     directory.mkdir(parents=True, exist_ok=True)
-    model_name = f"model-v{version}.safetensors"
+    model_name = model_file(version)
+    if record is not None and not (directory / record_file(version)).exists():
+        _write_atomically(directory / record_file(version), json.dumps(record, sort_keys=True))
     if not (directory / model_name).exists():
         writer = SafetensorsWriter(
             directory / model_name, {n: TensorSpec(torch.float32, tuple(t.shape)) for n, t in model.items()}
@@ -38,18 +51,47 @@ def save(directory: Path, version: int, model: dict[str, torch.Tensor], state: d
             raise
         writer.commit()
     write_state(directory, {**state, "version": version, "model": model_name})
-    for old in directory.glob("model-v*.safetensors"):
-        if old.name != model_name:
-            old.unlink(missing_ok=True)
+    for old in versions(directory)[: -max(1, keep)]:
+        (directory / model_file(old)).unlink(missing_ok=True)
+        (directory / record_file(old)).unlink(missing_ok=True)
+
+
+def model_file(version: int) -> str:
+    return f"model-v{version}.safetensors"
+
+
+def record_file(version: int) -> str:
+    return f"model-v{version}.json"
+
+
+def versions(directory: Path) -> list[int]:
+    """The versions whose model file is on disk, oldest first."""
+    found = (
+        re.fullmatch(r"model-v(\d+)\.safetensors", p.name) for p in directory.glob("model-v*.safetensors")
+    )
+    return sorted(int(m[1]) for m in found if m)
+
+
+def read_record(directory: Path, version: int) -> dict[str, Any]:
+    """The record of a version on disk ({} for one written before records existed)."""
+    try:
+        record: dict[str, Any] = json.loads((directory / record_file(version)).read_text())
+    except FileNotFoundError:
+        return {}
+    return record
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:
     """Replace ``state.json`` atomically (also used between model versions, e.g. to record a publication)."""
-    tmp = directory / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, sort_keys=True))
+    _write_atomically(directory / STATE, json.dumps(state, sort_keys=True))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     _fsync_file(tmp)
-    os.replace(tmp, directory / STATE)
-    _fsync_file(directory)
+    os.replace(tmp, path)
+    _fsync_file(path.parent)
 
 
 def load(directory: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

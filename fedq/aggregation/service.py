@@ -107,6 +107,7 @@ class Settings:
     )
     fold_threads: int | None = None  # plan-time fold threads; None: cpu_workers() (CPU) or 1
     rule: Rule | None = None  # a robust rule instead of the strategy's mean (fedq.aggregation.robust)
+    keep_versions: int = 3  # model versions kept on disk (fedq export --version N)
     robust_memory: int = 256 << 20  # bytes of decoded update rows per fold thread (window and Gram rules)
     server_opt: ServerOptConfig | None = None  # a server optimizer over each version's step
     privacy: DpConfig | None = None  # central differential privacy
@@ -168,7 +169,7 @@ class Aggregator:
         if loaded is None:
             self.model = initial.read_model(self.s.init, self.s.device, set(self.shapes))
             self.state = ShardState(self.s.shard, self.s.shards)
-            self.state.save(self.dir, self._tensors())
+            self.state.save(self.dir, self._tensors(), record=self._record(), keep=self.s.keep_versions)
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
         else:
             tensors, self.state = loaded
@@ -652,7 +653,23 @@ class Aggregator:
         """The shard's checkpoint: the model of the current version and the state, atomically."""
         if self.leader is not None:
             self.state.planner = self.leader.planner.state()
-        self.state.save(self.dir, self._tensors())
+        self.state.save(self.dir, self._tensors(), record=self._record(), keep=self.s.keep_versions)
+
+    def _record(self) -> dict[str, Any]:
+        """What made the current version (``fedq export`` and ``fedq status`` show it): who contributed
+        (validated broker users, update ids, weights, staleness), what was dropped, how it was aggregated."""
+        plan = self.state.last_plan
+        current = plan is not None and plan.version == self.state.version
+        return {
+            "version": self.state.version,
+            "shard": self.s.shard,
+            "shards": self.s.shards,
+            "made_at": time.time(),
+            "tensors": sorted(self.model),
+            "aggregation": self._strategy_config(),
+            "contributors": protocol.contributors(plan) if plan is not None and current else [],
+            "dropped": [list(d) for d in plan.dropped] if plan is not None and current else [],
+        }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """What the checkpoint file holds: the model, and the server optimizer's state next to it."""
@@ -705,6 +722,10 @@ class Aggregator:
             config.update({"dp_epsilon": plan.dp["epsilon"], "dp_delta": self.s.privacy.delta})
         return config
 
+    def _contributors(self, version: int) -> list[dict[str, Any]]:
+        plan = self.state.last_plan
+        return protocol.contributors(plan) if plan is not None and plan.version == version else []
+
     def _announce(self, announce: Announce) -> None:
         exchange, _ = versions_names(self.s.names)
         body = protocol.Announcement(
@@ -715,6 +736,7 @@ class Aggregator:
             self._strategy_config(),
             self.s.client_config,
             final=self._final(),
+            contributors=self._contributors(announce.version),
         ).encode()
         self.t.publish(exchange, "", body, persistent=True)
         self.t.flush()

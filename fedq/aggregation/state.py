@@ -34,9 +34,17 @@ class ShardState:
     planner: dict[str, Any] = field(default_factory=dict)  # the leader: Planner.state()
     last_plan: Plan | None = None
 
-    def save(self, directory: Path, model: dict[str, torch.Tensor]) -> None:
-        """Make this state (and ``model`` as the model of ``version``) the shard's durable checkpoint."""
-        checkpoint.save(directory, self.version, model, self.to_json())
+    def save(
+        self,
+        directory: Path,
+        model: dict[str, torch.Tensor],
+        *,
+        record: dict[str, Any] | None = None,
+        keep: int = 1,
+    ) -> None:
+        """Make this state (and ``model`` as the model of ``version``, described by ``record``) the shard's
+        durable checkpoint, keeping the newest ``keep`` versions on disk."""
+        checkpoint.save(directory, self.version, model, self.to_json(), record=record, keep=keep)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -90,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--max-versions", type=int, default=0, help="stop after this many versions (0 = run until stopped)")
     a(
+        "--keep-versions",
+        type=int,
+        default=3,
+        help="model versions kept in the state dir, each with its contributors (fedq export --version N)",
+    )
+    a(
         "--memory-budget",
         type=size,
         default="64MiB",
@@ -192,6 +198,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         norm_bound=NormBound(args.norm_bound, clip=not args.norm_reject),
         device=_device(args.device),
         max_versions=args.max_versions,
+        keep_versions=max(1, args.keep_versions),
         prefetch=max(2, args.memory_budget // max(args.chunk_bytes, 1)),
         client_config=_client_config(args.config),
         chunk_bytes=args.chunk_bytes,

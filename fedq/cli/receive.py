@@ -1,6 +1,7 @@
-"""Receive one model stream from the models stream of a namespace straight into a safetensors file.
+"""Receive the newest complete model version (every shard's part) into one safetensors file, with its
+version and contributors in the metadata; or, with --stream or --offset, one stream as it comes.
 
-The file appears only when the stream is complete; the model is never held in memory.
+The file appears only when it is complete; the model is never held in memory.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from fedq.topology import DEFAULT_TIMEOUT
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="the safetensors file to write (appears only when complete)")
     parser.add_argument(
-        "--stream", default=None, help="stream id to take (default: the first one that starts)"
+        "--stream", default=None, help="one stream id to take (default: the newest announced version)"
     )
     parser.add_argument(
         "--offset",
         choices=["first", "last", "next"],
-        default="first",
-        help="where to read the models stream from: the oldest retained message, the last one, or new ones",
+        default=None,
+        help="take the first stream that starts from this point of the models stream (the oldest retained "
+        "message, the last one, or new ones) instead of the newest announced version",
     )
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds of silence before giving up"
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedq.progress import Progress
+    from fedq.results import newest_announcement, receive_version
     from fedq.streaming import flow_for_budget, receive_file
     from fedq.topology import Names
     from fedq.transport import connect
@@ -38,17 +41,27 @@ def run(args: argparse.Namespace) -> int:
     flow = flow_for_budget(args.memory_budget, args.chunk_bytes)
     names = Names(args.namespace)
     progress = Progress("receive", quiet=args.quiet)
+    options = {"timeout": args.timeout, "memory_budget": args.memory_budget, "prefetch": flow.prefetch}
     with connect(args.amqp_url, connect_timeout=0) as transport:
+        if args.stream is None and args.offset is None:
+            announcement = newest_announcement(transport, names, args.timeout)
+            count = receive_version(
+                transport, names, args.out, announcement, on_message=progress.update, **options
+            )
+            progress.close()
+            print(
+                f"received version {announcement.version} ({announcement.shards} shards, {count} tensors, "
+                f"{len(announcement.contributors)} contributing updates) into {args.out}"
+            )
+            return 0
         manifest = receive_file(
             transport,
             names.models_stream,
             args.out,
             args.stream,
-            timeout=args.timeout,
-            memory_budget=args.memory_budget,
-            prefetch=flow.prefetch,
-            consume_arguments={"x-stream-offset": args.offset},
+            consume_arguments={"x-stream-offset": args.offset or "first"},
             on_message=progress.update,
+            **options,
         )
     progress.close()
     print(f"received stream {manifest.stream}: {len(manifest.tensors)} tensors into {args.out}")

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--peek", type=int, default=200, help="dead letters inspected for their reasons")
     parser.add_argument("--top", type=int, default=5, help="most common dead-letter reasons shown")
+    parser.add_argument(
+        "--top-contributors", type=int, default=20, help="contributors of the newest version shown"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,114 @@
+"""The federation's result as a user gets it, on the real broker: two real aggregator shards, a client, then
+``fedq receive`` (the newest complete version), ``fedq export`` (from the state dirs), ``fedq status``; the
+files load into a Hugging Face model and name the version's contributors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fedq import cli
+from fedq.aggregation import checkpoint
+from fedq.client import Client
+from fedq.topology import Names
+from tests.hf_models import tiny_gpt2
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+ROOT = Path(__file__).parent.parent
+BUDGET = ("--memory-budget", "64GiB")  # this test process already holds the suite's memory
+VERSIONS = 3
+
+
+def start_shard(amqp_url: str, namespace: str, init: Path, state: Path, shard: int) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "fedq", "aggregator", "--namespace", namespace, "--init", str(init),
+               "--state-dir", str(state), "--shard", str(shard), "--shards", "2", "--strategy", "fedavg",
+               "--min-clients", "1", "--max-versions", str(VERSIONS), "--keep-versions", "2",
+               "--device", "cpu", "--chunk-bytes", "64KiB", "--memory-budget", "1MiB"]  # fmt: skip
+    env = os.environ | {"FEDQ_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+
+
+def test_receive_export_and_status_give_the_newest_complete_version_with_its_contributors(
+    amqp_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_dir = tmp_path / "init"
+    tiny_gpt2().save_pretrained(init_dir)
+    state = tmp_path / "state"
+    shards = [start_shard(amqp_url, names.namespace, init_dir, state, s) for s in range(2)]
+    try:
+        model = tiny_gpt2()
+        with Client("alice", amqp_url=amqp_url, namespace=names.namespace) as client:
+            for _ in range(VERSIONS):
+                client.receive(model, timeout=120)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.01)
+                client.send(model, num_samples=3)
+        for shard in shards:
+            _, err = shard.communicate(timeout=120)
+            assert shard.returncode == 0, err
+    finally:
+        for shard in shards:
+            if shard.poll() is None:
+                shard.kill()
+
+    received = tmp_path / "received" / "model.safetensors"
+    received.parent.mkdir()
+    assert (
+        cli.main(["receive", str(received), "--namespace", names.namespace, "--amqp-url", amqp_url, *BUDGET])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"received version {VERSIONS} (2 shards" in out and "1 contributing updates" in out, out
+
+    exported = tmp_path / "exported.safetensors"
+    assert cli.main(["export", str(exported), "--state-dir", str(state)]) == 0
+    assert f"exported version {VERSIONS} (2 shards, 1 contributing updates)" in capsys.readouterr().out
+
+    # The same tensors either way: every tensor of the model, from both shards.
+    from_broker, from_disk = load_file(received), load_file(exported)
+    assert from_broker.keys() == from_disk.keys() == set(tiny_gpt2().state_dict()) - {"lm_head.weight"}
+    for name in from_disk:
+        assert torch.equal(from_broker[name], from_disk[name]), name
+    for path in (received, exported):
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        assert meta["format"] == "pt" and meta["fedq.version"] == str(VERSIONS) and meta["fedq.shards"] == "2"
+        (row,) = json.loads(meta["fedq.contributors"])
+        assert (
+            row["client"] == "guest" and row["staleness"] == 0 and row["weight"] == 3.0
+        )  # FedAvg: num_samples
+        assert json.loads(meta["fedq.aggregation"])["strategy"] == "fedavg"
+
+    # Hugging Face loads it next to the model's config: the federated model, with the client's steps in it.
+    (received.parent / "config.json").write_text((init_dir / "config.json").read_text())
+    import transformers
+
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(received.parent)
+    state_dict = loaded.state_dict()
+    for name, tensor in from_disk.items():
+        assert torch.equal(state_dict[name], tensor), name
+    step = state_dict["transformer.wte.weight"] - tiny_gpt2().state_dict()["transformer.wte.weight"]
+    assert step.mean().item() == pytest.approx(0.01 * VERSIONS, rel=0.05)  # the client's steps, quantized
+
+    # The last two versions stay on disk, each with its record; an older one is refused with one line.
+    for shard in range(2):
+        assert checkpoint.versions(state / f"shard-{shard}") == [VERSIONS - 1, VERSIONS]
+    older = tmp_path / "older.safetensors"
+    assert cli.main(["export", str(older), "--state-dir", str(state), "--version", str(VERSIONS - 1)]) == 0
+    assert cli.main(["export", str(older), "--state-dir", str(state), "--version", "1"]) == 2
+    assert "not on disk on every shard" in capsys.readouterr().err
+
+    # fedq status names the newest version's contributors.
+    assert cli.main(["status", "--namespace", names.namespace, "--amqp-url", amqp_url]) == 0
+    status = capsys.readouterr().out
+    assert f"newest announced version {VERSIONS}: 1 contributing updates" in status, status
+    assert "  guest  update " in status and "staleness 0" in status
