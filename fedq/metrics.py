@@ -106,10 +106,10 @@ CLIENT_LAST_UPDATE = Gauge(
     "fedq_client_last_update_timestamp_seconds", "When a client's last update was folded.", ["client"]
 )
 DP_EPSILON = Gauge(
-    "fedq_dp_epsilon",
-    "Central DP: epsilon spent so far at the configured delta (the leader's accountant), and the budget.",
-    ["delta", "kind"],
+    "fedq_dp_epsilon", "Central DP: epsilon spent so far at fedq_dp_delta (the leader's accountant)."
 )
+DP_DELTA = Gauge("fedq_dp_delta", "Central DP: the delta at which epsilon is reported.")
+DP_BUDGET = Gauge("fedq_dp_epsilon_budget", "Central DP: the epsilon budget (0 = none).")
 VALIDATION_LOSS = Gauge("fedq_validation_loss", "Validation loss of the global model (demo).", ["role"])
 
 

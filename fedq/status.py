@@ -60,7 +60,7 @@ class WorkerReport:
 
     versions: list[VersionState] = field(default_factory=list)
     clients: dict[str, ClientState] = field(default_factory=dict)
-    privacy: dict[str, tuple[float, float]] = field(default_factory=dict)  # delta -> (epsilon spent, budget)
+    privacy: dict[str, float] = field(default_factory=dict)  # fedq_dp_epsilon, _delta, _epsilon_budget
     errors: list[str] = field(default_factory=list)
 
 
@@ -193,13 +193,8 @@ def add_samples(report: WorkerReport, text: str) -> None:
             elif sample.name == "fedq_client_last_update_timestamp_seconds":
                 client = report.clients.setdefault(labels["client"], ClientState(labels["client"], 0.0))
                 client.last_update = max(client.last_update, sample.value)
-            elif sample.name == "fedq_dp_epsilon":
-                spent, budget = report.privacy.get(labels["delta"], (0.0, 0.0))
-                if labels.get("kind") == "budget":
-                    budget = sample.value
-                else:
-                    spent = sample.value
-                report.privacy[labels["delta"]] = (spent, budget)
+            elif sample.name in ("fedq_dp_epsilon", "fedq_dp_delta", "fedq_dp_epsilon_budget"):
+                report.privacy[sample.name] = sample.value
             elif sample.name == "fedq_client_metric":
                 client = report.clients.setdefault(labels["client"], ClientState(labels["client"], 0.0))
                 client.metrics[labels["metric"]] = sample.value
@@ -241,9 +236,15 @@ def print_report(
             print(f"model version {v.version} (shard {v.shard}), made {ago(v.made_at, now)}", file=out)
     else:
         print("model version: unknown (give an aggregator's --metrics-url)", file=out)
-    for delta, (spent, budget) in sorted(workers.privacy.items()):
+    if workers.privacy.get("fedq_dp_delta"):  # only a leader with central DP sets delta
+        p = workers.privacy
+        spent, delta, budget = (
+            p.get("fedq_dp_epsilon", 0.0),
+            p["fedq_dp_delta"],
+            p.get("fedq_dp_epsilon_budget"),
+        )
         limit = f" of a budget of {budget:.4g}" if budget else " (no budget)"
-        print(f"differential privacy: epsilon {spent:.4g} at delta {delta}{limit}", file=out)
+        print(f"differential privacy: epsilon {spent:.4g} at delta {delta:g}{limit}", file=out)
     print(f"clients seen: {len(workers.clients)}", file=out)
     for c in sorted(workers.clients.values(), key=lambda c: c.name):
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))

@@ -203,9 +203,9 @@ class Aggregator:
                 planner.restore(self.state.planner, time.monotonic())
             self.leader = Leader(self.dir, planner, self.s.shards)
             if planner.privacy is not None:
-                delta = f"{planner.privacy.config.delta:g}"
-                metrics.DP_EPSILON.labels(delta, "spent").set(planner.privacy.spent)
-                metrics.DP_EPSILON.labels(delta, "budget").set(planner.privacy.config.epsilon_budget)
+                metrics.DP_EPSILON.set(planner.privacy.spent)
+                metrics.DP_DELTA.set(planner.privacy.config.delta)
+                metrics.DP_BUDGET.set(planner.privacy.config.epsilon_budget)
         metrics.MODEL_VERSION.labels(self.shard_label).set(self.state.version)
 
     def start(self) -> None:
@@ -605,15 +605,13 @@ class Aggregator:
             plan.scale,
         )
         if plan.dp is not None:
-            delta = f"{self.s.privacy.delta:g}" if self.s.privacy is not None else "?"
-            metrics.DP_EPSILON.labels(delta, "spent").set(plan.dp["epsilon"])
+            if self.leader is not None:
+                metrics.DP_EPSILON.set(plan.dp["epsilon"])
             log.info(
-                "shard %d: version %d: differential privacy: epsilon %.4g at delta %s, clip %.4g, noise std "
-                "%.3g%s",
+                "shard %d: version %d: differential privacy: epsilon %.4g, clip %.4g, noise std %.3g%s",
                 self.s.shard,
                 plan.version,
                 plan.dp["epsilon"],
-                delta,
                 plan.dp["clip"],
                 plan.dp["std"],
                 " (the last version the budget allows)" if plan.dp.get("final") else "",
