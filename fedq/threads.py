@@ -31,7 +31,9 @@ P = ParamSpec("P")
 MAX_WORKERS = 4  # beyond this a 4 MiB step's work is too short to gain from more threads (and memory grows)
 
 
+@functools.cache
 def _cores() -> int:
+    """The cores this process may run on, read once (a system call; codecs ask on every call)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -165,3 +165,23 @@ def test_chunk_sq_norm_reasons_match_decode_tensor(name: str, value: float, both
         with pytest.raises(WireError) as info:
             f(msg)
         assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+@pytest.mark.parametrize(("code", "finite"), [(0, True), (255, False)])
+def test_a_check_near_the_float32_maximum_follows_the_codes_actually_used(
+    name: str, code: int, finite: bool
+) -> None:
+    """check's quick bound (group minimum + 255 steps) overflows here; the scales the codes give decide."""
+    codec = get_codec(name)
+    n = 64 * 256
+    meta, raw = codec.encode(_values(3, n, "normal", 1.0))
+    data = bytearray(memoryview(raw).cast("B"))
+    data[0:8] = struct.pack("<ff", 1e37, 3e38)  # the one group's step and minimum: 3e38 + 255e37 overflows
+    data[8 : 8 + 256] = bytes([code]) * 256  # every block's scale code
+    assert math.isfinite(_reference(codec, meta, bytes(data), n)) == finite
+    if finite:
+        codec.check(meta, bytes(data), n)
+    else:
+        with pytest.raises(CodecError):
+            codec.check(meta, bytes(data), n)

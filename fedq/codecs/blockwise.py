@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +40,7 @@ GROUP = 256  # blocks per double-quantization group: one fp32 step + one fp32 mi
 # 0.0876; fp4 N(0,1) 0.1056 -> 0.1050, t(3) 0.1263 -> 0.1249. Best of {1, 0.98, 0.97, 0.95} on all data
 # but uniform.
 SHRINK = 0.97
+_SAFE_SCALE = 2.0**126  # a block-scale bound below this cannot overflow however float32 rounds on the way
 _CELLS = 2048  # encode look-up table resolution: [-1, 1] in 2*_CELLS cells, adds <= 1/_CELLS to the error
 
 
@@ -74,10 +76,15 @@ def _check_finite(name: str, absmax: torch.Tensor) -> None:
         raise CodecError(f"{name}: cannot encode NaN or Inf", reason="nonfinite")
 
 
-def _check_scales(name: str, *scales: torch.Tensor) -> None:
-    for s in scales:
-        if s.numel() and not bool(((s >= 0) & torch.isfinite(s)).all()):
-            raise CodecError(f"{name}: payload holds a negative, NaN or infinite scale")
+def _check_scales(name: str, scales: torch.Tensor) -> None:
+    """Refuse a negative, NaN or infinite scale. One reduction: NaN propagates to both extremes, and every
+    check of a small chunk pays per op (measured: an nf4 chunk of 40 K elements checked in 236 us, 188 of
+    them unpacking it, most of that per-op overhead)."""
+    if not scales.numel():
+        return
+    low, high = torch.aminmax(scales)
+    if not (float(low) >= 0.0 and float(high) < math.inf):
+        raise CodecError(f"{name}: payload holds a negative, NaN or infinite scale")
 
 
 class Int8(Codec):
@@ -379,7 +386,7 @@ class FourBit(Codec):
         buf = as_uint8(payload, device)
         g_step = buf[: 4 * ngroups].view(torch.float32)
         g_low = buf[4 * ngroups : 8 * ngroups].view(torch.float32)
-        _check_scales(self.name, g_step, g_low)
+        _check_scales(self.name, buf[: 8 * ngroups].view(torch.float32))  # the steps and minima, adjacent
         scales = _block_scales(buf[8 * ngroups : 8 * ngroups + nblocks], g_step, g_low)
         return scales, buf[8 * ngroups + nblocks :]
 
@@ -468,7 +475,19 @@ class FourBit(Codec):
     def check(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> None:
-        scales, _ = self._unpack(meta, payload, count, torch.device(device))
+        """Levels lie in [-1, 1], so a payload decodes to finite values when its block scales are finite.
+        A block scale grows with its 8-bit code (steps are checked non-negative), so min + 255 step bounds its
+        group's: only where that bound comes near the float32 maximum are the scales themselves computed
+        (measured on one thread, an nf4 chunk of 40 K elements, the aggregator's check on arrival: 90-155 us
+        before, 23-32 us with the bound)."""
+        dev = torch.device(device)
+        self.check_payload(meta, payload, count)
+        _, ngroups = self._sizes(count)
+        groups = as_uint8(payload, dev)[: 8 * ngroups].view(torch.float32)  # steps, then minima
+        _check_scales(self.name, groups)
+        if ngroups and float(torch.add(groups[ngroups:], groups[:ngroups], alpha=255.0).amax()) < _SAFE_SCALE:
+            return
+        scales, _ = self._unpack(meta, payload, count, dev)
         self._check_overflow(scales)
 
 
