@@ -10,7 +10,7 @@ update bytes the clients published, ``bytes_down`` the bytes they read from the 
 (the round's new version; version 0 is the same size), both against the fp32 bytes of the same tensors
 (``fp32_bytes_up``, ``fp32_bytes_down`` = N × the model); peak RSS of each process as its own ``VmHWM`` (a
 spawned child's ``ru_maxrss`` starts at its parent's). ``codec`` is the clients' upload codec; versions
-travel in the aggregator's model codec (today fp32).
+travel in ``--model-codec`` (whole versions: fp32, bf16 or fp16).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         *("--amqp-url", url, "--namespace", names.namespace, "--strategy", "fedavg"),
         *("--min-clients", str(args.clients), "--max-versions", "1", "--init", str(init)),
         *("--state-dir", str(work / "state"), "--threads", str(args.threads)),
+        *("--model-codec", args.model_codec),
     ]
     try:
         with open(log, "wb") as out:
@@ -89,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
             proc.kill()
         delete_namespace(url, names)
     row = {
-        "shapes": args.shapes,
-        "dtype": args.dtype,
         "clients": args.clients,
         "codec": args.codec,
         "round_seconds": max(r["done"] for r in rows) - start,
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "client_peak_rss": max(r["peak_rss"] for r in rows),
         "model_fp32_bytes": fp32_bytes,
     }
-    print(_describe(row), flush=True)
+    print(_describe(row, args), flush=True)
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -111,12 +110,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe(row: dict[str, Any]) -> str:
+def _describe(row: dict[str, Any], args: argparse.Namespace) -> str:
     model = row["model_fp32_bytes"]
     moved = row["bytes_up"] + row["bytes_down"]
     reference = row["fp32_bytes_up"] + row["fp32_bytes_down"]
     return (
-        f"{row['shapes']} ({row['dtype']} clients), {row['clients']} clients, {row['codec']}: round "
+        f"{args.shapes} ({args.dtype} clients, versions in {args.model_codec}), {row['clients']} clients, "
+        f"{row['codec']}: round "
         f"{row['round_seconds']:.1f} s; up {row['bytes_up'] / 2**20:.0f} MiB "
         f"({row['bytes_up'] / row['fp32_bytes_up']:.1%} of fp32), down {row['bytes_down'] / 2**20:.0f} MiB "
         f"({row['bytes_down'] / row['fp32_bytes_down']:.1%}), up+down {moved / reference:.1%}; peak RSS "

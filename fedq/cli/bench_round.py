@@ -12,6 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=2, help="client processes (FedAvg over all of them)")
     parser.add_argument("--codec", default="nf4", help="the clients' update codec")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the clients' model dtype")
+    parser.add_argument("--model-codec", default="fp32", help="the aggregator's --model-codec (versions)")
     parser.add_argument("--threads", type=int, default=2, help="the aggregator's torch threads")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the round")
     add_amqp_url(parser)
