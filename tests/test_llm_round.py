@@ -3,6 +3,7 @@ model, and a clear error when a version was trimmed away."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from fedq.basestore import BaseStore
 from fedq.broker import Management, q
+from fedq.cli import main
 from fedq.client import Client
 from fedq.errors import StreamError
 from fedq.topology import DEFAULT_MODELS_RETENTION_BYTES, MODELS_SEGMENT_BYTES, Names, models_retention_bytes
@@ -149,3 +151,10 @@ def _wire_bytes(role: str, direction: str) -> float:
         and sample.labels["role"] == role
         and sample.labels["direction"] == direction
     )
+
+
+def test_broker_definitions_size_the_models_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator who applies the topology first declares the retention the aggregator would."""
+    assert main(["broker", "definitions", "--model-size", "5716MiB"]) == 0
+    queues = {q["name"]: q["arguments"] for q in json.loads(capsys.readouterr().out)["queues"]}
+    assert queues["fedq.models"]["x-max-length-bytes"] == models_retention_bytes(5716 << 20)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedq.cli.options import add_amqp_url, add_namespace
+from fedq.cli.options import add_amqp_url, add_namespace, size
 
 if TYPE_CHECKING:
     from fedq.broker import Management
@@ -27,6 +27,13 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
 def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=1, help="number of aggregator shards (update queues)")
     parser.add_argument("--quorum", action="store_true", help="quorum queues for updates/control (clusters)")
+    parser.add_argument(
+        "--model-size",
+        type=size,
+        default=0,
+        help="the model's fp32 size, e.g. 5.6GiB: the models stream keeps two versions of it, as the "
+        "aggregator declares it (default: the 4 GiB floor)",
+    )
 
 
 def add_user_arguments(parser: argparse.ArgumentParser, who: str) -> None:
@@ -82,6 +89,12 @@ def management(args: argparse.Namespace) -> Management:
 
 def topology_definitions(args: argparse.Namespace) -> dict[str, Any]:
     from fedq.broker import vhost_of
-    from fedq.topology import Names, definitions
+    from fedq.topology import Names, definitions, models_retention_bytes
 
-    return definitions(Names(args.namespace), args.shards, quorum=args.quorum, vhost=vhost_of(args.amqp_url))
+    return definitions(
+        Names(args.namespace),
+        args.shards,
+        quorum=args.quorum,
+        models_retention_bytes=models_retention_bytes(args.model_size),
+        vhost=vhost_of(args.amqp_url),
+    )
