@@ -99,6 +99,7 @@ def defaults_from(
             value = _from_table(key, action, table)
         if value is not None:
             out[action.dest] = value
+            action.required = False  # a required option (--init) may come from here too
     return out
 
 
