@@ -16,10 +16,10 @@ the aggregator's logs.
 that version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the offset the
 announcement gives (its first message: nothing older is read). It is atomic: the model is first lined up with
 the announced tensors (names, aliases, shapes, dtypes: ``fedq.binding``), then every chunk is decoded into a
-buffer, and only when the whole version is in hand is it copied into the model. So a refusal or a failure
-leaves the model untouched, at the cost of one copy of the global while it downloads; those buffers then
-become the base that ``send`` diffs against (the default), or ``full=True`` sends the tensors themselves (only
-in a 16- or 32-bit codec: a 4-bit copy of the weights would replace the global's weights by their rounding).
+``BaseStore`` (a temporary file, not memory), and only when the whole version is in hand is it copied into the
+model. So a refusal or a failure leaves the model untouched; the store then keeps the base that ``send`` diffs
+against (the default), or ``full=True`` sends the tensors themselves (only in a 16- or 32-bit codec: a 4-bit
+copy of the weights would replace the global's weights by their rounding).
 
 ``send`` streams: each shard's tensors go as one container to that shard's queue, and every chunk is sliced,
 (error-feedback compensated,) encoded and published only when the transport has room, so the serialized update
