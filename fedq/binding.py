@@ -11,9 +11,11 @@ the same tensor differently, and each difference is resolved here, before anythi
 - **Wrapper prefixes.** ``torch.compile`` wraps a module as ``_orig_mod``, ``DataParallel`` and
   ``DistributedDataParallel`` as ``module``; modules are unwrapped, and in a plain state dict those prefixes
   are ignored where the exact name is not in the global.
-- **PEFT adapter names.** A ``PeftModel`` names its adapter tensors ``...lora_A.default.weight``; its
-  ``save_pretrained`` writes ``...lora_A.weight``. Where the exact name is not in the global, a path segment
-  equal to an adapter name (the model's ``peft_config`` keys, else ``default``) is ignored.
+- **PEFT adapter names.** A ``PeftModel`` names its adapter tensors ``...lora_A.default.weight`` and its
+  trained copies of whole modules ``...lm_head.modules_to_save.default.weight``; its ``save_pretrained``
+  writes ``...lora_A.weight`` and ``...lm_head.weight``. Where the exact name is not in the global, path
+  segments equal to an adapter name (the model's ``peft_config`` keys, else ``default``) and
+  ``modules_to_save`` are ignored.
 - **What does not travel.** Integer and bool tensors (position ids, step counters) are never federated: they
   stay as each client has them (the aggregator drops them from an initial model too). float64 tensors are
   refused: the wire and the aggregator carry float32, float16 and bfloat16.
@@ -33,6 +35,8 @@ from fedq.errors import ConfigError
 
 FEDERATED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WRAPPER_SEGMENTS = ("_orig_mod", "module")
+# ignored anywhere in a name: torch.compile's wrapper, PEFT's trained copy of a module (``modules_to_save``)
+IGNORED_SEGMENTS = frozenset({"_orig_mod", "modules_to_save"})
 DEFAULT_ADAPTERS = frozenset({"default"})
 HINTS = (
     "names are matched exactly, then without torch.compile/DDP prefixes (_orig_mod., module.) and PEFT "
@@ -179,7 +183,7 @@ class _GlobalNames:
         parts = name.split(".")
         while len(parts) > 1 and parts[0] in WRAPPER_SEGMENTS:
             parts = parts[1:]
-        return ".".join(p for p in parts if p != "_orig_mod" and p not in self.adapters)
+        return ".".join(p for p in parts if p not in IGNORED_SEGMENTS and p not in self.adapters)
 
     def find(self, name: str) -> str | None:
         if name in self.exact:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import safetensors.torch
 import torch
@@ -61,3 +62,14 @@ def test_refusals_say_what_to_do(tmp_path: Path) -> None:
         initial.read_shapes(tmp_path / "nested.pt")
     with pytest.raises(ConfigError, match="float64"):
         bind(torch.nn.Linear(4, 4).double(), {"weight": (4, 4), "bias": (4,)})
+
+
+def test_peft_modules_to_save_match_their_saved_names(tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    peft.get_peft_model(tiny_llama(seed=0), config).save_pretrained(tmp_path / "adapter")
+    shapes = initial.read_shapes(tmp_path / "adapter")
+    model = peft.get_peft_model(tiny_llama(seed=1), config)
+    binding = bind(model, shapes, trainable_only=True)
+    assert not binding.unbound and not binding.missing and set(binding.slots) == set(shapes)
+    head = binding.slots["base_model.model.lm_head.weight"]
+    assert head.aliases == ("base_model.model.lm_head.modules_to_save.default.weight",)  # the trained copy
