@@ -72,6 +72,8 @@ def test_trainer_with_peft_adapters_joins_a_federation(amqp_url: str, namespace:
         max_versions=3,
         client_config={"local_steps": 4},
     ) as state_dir:
+        trainer.train()
+        global_model = model_of(state_dir)
         wrong = FedqCallback("wrong", amqp_url=amqp_url, namespace=namespace)
         other = with_lora(tiny_llama(seed=0, width=48))  # another configuration: refused, connection closed
         with pytest.raises(ConfigError, match="shape"):
@@ -79,8 +81,6 @@ def test_trainer_with_peft_adapters_joins_a_federation(amqp_url: str, namespace:
                 model=other, args=training_args(tmp_path), train_dataset=Pattern(), callbacks=[wrong]
             ).train()
         assert wrong.client is None
-        trainer.train()
-        global_model = model_of(state_dir)
     assert trainer.state.global_step == 12  # three rounds of the aggregator's local_steps, then the end
     assert callback.round is not None and callback.round.version == 3 and callback.round.final
     assert callback.client is None  # closed at the end of training
