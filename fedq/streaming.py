@@ -578,6 +578,7 @@ class Receiver:
         consume_arguments: dict[str, Any] | None = None,
         role: str = "client",
         on_message: Callable[[int], None] | None = None,
+        on_manifest: Callable[[Manifest], None] | None = None,
     ) -> None:
         self.transport = transport
         self.queue = queue
@@ -586,6 +587,7 @@ class Receiver:
         self.memory_budget = memory_budget
         self.role = role
         self.on_message = on_message
+        self.on_manifest = on_manifest  # e.g. a progress bar learns its total
         self.assembler = Assembler(device=device, role=role)
         self.wire_bytes = 0
         self.skipped = 0
@@ -639,7 +641,10 @@ class Receiver:
             FP32_BYTES.labels(self.role, "received", msg.codec.name).inc(4 * msg.count)
         if self.on_message is not None:
             self.on_message(len(delivery.body))
-        return self.assembler.add(msg)
+        chunks = self.assembler.add(msg)
+        if msg.kind == wire.MANIFEST and self.on_manifest is not None and self.manifest is not None:
+            self.on_manifest(self.manifest)
+        return chunks
 
 
 @dataclass

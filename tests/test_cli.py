@@ -85,3 +85,34 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
     sized = run_fedq("receive", str(tmp_path / "out.safetensors"), "--memory-budget", "lots")
     assert sized.returncode == 2
     assert "argument --memory-budget: not a size: 'lots'" in sized.stderr
+
+
+@pytest.mark.parametrize("codec", ["fp32", "nf4"])
+def test_the_receive_bar_learns_its_total_from_each_manifest_and_it_matches_the_wire(
+    codec: str, tmp_path: Path
+) -> None:
+    """The bar's total is what will cross the wire: each shard's manifest adds its container's size."""
+    import torch
+
+    from fedq.cli.progress import add_to_total, byte_bar
+    from fedq.codecs import choose_codec
+    from fedq.streaming import receive_file, send_container
+    from fedq.topology import Names
+    from fedq.transport import connect
+
+    names = Names("bar")
+    tensors = {"w": torch.randn(512, 512), "b": torch.randn(512)}
+    with connect("memory://bar-test") as transport:
+        transport.declare(names, 1)
+        sent = send_container(
+            transport, names.models_exchange, "", tensors, stream="s", meta={},
+            codec_for=lambda n, t: choose_codec(n, tuple(t.shape), codec), chunk_bytes=64 << 10,
+        )  # fmt: skip
+        with byte_bar("receive", quiet=True) as bar:
+            seen: list[int] = []
+            receive_file(
+                transport, names.models_stream, tmp_path / "out.safetensors", "s",
+                consume_arguments={"x-stream-offset": "first"}, on_message=seen.append,
+                on_manifest=lambda manifest: add_to_total(bar, manifest),
+            )  # fmt: skip
+    assert sent.wire_bytes * 0.95 <= bar.total <= sum(seen)  # the estimate leaves out headers, not payload

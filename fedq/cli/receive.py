@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedq.progress import Progress
+    from fedq.cli.progress import add_to_total, byte_bar
     from fedq.results import newest_announcement, receive_version
     from fedq.streaming import flow_for_budget, receive_file
     from fedq.topology import Names
@@ -40,29 +40,35 @@ def run(args: argparse.Namespace) -> int:
 
     flow = flow_for_budget(args.memory_budget, args.chunk_bytes)
     names = Names(args.namespace)
-    progress = Progress("receive", quiet=args.quiet)
     options = {"timeout": args.timeout, "memory_budget": args.memory_budget, "prefetch": flow.prefetch}
     with connect(args.amqp_url, connect_timeout=0) as transport:
         if args.stream is None and args.offset is None:
             announcement = newest_announcement(transport, names, args.timeout)
-            count = receive_version(
-                transport, names, args.out, announcement, on_message=progress.update, **options
-            )
-            progress.close()
+            with byte_bar(f"receive v{announcement.version}", quiet=args.quiet) as bar:
+                count = receive_version(
+                    transport,
+                    names,
+                    args.out,
+                    announcement,
+                    on_message=bar.update,
+                    on_manifest=lambda manifest: add_to_total(bar, manifest),
+                    **options,
+                )
             print(
                 f"received version {announcement.version} ({announcement.shards} shards, {count} tensors, "
                 f"{len(announcement.contributors)} contributing updates) into {args.out}"
             )
             return 0
-        manifest = receive_file(
-            transport,
-            names.models_stream,
-            args.out,
-            args.stream,
-            consume_arguments={"x-stream-offset": args.offset or "first"},
-            on_message=progress.update,
-            **options,
-        )
-    progress.close()
+        with byte_bar("receive", quiet=args.quiet) as bar:
+            manifest = receive_file(
+                transport,
+                names.models_stream,
+                args.out,
+                args.stream,
+                consume_arguments={"x-stream-offset": args.offset or "first"},
+                on_message=bar.update,
+                on_manifest=lambda manifest: add_to_total(bar, manifest),
+                **options,
+            )
     print(f"received stream {manifest.stream}: {len(manifest.tensors)} tensors into {args.out}")
     return 0

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
     import torch
 
-    from fedq.streaming import Manifest
-
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``send`` and ``receive`` share."""
@@ -45,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedq.cli.progress import byte_bar, wire_estimate
     from fedq.codecs import Codec, choose_codec
-    from fedq.progress import Progress
     from fedq.safetensors import SafetensorsReader
     from fedq.streaming import flow_for_budget, plan, send_container
     from fedq.topology import Names
@@ -64,14 +62,16 @@ def run(args: argparse.Namespace) -> int:
         return choose_codec(name, tuple(t.shape), args.codec)
 
     manifest, _ = plan(tensors, stream=stream, meta=meta, codec_for=codec_for, chunk_bytes=args.chunk_bytes)
-    progress = Progress("send", _wire_estimate(manifest), quiet=args.quiet)
     names = Names(args.namespace)
-    with connect(
-        args.amqp_url,
-        connect_timeout=0,  # a command run by hand fails at once with its cause; workers retry
-        window_messages=flow.window_messages,
-        window_bytes=flow.window_bytes,
-    ) as transport:
+    with (
+        connect(
+            args.amqp_url,
+            connect_timeout=0,  # a command run by hand fails at once with its cause; workers retry
+            window_messages=flow.window_messages,
+            window_bytes=flow.window_bytes,
+        ) as transport,
+        byte_bar("send", wire_estimate(manifest), quiet=args.quiet) as bar,
+    ):
         stats = send_container(
             transport,
             names.models_exchange,
@@ -81,9 +81,8 @@ def run(args: argparse.Namespace) -> int:
             meta=meta,
             codec_for=codec_for,
             chunk_bytes=args.chunk_bytes,
-            on_message=progress.update,
+            on_message=bar.update,
         )
-    progress.close()
     print(
         f"sent stream {stream}: {stats.chunks} chunks, {human_bytes(stats.wire_bytes)} on the wire "
         f"({stats.wire_bytes / max(stats.fp32_bytes, 1):.1%} of fp32) in {stats.seconds:.1f} s"
@@ -107,10 +106,3 @@ def _open(path: Path) -> Mapping[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path}: holds no state dict of tensors")
     return state
-
-
-def _wire_estimate(manifest: Manifest) -> int:
-    """Payload bytes with each codec's default parameters: close enough for a progress bar."""
-    from fedq.codecs import get_codec
-
-    return sum(get_codec(t.codec).payload_nbytes(t.numel) for t in manifest.tensors)
