@@ -15,7 +15,11 @@ from fedq import wire
 from fedq.aggregation.strategies import FedBuff
 from fedq.client import Client
 from fedq.errors import ConfigError, FederationEnded, TransportError
+from fedq.protocol import UpdateMeta
+from fedq.streaming import send_container
 from fedq.topology import Names
+from fedq.transport import connect
+from fedq.transport.base import REASON_HEADER
 from tests.aggregation_helpers import Worker, model_of, settings, state, wait_version
 from tests.hf_models import aggregator, perturb, tiny_gpt2, tiny_llama, with_lora
 
@@ -278,3 +282,22 @@ def test_adapters_of_one_shard_fold_on_two_shards(amqp_url: str, namespace: str,
             worker.stop.set()
         for worker in workers:
             worker.join(30)
+
+
+@pytest.mark.parametrize("count", [0, None])
+def test_the_aggregator_refuses_an_update_without_tensors(
+    amqp_url: str, namespace: str, tmp_path: Path, count: int | None
+) -> None:
+    """A hand-made empty update (fedq's client refuses to send one) is dead-lettered, never folded."""
+    init = save_init(tiny_llama(seed=0), "pt", tmp_path)
+    names = Names(namespace)
+    with aggregator(amqp_url, namespace, init, tmp_path / "state") as state_dir, connect(amqp_url) as t:
+        wait_version(state_dir, 0)
+        meta = UpdateMeta("empty", 0, 10, update_tensors=count).to_meta()
+        send_container(t, names.updates_exchange, names.shard_key(0), {}, stream="x/empty/s0", meta=meta)
+        t.flush()
+        t.consume(names.dead_letter_queue, prefetch=10)
+        delivery = t.get(30)
+        assert delivery is not None and delivery.headers.get(REASON_HEADER) == "empty_update"
+        t.ack(delivery)
+        assert state(state_dir)["version"] == 0
