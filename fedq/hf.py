@@ -34,7 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # the optional extra is missing: say which
+    raise ImportError(f"fedq.hf needs transformers: pip install 'fedq[hf]' ({exc})") from exc
 
 from fedq.client import DEFAULT_TIMEOUT, Client, Round
 
