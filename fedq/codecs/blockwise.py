@@ -483,7 +483,8 @@ class FourBit(Codec):
         dev = torch.device(device)
         self.check_payload(meta, payload, count)
         _, ngroups = self._sizes(count)
-        groups = as_uint8(payload, dev)[: 8 * ngroups].view(torch.float32)  # steps, then minima
+        # steps, then minima: only these bytes go to the check's device
+        groups = as_uint8(memoryview(payload).cast("B")[: 8 * ngroups], dev).view(torch.float32)
         _check_scales(self.name, groups)
         if ngroups and float(torch.add(groups[ngroups:], groups[:ngroups], alpha=255.0).amax()) < _SAFE_SCALE:
             return
