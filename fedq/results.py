@@ -26,16 +26,36 @@ STATE_FILE = checkpoint.STATE
 
 
 def metadata(
-    version: int, shards: int, aggregation: dict[str, Any], contributors: list[Any]
+    version: int,
+    shards: int,
+    aggregation: dict[str, Any],
+    contributors: list[Any],
+    codecs: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """safetensors metadata holds strings only: structured values are JSON."""
-    return {
+    meta = {
         "format": "pt",
         "fedq.version": str(version),
         "fedq.shards": str(shards),
         "fedq.aggregation": json.dumps(aggregation, sort_keys=True),
         "fedq.contributors": json.dumps(contributors, sort_keys=True),
     }
+    if codecs is not None:
+        meta["fedq.codecs"] = json.dumps(codecs, sort_keys=True)
+    return meta
+
+
+def total_codec_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shards' codec statistics of one version summed: the updates' bytes on the wire, their float32
+    size, and the elements each codec carried."""
+    total: dict[str, Any] = {"wire_bytes": 0, "fp32_bytes": 0, "elements": {}}
+    for record in records:
+        stats = record.get("codecs") or {}
+        total["wire_bytes"] += int(stats.get("wire_bytes", 0))
+        total["fp32_bytes"] += int(stats.get("fp32_bytes", 0))
+        for codec, count in (stats.get("elements") or {}).items():
+            total["elements"][codec] = total["elements"].get(codec, 0) + int(count)
+    return total
 
 
 def merge(parts: list[tuple[Path, list[str] | None]], out: Path, meta: dict[str, str]) -> int:
@@ -98,7 +118,9 @@ def export(state_dirs: list[Path], out: Path, version: int | None = None) -> dic
             f"version {version} is not on disk on every shard; versions held by all: {sorted(common)}"
         )
     records = [checkpoint.read_record(dirs[s], version) for s in range(shards)]
-    meta = metadata(version, shards, records[0].get("aggregation", {}), records[0].get("contributors", []))
+    first = records[0]
+    codecs = total_codec_stats(records)
+    meta = metadata(version, shards, first.get("aggregation", {}), first.get("contributors", []), codecs)
     parts = [(dirs[s] / checkpoint.model_file(version), records[s].get("tensors")) for s in range(shards)]
     merge(parts, out, meta)
     return meta

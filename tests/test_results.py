@@ -88,6 +88,12 @@ def test_receive_export_and_status_give_the_newest_complete_version_with_its_con
         )  # FedAvg: num_samples
         assert json.loads(meta["fedq.aggregation"])["strategy"] == "fedavg"
 
+    with safe_open(exported, "pt") as f:
+        codecs = json.loads(f.metadata()["fedq.codecs"])
+    model_fp32 = 4 * sum(t.numel() for t in from_disk.values())
+    assert codecs["fp32_bytes"] == model_fp32 and 0 < codecs["wire_bytes"] < model_fp32 / 3, codecs
+    assert sum(codecs["elements"].values()) == model_fp32 // 4 and "nf4" in codecs["elements"]
+
     # Hugging Face loads it next to the model's config: the federated model, with the client's steps in it.
     (received.parent / "config.json").write_text((init_dir / "config.json").read_text())
     import transformers

@@ -146,6 +146,7 @@ class Aggregator:
         # 1.8-2.0 s with two; 1.1 s with four on a 16-core machine.
         self.fold_threads = settings.fold_threads or (cpu_workers() if settings.device.type == "cpu" else 1)
         self.version_time = time.monotonic()
+        self.codec_stats: dict[str, Any] = {}  # of the updates folded into the current version (its record)
         # updates' norms are measured for the norm bound and central DP's clip (the leader plans with them)
         self.wants_norm = settings.norm_bound.bound > 0 or settings.privacy is not None
         self.leader: Leader | None = None
@@ -617,6 +618,7 @@ class Aggregator:
                 " (the last version the budget allows)" if plan.dp.get("final") else "",
             )
         covered = [c for _, c in entries] + [self.complete[u] for u, _ in plan.dropped if u in self.complete]
+        self.codec_stats = codec_stats([c.staged for _, c in entries])
         st = self.state
         st.version = plan.version
         st.last_plan = plan
@@ -666,6 +668,7 @@ class Aggregator:
             "tensors": sorted(self.model),
             "aggregation": self._strategy_config(),
             "contributors": protocol.contributors(plan) if plan is not None and current else [],
+            "codecs": self.codec_stats if current else {},
             "dropped": [list(d) for d in plan.dropped] if plan is not None and current else [],
         }
 
@@ -744,6 +747,19 @@ class Aggregator:
 
 
 # helpers ----------------------------------------------------------------------------------------------------
+def codec_stats(updates: list[Staged]) -> dict[str, Any]:
+    """This shard's part of the folded updates: bytes staged (as they came over the wire) against their
+    float32 size, and the elements each codec carried."""
+    elements: dict[str, int] = {}
+    fp32 = 0
+    for staged in updates:
+        for row in (staged.manifest or {}).get("tensors", []):
+            numel = math.prod(int(d) for d in row[2])
+            elements[str(row[3])] = elements.get(str(row[3]), 0) + numel
+            fp32 += 4 * numel
+    return {"wire_bytes": sum(s.nbytes for s in updates), "fp32_bytes": fp32, "elements": elements}
+
+
 def _shard_shapes(shapes: dict[str, tuple[int, ...]], shard: int, shards: int) -> dict[str, tuple[int, ...]]:
     sizes = {name: math.prod(shape) * 4 for name, shape in shapes.items()}
     assignment = shard_of(sizes, shards)
