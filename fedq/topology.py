@@ -56,8 +56,10 @@ class Names:
 
     @property
     def models_exchange(self) -> str:
-        """Aggregators publish global model versions here; it feeds the models stream."""
-        return f"{self.namespace}.models"
+        """Aggregators publish global model versions here; it feeds the models stream. Its name differs from
+        the stream's, so a client's read permission (the streams' names exactly) does not cover it: a client
+        can bind nothing from it (an exchange-to-exchange binding needs read on its source)."""
+        return f"{self.namespace}.models.in"
 
     @property
     def models_stream(self) -> str:
@@ -79,7 +81,7 @@ def versions_names(names: Names) -> tuple[str, str]:
     Clients read this stream from its last entry to learn the newest version (and the models-stream timestamp
     where its chunks begin) without scanning the large models stream.
     """
-    return f"{names.namespace}.versions", f"{names.namespace}.versions"
+    return f"{names.namespace}.versions.in", f"{names.namespace}.versions"
 
 
 def models_retention_bytes(version_bytes: int) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from fedq import wire
 from fedq.aggregation import admission
-from fedq.aggregation.staging import StagingArea
+from fedq.aggregation.staging import StagingArea, stream_key
 from fedq.codecs import get_codec
 from fedq.errors import FedqError
 from fedq.protocol import UpdateMeta
@@ -46,7 +46,7 @@ def test_a_valid_stream_is_staged_and_complete(tmp_path: Path) -> None:
     for body in messages("alice/u/s0"):
         assert decide(area, body).action == admission.STAGE
         area.append("alice", wire.decode(body), body)
-    staged = area.streams["alice/u/s0"]
+    staged = area.streams[stream_key("alice", "alice/u/s0")]
     assert admission.is_complete(staged)
     _, info = admission.check_complete(
         staged, version=0, max_staleness=1, finished_updates=set(), pending_updates=set()
@@ -65,8 +65,8 @@ def test_sender_must_be_validated() -> None:
 def test_finished_streams_are_ignored_and_expired_ones_refused(tmp_path: Path) -> None:
     area = StagingArea(tmp_path)
     body = messages("alice/u/s0")[1]
-    assert decide(area, body, finished={"alice/u/s0"}).action == admission.IGNORE
-    d = decide(area, body, expired={"alice/u/s0"})
+    assert decide(area, body, finished={stream_key("alice", "alice/u/s0")}).action == admission.IGNORE
+    d = decide(area, body, expired={stream_key("alice", "alice/u/s0")})
     assert (d.action, d.reason) == (admission.REFUSE, "expired")
 
 
@@ -80,34 +80,57 @@ def test_unknown_tensors_and_shapes_are_refused(tmp_path: Path) -> None:
     assert (d.action, d.reason, d.forget) == (admission.REFUSE, "unknown_tensor", True)
 
 
-def test_a_stream_belongs_to_the_user_who_started_it(tmp_path: Path) -> None:
+def test_ids_are_per_user_so_nobody_can_claim_or_touch_another_users_stream(tmp_path: Path) -> None:
+    """Mallory writes alice's stream and update ids: they name her own streams (findings 5, 6)."""
     area = StagingArea(tmp_path)
-    first = messages("s")[0]
-    area.append("alice", wire.decode(first), first)
-    d = decide(area, messages("s")[1], user="mallory")
-    assert (d.action, d.reason) == (admission.REFUSE, "unauthorised")
+    for body in messages("alice/u/s0"):
+        area.append("alice", wire.decode(body), body)
+    bad_manifest = messages("alice/u/s0", tensors={"x": torch.ones(3)})[0]
+    d = decide(area, bad_manifest, user="mallory")
+    assert (d.action, d.reason, d.forget) == (admission.REFUSE, "unknown_tensor", True)
+    assert admission.is_complete(area.streams[stream_key("alice", "alice/u/s0")])
+    assert decide(area, messages("alice/u/s0")[1], user="mallory").action == admission.STAGE
+    assert stream_key("alice", "u") != stream_key("mallory", "u")
+    assert stream_key("a", "b/c") != stream_key("a/b", "c")
+
+
+def test_a_complete_stream_cannot_be_changed_by_its_own_sender(tmp_path: Path) -> None:
+    """Finding 1: a bad manifest on the stream of a complete update is refused alone; nothing is forgotten."""
+    area = StagingArea(tmp_path)
+    for body in messages("alice/u/s0"):
+        area.append("alice", wire.decode(body), body)
+    other = messages("alice/u/s0", tensors={"x": torch.ones(3)})
+    d = decide(area, other[0])
+    assert (d.action, d.reason, d.forget) == (admission.REFUSE, "manifest_mismatch", False)
+    assert decide(area, messages("alice/u/s0")[0]).action == admission.IGNORE
+    extra = messages("alice/u/s0", tensors={n: torch.ones(s) for n, s in SHAPES.items()})[-1]
+    assert decide(area, extra).action == admission.IGNORE  # the same commit again
 
 
 @pytest.mark.parametrize(
     ("base", "finished", "pending", "reason"),
     [
         (0, set(), set(), "stale"),
-        (5, {"u"}, set(), "duplicate_update"),
-        (5, set(), {"u"}, "duplicate_update"),
+        (5, {stream_key("alice", "u")}, set(), "duplicate_update"),
+        (5, set(), {stream_key("alice", "u")}, "duplicate_update"),
+        (5, {"u", stream_key("mallory", "u")}, set(), None),
     ],
 )
 def test_complete_streams_are_checked_as_a_whole(
-    tmp_path: Path, base: int, finished: set[str], pending: set[str], reason: str
+    tmp_path: Path, base: int, finished: set[str], pending: set[str], reason: str | None
 ) -> None:
     area = StagingArea(tmp_path)
     for body in messages("alice/u/s0", base=base):
         area.append("alice", wire.decode(body), body)
-    with pytest.raises(FedqError) as info:
+    try:
         admission.check_complete(
-            area.streams["alice/u/s0"],
+            area.streams[stream_key("alice", "alice/u/s0")],
             version=5,
             max_staleness=2,
             finished_updates=finished,
             pending_updates=pending,
         )
-    assert info.value.reason == reason
+    except FedqError as exc:
+        assert exc.reason == reason
+    else:
+        assert reason is None  # another user's id "u" is not alice's

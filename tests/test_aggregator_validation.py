@@ -12,6 +12,7 @@ import torch
 
 from fedq import metrics, wire
 from fedq.aggregation.service import MAX_CLIENT_METRICS
+from fedq.aggregation.staging import stream_key
 from fedq.aggregation.strategies import FedAvg, FedBuff, NormBound
 from fedq.codecs import get_codec
 from fedq.streaming import iter_container
@@ -188,7 +189,7 @@ def test_a_refused_stream_stays_refused_after_a_version_step(tmp_path: Path) -> 
         worker.join(30)
     after = _count(metrics.CHUNKS, role="aggregator", event="duplicate")
     assert after - before == len(refused) - 1
-    assert "update/refused" in state(tmp_path / "state")["finished"]
+    assert stream_key("mallory", "update/refused") in state(tmp_path / "state")["finished"]
 
 
 def test_client_metric_labels_are_bounded(tmp_path: Path) -> None:

@@ -14,19 +14,23 @@ Pure decisions over staged state, with no I/O and no clock, so that every rule i
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedq import wire
-from fedq.aggregation.staging import Check, ChunkRef, Staged
+from fedq.aggregation.staging import Check, ChunkRef, Staged, is_duplicate, stream_key
 from fedq.codecs.base import sum_sq
 from fedq.errors import FedqError, RejectedUpdate, StreamError, WireError
 from fedq.protocol import UpdateMeta
 from fedq.streaming import Manifest
 
 STAGE, IGNORE, REFUSE = "stage", "ignore", "refuse"
+# The most samples one update may claim: FedAvg weighs updates by this claim, so an unbounded one lets a
+# single client make the step its own delta. A million local samples per round covers honest fine-tuning.
+MAX_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,15 @@ class Decision:
     reason: str = ""
     detail: str = ""
     forget: bool = False
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one broker user may hold in a shard's staging: streams (incomplete or waiting for a plan) and
+    bytes. A client over its quota has its new messages refused; other clients' never are."""
+
+    streams: int
+    nbytes: int
 
 
 @dataclass
@@ -66,32 +79,66 @@ def admit(
     *,
     shapes: dict[str, tuple[int, ...]],
     staged: dict[str, Staged],
-    finished: set[str],
-    expired: set[str],
+    finished: Collection[str],
+    expired: Collection[str],
     update_timeout: float,
+    quota: Quota | None = None,
+    size: int = 0,
+    usage: tuple[int, int] = (0, 0),
 ) -> Decision:
-    """The decision for one decoded update message sent by broker user ``user`` (see ``sender``)."""
-    if msg.stream in expired:
+    """The decision for one decoded update message sent by broker user ``user`` (see ``sender``).
+
+    Streams are known by ``stream_key(user, stream)``: whatever ids a client writes, its messages reach only
+    its own streams, so nothing it sends can refuse, replace or delete another client's. A message that would
+    change a complete stream, or contradict its manifest, is refused alone: the stream stays as it was.
+    """
+    key = stream_key(user, msg.stream)
+    if key in expired:
         return Decision(
             REFUSE,
             "expired",
             f"stream {msg.stream} was dropped after {update_timeout:g} s without a message; "
             "this late part of it is not used",
         )
-    if msg.stream in finished:
+    if key in finished:
         return Decision(IGNORE)
+    current = staged.get(key)
+    if current is not None and is_duplicate(current, msg):
+        if msg.kind == wire.MANIFEST and msg.meta != current.manifest:
+            return Decision(REFUSE, "manifest_mismatch", f"stream {msg.stream}: a second, different manifest")
+        return Decision(IGNORE)
+    if current is not None and is_complete(current):
+        return Decision(
+            REFUSE, "stream_complete", f"stream {msg.stream} is complete; a {msg.kind} cannot change it"
+        )
+    if quota is not None:
+        streams, nbytes = usage
+        if current is None and streams >= quota.streams:
+            return Decision(
+                REFUSE,
+                "quota_streams",
+                f"{user} has {streams} streams staged, the most allowed ({quota.streams})",
+            )
+        if nbytes + size > quota.nbytes:
+            return Decision(
+                REFUSE, "quota_bytes", f"{user} has {nbytes} bytes staged; {size} more exceed {quota.nbytes}"
+            )
     try:
         if msg.kind == wire.CHUNK:
             check_tensor(shapes, msg.name, msg.shape)
         elif msg.kind == wire.MANIFEST:
-            try:
-                check_manifest(shapes, msg.stream, msg.meta)
-            except RejectedUpdate as exc:
-                return _refuse(exc, forget=True)
-        check_owner(staged.get(msg.stream), msg.stream, user)
+            check_manifest(shapes, msg.stream, msg.meta)
     except (RejectedUpdate, StreamError) as exc:
-        return _refuse(exc)
+        # a stream whose manifest is refused is refused whole: it can never complete (it is the sender's own)
+        return _refuse(exc, forget=msg.kind == wire.MANIFEST)
     return Decision(STAGE)
+
+
+def check_size(size: int, limit: int) -> None:
+    """A message larger than the intake limit is refused before it is decoded (the broker's
+    ``max_message_size`` should refuse it first; see broker_config/rabbitmq.conf)."""
+    if size > limit:
+        raise RejectedUpdate(f"message of {size} bytes, the limit is {limit}", reason="too_large")
 
 
 def sender(user: str | None) -> str:
@@ -99,14 +146,6 @@ def sender(user: str | None) -> str:
     if not user:
         raise RejectedUpdate("update message without a validated AMQP user_id", reason="unauthorised")
     return user
-
-
-def check_owner(staged: Staged | None, stream: str, user: str) -> None:
-    """A stream belongs to the user who staged its first message."""
-    if staged is not None and staged.user != user:
-        raise RejectedUpdate(
-            f"stream {stream!r} belongs to {staged.user!r}, message sent by {user!r}", reason="unauthorised"
-        )
 
 
 def check_tensor(shapes: dict[str, tuple[int, ...]], name: str, shape: tuple[int, ...]) -> None:
@@ -148,12 +187,19 @@ def check_complete(
     *,
     version: int,
     max_staleness: int | None,
-    finished_updates: set[str],
-    pending_updates: set[str] | dict[str, Any],
+    finished_updates: Collection[str],
+    pending_updates: Collection[str],
+    max_samples: int = MAX_SAMPLES,
 ) -> tuple[Manifest, UpdateMeta]:
     """A complete stream checked as a whole, except its chunks' decoded values (see ``admitted``)."""
     assert staged.manifest is not None
     manifest, info = parse_manifest(staged.stream, staged.manifest)
+    if info.num_samples > max_samples:
+        raise RejectedUpdate(
+            f"update {info.update_id} claims {info.num_samples} samples, more than the {max_samples} allowed "
+            "(--max-samples)",
+            reason="too_many_samples",
+        )
     staleness = version - info.base_version
     if staleness < 0 or (max_staleness is not None and staleness > max_staleness):
         raise RejectedUpdate(
@@ -161,15 +207,20 @@ def check_complete(
             f"(max staleness {max_staleness})",
             reason="stale",
         )
-    if info.update_id in finished_updates:
+    if update_key(staged.user, info) in finished_updates:
         raise RejectedUpdate(
             f"update id {info.update_id} was folded or refused already", reason="duplicate_update"
         )
-    if info.update_id in pending_updates:
+    if update_key(staged.user, info) in pending_updates:
         raise RejectedUpdate(f"update id {info.update_id} is already staged", reason="duplicate_update")
     check_commit(staged, manifest)
     check_coverage(staged, manifest)
     return manifest, info
+
+
+def update_key(user: str, info: UpdateMeta) -> str:
+    """What an update is known by on the aggregators (in plans, the planner, the state): its sender and id."""
+    return stream_key(user, info.update_id)
 
 
 def admitted(staged: Staged, info: UpdateMeta) -> Admitted:
@@ -190,7 +241,7 @@ def admitted(staged: Staged, info: UpdateMeta) -> Admitted:
         refs.sort(key=lambda r: r.offset)
     return Admitted(
         staged,
-        info.update_id,
+        update_key(staged.user, info),
         staged.user,
         info.base_version,
         info.num_samples,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,11 @@ class Leader:
         self.planner = planner
         self.shards = shards
         self.stepped: dict[int, dict[int, int]] = {}  # version -> shard -> models-stream offset
+        self.drops: list[tuple[str, str]] = []  # refused outside the planner: in the next plan's dropped
 
-    def committed(self, report: Committed, finished_updates: set[str], *, journal: bool, now: float) -> None:
+    def committed(
+        self, report: Committed, finished_updates: Collection[str], *, journal: bool, now: float
+    ) -> None:
         """Record a shard's report (journaled first when it came over the broker)."""
         if report.update_id in finished_updates:
             return
@@ -106,15 +110,50 @@ class Leader:
             return None
         plan = self.planner.plan(now)
         if plan is not None:
+            plan.dropped.extend(self.drops)  # every shard forgets them with this version
+            self.drops = []
             self._journal({"plan": plan.to_json()})
         return plan
+
+    def drop(self, refused: list[tuple[str, str]]) -> None:
+        """(update id, reason) refused by the leader's fold: the next plan tells every shard to drop them."""
+        self.drops.extend(refused)
+
+    def cancel(self, version: int) -> None:
+        """Forget the journaled plan of ``version`` (its fold was refused): a restart must not re-apply it.
+        The journal is rewritten atomically with its reports only."""
+        try:
+            lines = self.journal_path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        kept = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break
+            if "plan" in entry and entry["plan"].get("version") == version:
+                continue
+            kept.append(line)
+        tmp = self.journal_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.journal_path)
 
     def applied(self) -> None:
         """A plan's version is checkpointed: the journal's reports and plan are in the state now."""
         self.journal_path.unlink(missing_ok=True)
 
     def replay(
-        self, *, version: int, announced: int, last_plan: Plan | None, finished_updates: set[str], now: float
+        self,
+        *,
+        version: int,
+        announced: int,
+        last_plan: Plan | None,
+        finished_updates: Collection[str],
+        now: float,
     ) -> Replay:
         """Feed the journal's reports to the planner again; the plan to re-apply or to resend."""
         try:

@@ -17,8 +17,10 @@ shard's tensors, for the Gram rules (Krum, centered clipping), accumulated from 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,12 +32,42 @@ from fedq.aggregation.privacy import window_noise
 from fedq.aggregation.robust import WindowRule, rule_from_config, sub_windows
 from fedq.aggregation.server_opt import ServerOptimizer
 from fedq.aggregation.staging import ChunkRef, StagingArea
+from fedq.errors import FedqError, WireError
 from fedq.protocol import Plan, PlanEntry
 from fedq.threads import ordered_map
 
 # A fold window: (tensor name, the tensor's flat view, lo, hi, the (row, fold factor, update, chunk) pieces
 # over it; row = the update's index in the plan)
 Window = tuple[str, torch.Tensor, int, int, list[tuple[int, float, Admitted, ChunkRef]]]
+
+
+@dataclass(frozen=True)
+class BadWindow:
+    """Where a fold went wrong: tensor ``name``, elements ``lo:hi``, and the pieces folded there."""
+
+    name: str
+    lo: int
+    hi: int
+    pieces: list[tuple[int, float, Admitted, ChunkRef]]
+
+
+class FoldError(FedqError):
+    """A fold that must not become a version: a staged chunk could not be read again (``unreadable``), or the
+    result is NaN/Inf or outside what the model's dtype holds (``nonfinite_result``). The model is left half
+    folded: the caller restores it from its checkpoint and refuses ``update_ids`` (``culprits`` names them for
+    a bad result)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        update_ids: list[str] | None = None,
+        window: BadWindow | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.update_ids = update_ids or []
+        self.window = window
 
 
 class Folder:
@@ -50,6 +82,7 @@ class Folder:
         *,
         server_opt: ServerOptimizer | None = None,
         rows_budget: int = 256 << 20,
+        limits: dict[str, float] | None = None,
     ) -> None:
         self.model = model
         self.staging = staging
@@ -57,6 +90,8 @@ class Folder:
         self.threads = threads
         self.server_opt = server_opt
         self.rows_budget = rows_budget
+        # the largest magnitude each tensor may hold (what its dtype holds): a window beyond it is refused
+        self.limits = limits or {}
 
     def fold(self, entries: list[tuple[PlanEntry, Admitted]], plan: Plan) -> int:
         """x += the plan's step over the planned updates; returns the number of update elements folded."""
@@ -71,8 +106,16 @@ class Folder:
                 local.acc = Accumulator({}, self.device)
             name, flat, lo, hi, pieces = window
             if rule is not None:
-                return self._fold_rows(name, flat, lo, hi, pieces, k, rule, noise, local.acc)
-            return self._fold_window(name, flat, lo, hi, pieces, plan.scale, noise, local.acc)
+                folded = self._fold_rows(name, flat, lo, hi, pieces, k, rule, noise, local.acc)
+            else:
+                folded = self._fold_window(name, flat, lo, hi, pieces, plan.scale, noise, local.acc)
+            if not self._holds(flat[lo:hi], name):
+                raise FoldError(
+                    f"folding {name}[{lo}:{hi}] gives NaN, Inf or values beyond what its dtype holds",
+                    reason="nonfinite_result",
+                    window=BadWindow(name, lo, hi, pieces),
+                )
+            return folded
 
         return sum(ordered_map(fold, self._windows(entries), self.threads, "fedq-fold"))
 
@@ -92,6 +135,44 @@ class Folder:
             return total
 
         return sum(ordered_map(part, self._windows(entries), self.threads, "fedq-gram"), np.zeros((k, k)))
+
+    def _holds(self, values: torch.Tensor, name: str) -> bool:
+        """Finite, and within the tensor's limit (one reduction: NaN and Inf show in the min and max)."""
+        if not values.numel():
+            return True
+        lo, hi = (float(v) for v in torch.aminmax(values))
+        limit = self.limits.get(name, math.inf)
+        return math.isfinite(lo) and math.isfinite(hi) and -limit <= lo and hi <= limit
+
+    def culprits(self, window: BadWindow, scale: float) -> list[str]:
+        """The updates to refuse for a bad window, measured against the (restored) model: each update that
+        alone makes the window bad; when none does (their sum overflows), the one that moves it most."""
+        x = self.model[window.name].view(-1)[window.lo : window.hi]
+        alone: list[str] = []
+        moves: dict[str, float] = {}
+        for _, factor, c, ref in window.pieces:
+            start, end = max(ref.offset, window.lo), min(ref.offset + ref.count, window.hi)
+            step = self._decode(c, ref)[start - ref.offset : end - ref.offset] * (scale * factor)
+            after = x[start - window.lo : end - window.lo] + step
+            if not self._holds(after, window.name) or not self._holds(step, window.name):
+                alone.append(c.update_id)
+            moves[c.update_id] = max(
+                moves.get(c.update_id, 0.0), float(step.abs().max()) if step.numel() else 0.0
+            )
+        if alone:
+            return sorted(set(alone))
+        return [max(moves, key=lambda u: moves[u])] if moves else []
+
+    def _read(self, c: Admitted, ref: ChunkRef) -> wire.Message:
+        """A staged chunk read again; a file gone or corrupted refuses its update, never ends the process."""
+        try:
+            return self.staging.read(c.staged, ref)
+        except (OSError, WireError) as exc:
+            raise FoldError(
+                f"update {c.update_id}: chunk of {ref.name} at {ref.offset} cannot be read again: {exc}",
+                reason="unreadable",
+                update_ids=[c.update_id],
+            ) from None
 
     def _windows(self, entries: list[tuple[PlanEntry, Admitted]]) -> Iterator[Window]:
         """The plan's fold windows, each with the pieces of the planned updates that overlap it."""
@@ -130,14 +211,14 @@ class Folder:
         if len(pieces) == 1 and plain:
             _, factor, c, ref = pieces[0]
             if c.kind == "delta" and (ref.offset, ref.offset + ref.count) == (lo, hi):
-                wire.add_tensor(self.staging.read(c.staged, ref), flat[lo:hi], scale * factor)
+                wire.add_tensor(self._read(c, ref), flat[lo:hi], scale * factor)
                 return hi - lo
         window = acc.window(hi - lo)
         folded = 0
         for _, factor, c, ref in pieces:
             start, end = max(ref.offset, lo), min(ref.offset + ref.count, hi)
             if c.kind == "delta" and (start, end) == (ref.offset, ref.offset + ref.count):
-                wire.add_tensor(self.staging.read(c.staged, ref), window[start - lo : end - lo], factor)
+                wire.add_tensor(self._read(c, ref), window[start - lo : end - lo], factor)
             else:
                 values = self._decode(c, ref)[start - ref.offset : end - ref.offset]
                 window[start - lo : end - lo].add_(values, alpha=factor)
@@ -202,7 +283,7 @@ class Folder:
 
     def _decode(self, c: Admitted, ref: ChunkRef) -> torch.Tensor:
         """A staged chunk as a delta slice on the fold device (full weights minus the current global)."""
-        values = wire.decode_tensor(self.staging.read(c.staged, ref), self.device)
+        values = wire.decode_tensor(self._read(c, ref), self.device)
         if c.kind == "full":
             values = values - self.model[ref.name].reshape(-1)[ref.offset : ref.offset + ref.count]
         return values

@@ -29,7 +29,7 @@ import numpy as np
 
 from fedq.aggregation.privacy import Privacy
 from fedq.aggregation.robust import GramRule, Rule, row_gram
-from fedq.aggregation.strategies import Candidate, NormBound, Strategy
+from fedq.aggregation.strategies import Candidate, NormBound, Strategy, limit_shares
 from fedq.errors import ConfigError
 from fedq.protocol import Measure, Plan, PlanEntry
 
@@ -63,10 +63,12 @@ class Planner:
         now: float = 0.0,
         rule: Rule | None = None,
         privacy: Privacy | None = None,
+        max_share: float = 1.0,
     ) -> None:
         if rule is not None and privacy is not None:
             raise ConfigError("central DP works with the strategy's mean only: its noise is calibrated to it")
         self.strategy = strategy
+        self.max_share = max_share  # FedAvg: no client's weights above this share of a version's
         self.rule = rule
         self.privacy = privacy
         self.exhausted = False  # the privacy budget allows no further version
@@ -188,6 +190,10 @@ class Planner:
             weights.append(weight)
             clips.append(clip)
             entries.append(PlanEntry(c.update_id, weight * clip, c.client, staleness, clip < 1.0))
+        if self.strategy.name == "fedavg" and not robust and self.max_share < 1.0:
+            weights = limit_shares(weights, [c.client for c in chosen], self.max_share)
+            for entry, weight, clip in zip(entries, weights, clips, strict=True):
+                entry.factor = weight * clip
         scale = self.strategy.scale(weights)
         plan = Plan(self.version + 1, scale, entries, dropped)
         if self.rule is not None:
@@ -241,6 +247,13 @@ class Planner:
         if self._clip_factor(math.sqrt(report.norm_sq)) is None:
             return "norm_bound"
         return None
+
+    def forget(self, update_ids: set[str]) -> None:
+        """Drop the reports of updates refused outside a plan (the leader's fold refused them)."""
+        for update_id in update_ids & set(self.reports):
+            del self.reports[update_id]
+            if update_id in self.order:
+                self.order.remove(update_id)
 
     def apply(self, plan: Plan, now: float) -> None:
         """Forget what ``plan`` consumed and move to its version (also used to replay a journaled plan)."""

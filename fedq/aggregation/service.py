@@ -61,17 +61,18 @@ from fedq import metrics, protocol, wire
 from fedq.aggregation import admission, initial
 from fedq.aggregation.admission import Admitted
 from fedq.aggregation.coordination import Announce, Leader, check_route, follow
-from fedq.aggregation.fold import Folder
+from fedq.aggregation.fold import Folder, FoldError
 from fedq.aggregation.planner import Plan, Planner
 from fedq.aggregation.privacy import DpConfig, Privacy
 from fedq.aggregation.robust import Rule
 from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig, ServerOptimizer
-from fedq.aggregation.staging import Staged, StagingArea
+from fedq.aggregation.staging import Staged, StagingArea, stream_key
 from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
 from fedq.codecs import choose_codec
 from fedq.errors import ConfigError, RejectedUpdate, StreamError, WireError
 from fedq.protocol import MAX_CLIENT_METRICS, Committed, GramPart, Measure, PlanEntry, Stepped
+from fedq.safetensors import SafetensorsReader
 from fedq.streaming import send_container, shard_of
 from fedq.threads import cpu_workers
 from fedq.topology import Names, models_retention_bytes, versions_names
@@ -80,6 +81,7 @@ from fedq.transport import Delivery, Transport
 log = logging.getLogger(__name__)
 ROLE = "aggregator"
 MAX_BATCH = 64
+POLL_SECONDS = 0.25  # the longest the loop takes deliveries before it completes, expires and plans
 __all__ = ["MAX_CLIENT_METRICS", "Aggregator", "Settings"]
 
 
@@ -112,6 +114,14 @@ class Settings:
     server_opt: ServerOptConfig | None = None  # a server optimizer over each version's step
     privacy: DpConfig | None = None  # central differential privacy
     dp_seed: int | None = None  # the noise's seed; None: drawn at the first start, kept in the checkpoint
+    max_samples: int = admission.MAX_SAMPLES  # refuse updates claiming more samples (FedAvg's weight)
+    max_share: float = 1.0  # FedAvg: no client above this share of a version's weight (1 = off)
+    stream_deadline: float = 0.0  # drop an incomplete stream this long after its first message; 0: 3 timeouts
+    # The largest update message accepted (the broker's max_message_size should match): prefetch x this is
+    # what intake can hold in memory.
+    max_message_bytes: int = (4 << 20) + (1 << 20)
+    max_streams_per_user: int = 16  # incomplete or waiting streams one user may have staged
+    max_user_bytes: int = 0  # bytes one user may have staged; 0: 4 x this shard's model in fp32 + 64 MiB
 
 
 class Aggregator:
@@ -132,6 +142,10 @@ class Aggregator:
         self.all_shapes = initial.read_shapes(settings.init)
         self.shapes = _shard_shapes(self.all_shapes, settings.shard, settings.shards)
         self.staging = StagingArea(self.dir / "staging")
+        shard_bytes = 4 * sum(math.prod(shape) for shape in self.shapes.values())
+        self.quota = admission.Quota(
+            settings.max_streams_per_user, settings.max_user_bytes or 4 * shard_bytes + (64 << 20)
+        )
         self.complete: dict[str, Admitted] = {}  # update id -> complete stream
         self.client_metrics: dict[str, set[str]] = {}  # client -> metric names exported for it
         # Deliveries are acked a batch at a time (one fsync per batch), half the prefetch at most: the broker
@@ -158,6 +172,7 @@ class Aggregator:
             self.fold_threads,
             server_opt=self.server_opt,
             rows_budget=settings.robust_memory,
+            limits=_dtype_limits(settings.init),
         )
 
     # start-up -----------------------------------------------------------------------------------------------
@@ -181,33 +196,36 @@ class Aggregator:
             self.model = tensors
             log.info("shard %d: resumed at version %d from %s", self.s.shard, self.state.version, self.dir)
         if self.s.shard == 0:
-            privacy = None
-            if self.s.privacy is not None:
-                seed = (
-                    self.s.dp_seed
-                    if self.s.dp_seed is not None
-                    else int.from_bytes(os.urandom(8), "big") >> 1
-                )
-                privacy = Privacy(self.s.privacy, seed)  # a restored state brings its own seed back
-            planner = Planner(
-                self.s.strategy,
-                shards=self.s.shards,
-                max_staleness=self.s.max_staleness,
-                norm_bound=self.s.norm_bound,
-                update_timeout=self.s.update_timeout,
-                version=self.state.version,
-                now=time.monotonic(),
-                rule=self.s.rule,
-                privacy=privacy,
-            )
-            if loaded is not None:
-                planner.restore(self.state.planner, time.monotonic())
-            self.leader = Leader(self.dir, planner, self.s.shards)
+            self.leader = self._new_leader(restore=loaded is not None)
+            planner = self.leader.planner
             if planner.privacy is not None:
                 metrics.DP_EPSILON.set(planner.privacy.spent)
                 metrics.DP_DELTA.set(planner.privacy.config.delta)
                 metrics.DP_BUDGET.set(planner.privacy.config.epsilon_budget)
         metrics.MODEL_VERSION.labels(self.shard_label).set(self.state.version)
+
+    def _new_leader(self, *, restore: bool) -> Leader:
+        """The leader's bookkeeping from the last checkpoint (the journal is replayed in ``start``)."""
+        privacy = None
+        if self.s.privacy is not None:
+            seed = self.s.dp_seed if self.s.dp_seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
+            privacy = Privacy(self.s.privacy, seed)  # a restored state brings its own seed back
+        planner = Planner(
+            self.s.strategy,
+            shards=self.s.shards,
+            max_staleness=self.s.max_staleness,
+            norm_bound=self.s.norm_bound,
+            update_timeout=self.s.update_timeout,
+            version=self.state.version,
+            now=time.monotonic(),
+            rule=self.s.rule,
+            privacy=privacy,
+            max_share=self.s.max_share,
+        )
+        if restore:
+            planner.restore(self.state.planner, time.monotonic())
+            planner.forget(set(self.state.finished_updates))
+        return Leader(self.dir, planner, self.s.shards)
 
     def start(self) -> None:
         """Declare, consume, and redo whatever a crash may have left half done."""
@@ -261,17 +279,24 @@ class Aggregator:
 
     def _poll(self, timeout: float) -> None:
         """Take up to a batch of deliveries and stage them; a full batch (more are waiting) is made durable in
-        the background while the next one is staged, a last one right away; then they are acked together."""
+        the background while the next one is staged, a last one right away; then they are acked together.
+
+        Every delivery counts towards the batch, refused and ignored ones too, and a batch ends after
+        ``POLL_SECONDS``: however fast junk arrives, the loop gets back to completing, expiring and planning
+        (fair intake: a flood delays an honest version by a bounded factor, not until the flood ends)."""
         delivery = self.t.get(timeout)
         to_ack: list[Delivery] = []
         completed: list[tuple[Staged, Delivery]] = []
+        handled = 0
+        deadline = time.monotonic() + POLL_SECONDS
         while delivery is not None:
             if delivery.queue == self.s.names.control_queue(self.s.shard):
                 self._flush_batch(to_ack, completed)
                 self._guard(delivery, self._on_control)
             else:
                 self._guard(delivery, lambda d: self._on_update_message(d, to_ack, completed))
-            if len(to_ack) >= self.batch:
+            handled += 1
+            if handled >= self.batch or time.monotonic() > deadline:
                 break
             delivery = self.t.get(0)
         if len(to_ack) < self.batch:
@@ -326,6 +351,7 @@ class Aggregator:
         self, delivery: Delivery, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]
     ) -> None:
         user = admission.sender(delivery.user_id)
+        admission.check_size(len(delivery.body), self.s.max_message_bytes)
         msg = wire.decode(delivery.body)
         decision = admission.admit(
             msg,
@@ -335,6 +361,9 @@ class Aggregator:
             finished=self.state.finished,
             expired=self.state.expired,
             update_timeout=self.s.update_timeout,
+            quota=self.quota,
+            size=len(delivery.body),
+            usage=self.staging.usage(user),
         )
         if decision.action == admission.IGNORE:
             metrics.CHUNKS.labels(ROLE, "duplicate").inc()
@@ -342,7 +371,7 @@ class Aggregator:
             return
         if decision.action == admission.REFUSE:
             if decision.forget:
-                self._refuse_stream(msg.stream)
+                self._refuse_stream(stream_key(user, msg.stream))
             self._dead_letter(delivery, decision.reason, decision.detail)
             return
         if msg.kind == wire.CHUNK:
@@ -364,16 +393,16 @@ class Aggregator:
         else:
             to_ack.append(delivery)
 
-    def _refuse_stream(self, stream: str) -> None:
-        self.state.finished.add(stream)
-        self.staging.remove(stream)
+    def _refuse_stream(self, key: str) -> None:
+        self.state.finish(self.state.finished, key)
+        self.staging.remove(key)
 
     def _on_complete(self, staged: Staged, delivery: Delivery | None) -> None:
         """Validate a complete slice and report it; the completing delivery is acked or dead-lettered here."""
         try:
             complete = self._validate(staged)
         except (WireError, StreamError, RejectedUpdate) as exc:
-            self._refuse_stream(staged.stream)
+            self._refuse_stream(staged.key)
             if delivery is not None:
                 self._dead_letter(delivery, exc.reason, str(exc))
             else:
@@ -403,6 +432,7 @@ class Aggregator:
             max_staleness=self.s.max_staleness,
             finished_updates=self.state.finished_updates,
             pending_updates=self.complete,
+            max_samples=self.s.max_samples,
         )
         for index in sorted(staged.chunks):
             ref = staged.chunks[index]
@@ -426,21 +456,28 @@ class Aggregator:
         """Drop incomplete streams that got no message for the update timeout: they contribute nothing.
 
         Inactivity, not age: a slow client, or a broker outage that holds its messages back, must not cost an
-        update that is still coming. A dropped stream is remembered (``expired``) so that its late messages
+        update that is still coming; but a stream kept alive by a trickle is dropped at its absolute
+        deadline (``stream_deadline``, 3 update timeouts by default), so a client cannot hold staging forever.
+        A dropped stream is remembered (``expired``) so that its late messages
         are dead-lettered, where the client's loss shows, instead of being acked without effect.
         """
         now = time.monotonic()
-        complete_streams = {c.staged.stream for c in self.complete.values()}
+        complete_streams = {c.staged.key for c in self.complete.values()}
+        deadline = self.s.stream_deadline or 3 * self.s.update_timeout
         for stream, staged in list(self.staging.streams.items()):
-            if stream not in complete_streams and now - staged.last_seen > self.s.update_timeout:
+            if stream in complete_streams:
+                continue
+            silent, age = now - staged.last_seen, now - staged.first_seen
+            if silent > self.s.update_timeout or age > deadline:
                 log.warning(
-                    "shard %d: dropping incomplete stream %s after %g s without a message",
+                    "shard %d: dropping incomplete stream %s (%.0f s without a message, %.0f s old)",
                     self.s.shard,
                     stream,
-                    self.s.update_timeout,
+                    silent,
+                    age,
                 )
                 metrics.UPDATES.labels(ROLE, "dropped_incomplete").inc()
-                self.state.expired.add(stream)
+                self.state.finish(self.state.expired, stream)
                 self.staging.remove(stream)
 
     # coordination -------------------------------------------------------------------------------------------
@@ -479,7 +516,7 @@ class Aggregator:
         check_route(message, self.s.shard)
         if isinstance(message, Plan):
             if follow(message, self.state.version):
-                self._apply(message)
+                self._step(message, send=False)
             else:
                 self._report_stepped()  # a replayed plan: the leader is waiting to hear it again
         elif isinstance(message, Committed):
@@ -537,8 +574,7 @@ class Aggregator:
             max_versions=self.s.max_versions,
         )
         if plan is not None:
-            self._send_plan(plan)
-            self._apply(plan)
+            self._step(plan, send=True)
             return
         request = self.leader.planner.measure_request()
         if request is not None:
@@ -563,28 +599,88 @@ class Aggregator:
         )
         if replay.reapply is not None:
             log.info("shard 0: re-applying journaled plan for version %d", replay.reapply.version)
-            self._send_plan(replay.reapply)
-            self._apply(replay.reapply)
+            self._step(replay.reapply, send=True)
         elif replay.resend is not None:
             self._send_plan(replay.resend)  # ask the other shards to report "stepped" again
 
     # the step -----------------------------------------------------------------------------------------------
-    def _apply(self, plan: Plan) -> None:
-        """Fold exactly the planned updates, step, checkpoint, clean up, publish, report."""
-        started = time.monotonic()
+    def _step(self, plan: Plan, *, send: bool) -> None:
+        """Fold the plan; only a fold that holds becomes a version (the leader sends it to the other shards
+        then: they never fold a plan the leader refused). A fold that fails restores the model and refuses
+        the updates that caused it, never ends the process."""
+        try:
+            started = time.monotonic()
+            entries = self._planned(plan)
+            t0 = time.perf_counter()
+            folded = self.folder.fold(entries, plan)
+        except FoldError as exc:
+            self._fold_failed(plan, exc)
+            return
+        if send:
+            self._send_plan(plan)
+        self._apply(plan, entries, folded, time.perf_counter() - t0, started)
+
+    def _planned(self, plan: Plan) -> list[tuple[PlanEntry, Admitted]]:
         entries = []
         for entry in plan.updates:
             c = self.complete.get(entry.update_id)
             if c is None:
-                raise StreamError(
+                raise FoldError(
                     f"plan {plan.version} names update {entry.update_id}, "
                     f"which shard {self.s.shard} does not hold",
                     reason="inconsistent",
+                    update_ids=[entry.update_id],
                 )
             entries.append((entry, c))
-        t0 = time.perf_counter()
-        folded = self.folder.fold(entries, plan)
-        fold_seconds = time.perf_counter() - t0
+        return entries
+
+    def _fold_failed(self, plan: Plan, exc: FoldError) -> None:
+        """Restore the model of the current version; on the leader, refuse the culprits and plan again."""
+        self._restore_model()
+        culprits = exc.update_ids or (self.folder.culprits(exc.window, plan.scale) if exc.window else [])
+        log.error(
+            "shard %d: plan for version %d not applied (%s): %s; refusing %s",
+            self.s.shard,
+            plan.version,
+            exc.reason,
+            exc,
+            culprits,
+        )
+        if self.leader is None:
+            # a follower cannot re-plan: it refuses the plan and stays at its version (nothing is published)
+            raise StreamError(f"plan {plan.version} refused: {exc}", reason=exc.reason)
+        for key in culprits:  # counted by every shard when the next plan drops them
+            c = self.complete.pop(key, None)
+            self.state.finish(self.state.finished_updates, key)
+            if c is not None:
+                self._refuse_stream(c.staged.key)
+        # the next plan drops what this one did (it is cancelled) and the culprits, once each
+        drops = list(
+            dict([*plan.dropped, *self.leader.drops, *((key, exc.reason) for key in culprits)]).items()
+        )
+        self.leader = self._new_leader(restore=True)
+        self.leader.cancel(plan.version)
+        self.leader.drop(drops)
+        self._replay_journal()  # the other shards' reports
+        for c in self.complete.values():  # this shard's own are not journaled
+            self._report_committed(c)
+
+    def _restore_model(self) -> None:
+        loaded = load(self.dir, self.s.device)
+        assert loaded is not None  # a shard always has a checkpoint once constructed
+        with torch.no_grad():
+            for name, tensor in loaded[0].items():
+                self.model[name].copy_(tensor)
+
+    def _apply(
+        self,
+        plan: Plan,
+        entries: list[tuple[PlanEntry, Admitted]],
+        folded: int,
+        fold_seconds: float,
+        started: float,
+    ) -> None:
+        """Step to the folded version: checkpoint, clean up, publish, report."""
         device = self.s.device.type
         metrics.FOLDED_PARAMS.labels(device).inc(folded)
         metrics.FOLD_SECONDS.labels(device).inc(fold_seconds)
@@ -622,12 +718,15 @@ class Aggregator:
         st = self.state
         st.version = plan.version
         st.last_plan = plan
-        st.finished |= {c.staged.stream for c in covered}
-        st.finished_updates |= {c.update_id for c in covered}
+        for c in covered:
+            st.finish(st.finished, c.staged.key)
+            st.finish(st.finished_updates, c.update_id)
+        # without a staleness bound a forgotten id can come back, but only as its own client's update again
+        st.forget(keep_versions=(self.s.max_staleness if self.s.max_staleness is not None else 100) + 2)
         self._save()
         for c in covered:
             self.complete.pop(c.update_id, None)
-            self.staging.remove(c.staged.stream)
+            self.staging.remove(c.staged.key)
         if self.leader is not None:
             self.leader.applied()
         metrics.MODEL_VERSION.labels(self.shard_label).set(st.version)
@@ -758,6 +857,23 @@ def codec_stats(updates: list[Staged]) -> dict[str, Any]:
             elements[str(row[3])] = elements.get(str(row[3]), 0) + numel
             fp32 += 4 * numel
     return {"wire_bytes": sum(s.nbytes for s in updates), "fp32_bytes": fp32, "elements": elements}
+
+
+def _dtype_limits(init: Path) -> dict[str, float]:
+    """The largest magnitude each tensor's dtype in the initial model holds (a float16 model's 65504): a
+    version beyond it would turn into Inf in the clients' models, so it is never published."""
+    files = initial.locate(init)
+    limits: dict[str, float] = {}
+    for path in set(files.files.values()):
+        names = [n for n, f in files.files.items() if f == path]
+        if path.suffix == ".safetensors":
+            with SafetensorsReader(path, skip_other_dtypes=True) as reader:
+                dtypes = {n: reader.specs[n].dtype for n in names if n in reader.specs}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            dtypes = {n: state[n].dtype for n in names if n in state}
+        limits.update({n: float(torch.finfo(d).max) for n, d in dtypes.items() if d.is_floating_point})
+    return limits
 
 
 def _shard_shapes(shapes: dict[str, tuple[int, ...]], shard: int, shards: int) -> dict[str, tuple[int, ...]]:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fedq import wire
-from fedq.errors import RejectedUpdate, WireError
+from fedq.errors import WireError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,13 @@ class ChunkRef:
     check: Check | None = None
 
 
+def stream_key(user: str, stream: str) -> str:
+    """What a stream is known by on the aggregator: its sender's validated broker user and its id. Two users'
+    streams never share a key whatever ids they write (the user's length comes first, so the split is
+    unambiguous), so no client can claim, block or touch another's."""
+    return f"{len(user)}:{user}/{stream}"
+
+
 @dataclass
 class Staged:
     """The index of one staged container stream."""
@@ -91,6 +98,11 @@ class Staged:
     # When a message of the stream was last staged (monotonic, memory only): the update timeout counts from
     # it. A stream reloaded after a restart starts its clock at the restart: its sender had no chance before.
     last_seen: float = field(default_factory=time.monotonic)
+    first_seen: float = field(default_factory=time.monotonic)  # the absolute deadline counts from it
+
+    @property
+    def key(self) -> str:
+        return stream_key(self.user, self.stream)
 
     @property
     def update_id(self) -> str | None:
@@ -105,6 +117,7 @@ class StagingArea:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.streams: dict[str, Staged] = {}
+        self.by_user: dict[str, list[int]] = {}  # user -> [streams staged, bytes staged] (quotas)
         self._dirty: set[str] = set()
         self._created = False  # a file was created since the last sync: its directory entry needs one too
         self._serial = itertools.count()
@@ -112,28 +125,28 @@ class StagingArea:
         for path in sorted(directory.glob(f"*{SUFFIX}")):
             self._load(path)
 
+    def usage(self, user: str) -> tuple[int, int]:
+        """(streams, bytes) ``user`` has staged here."""
+        streams, nbytes = self.by_user.get(user, (0, 0))
+        return streams, nbytes
+
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.streams.values())
 
     def append(self, user: str, msg: wire.Message, body: bytes) -> Staged | None:
-        """Stage one validated message; None when it duplicates what is already staged (nothing is written).
-
-        Raises RejectedUpdate("unauthorised") when the stream was started by another user.
-        """
-        staged = self.streams.get(msg.stream)
+        """Stage one validated message of ``user``'s stream; None when it duplicates what is already staged
+        (nothing is written)."""
+        key = stream_key(user, msg.stream)
+        staged = self.streams.get(key)
         if staged is None:
-            digest = hashlib.sha256(msg.stream.encode()).hexdigest()[:40]
+            digest = hashlib.sha256(key.encode()).hexdigest()[:40]
             path = self.directory / f"{digest}.{os.getpid()}.{next(self._serial)}{SUFFIX}"
             staged = Staged(msg.stream, path, user)
-            self.streams[msg.stream] = staged
+            self.streams[key] = staged
             self._created = True
-        elif staged.user != user:
-            raise RejectedUpdate(
-                f"stream {msg.stream!r} belongs to {staged.user!r}, message sent by {user!r}",
-                reason="unauthorised",
-            )
-        if _is_duplicate(staged, msg):
+            self.by_user.setdefault(user, [0, 0])[0] += 1
+        if is_duplicate(staged, msg):
             return None
         user_bytes = user.encode()
         with open(staged.path, "ab") as f:
@@ -142,8 +155,9 @@ class StagingArea:
             f.write(user_bytes)
             f.write(body)
         _index(staged, msg, pos, len(body))
+        self.by_user[user][1] += len(body)
         staged.last_seen = time.monotonic()
-        self._dirty.add(msg.stream)
+        self._dirty.add(key)
         return staged
 
     def start_sync(self) -> Future[None]:
@@ -175,6 +189,11 @@ class StagingArea:
         staged = self.streams.pop(stream, None)
         self._dirty.discard(stream)
         if staged is not None:
+            usage = self.by_user[staged.user]
+            usage[0] -= 1
+            usage[1] -= staged.nbytes
+            if usage[0] <= 0:
+                del self.by_user[staged.user]
             self._disk.submit(staged.path.unlink, missing_ok=True)
 
     def _load(self, path: Path) -> None:
@@ -205,16 +224,19 @@ class StagingArea:
                 os.fsync(f.fileno())
         if staged is None:
             path.unlink(missing_ok=True)
-        elif staged.stream in self.streams:  # staged again after a removal whose deletion a crash cut short
+        elif staged.key in self.streams:  # staged again after a removal whose deletion a crash cut short
             log.warning(
                 "staging file %s: stream %s is staged in another file too; dropped", path.name, staged.stream
             )
             path.unlink(missing_ok=True)
         else:
-            self.streams[staged.stream] = staged
+            self.streams[staged.key] = staged
+            usage = self.by_user.setdefault(staged.user, [0, 0])
+            usage[0] += 1
+            usage[1] += staged.nbytes
 
 
-def _is_duplicate(staged: Staged, msg: wire.Message) -> bool:
+def is_duplicate(staged: Staged, msg: wire.Message) -> bool:
     if msg.kind == wire.MANIFEST:
         return staged.manifest is not None
     if msg.kind == wire.COMMIT:

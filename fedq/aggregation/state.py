@@ -19,20 +19,39 @@ import torch
 from fedq.aggregation import checkpoint
 from fedq.protocol import Plan
 
+MAX_REMEMBERED = 20_000  # finished streams (or update ids, or expired streams) kept at most
+
 
 @dataclass
 class ShardState:
     shard: int
     shards: int
     version: int = 0
-    finished: set[str] = field(default_factory=set)  # streams folded or refused: their messages are no-ops
-    finished_updates: set[str] = field(default_factory=set)  # update ids folded or refused
-    expired: set[str] = field(default_factory=set)  # streams dropped for inactivity: late parts dead-lettered
+    # What was finished, each with the version it was finished at (``forget`` drops the old ones):
+    finished: dict[str, int] = field(default_factory=dict)  # streams folded or refused: their messages no-ops
+    finished_updates: dict[str, int] = field(default_factory=dict)  # update ids folded or refused
+    expired: dict[str, int] = field(default_factory=dict)  # streams dropped as incomplete: late parts refused
     published: int = -1  # the last version published on the models stream
     published_offset: int = 0  # the models-stream offset where it begins (clients read from there)
     announced: int = -1  # the leader: the last version announced on the versions stream
     planner: dict[str, Any] = field(default_factory=dict)  # the leader: Planner.state()
     last_plan: Plan | None = None
+
+    def finish(self, what: dict[str, int], key: str) -> None:
+        what.setdefault(key, self.version)
+
+    def forget(self, keep_versions: int, most: int = MAX_REMEMBERED) -> None:
+        """Forget what was finished more than ``keep_versions`` versions ago, and beyond the ``most`` recent
+        entries of each kind, so the state stays bounded whatever clients send. Safe: a redelivery comes
+        within minutes, and an update id forgotten after ``max_staleness`` versions can only come back
+        stale."""
+        for remembered in (self.finished, self.finished_updates, self.expired):
+            old = [k for k, v in remembered.items() if v < self.version - keep_versions]
+            for key in old:
+                del remembered[key]
+            if len(remembered) > most:
+                for key in sorted(remembered, key=lambda k: remembered[k])[: len(remembered) - most]:
+                    del remembered[key]
 
     def save(
         self,
@@ -50,9 +69,9 @@ class ShardState:
         return {
             "shard": self.shard,
             "shards": self.shards,
-            "finished": sorted(self.finished),
-            "finished_updates": sorted(self.finished_updates),
-            "expired": sorted(self.expired),
+            "finished": dict(sorted(self.finished.items())),
+            "finished_updates": dict(sorted(self.finished_updates.items())),
+            "expired": dict(sorted(self.expired.items())),
             "published": self.published,
             "published_offset": self.published_offset,
             "announced": self.announced,
@@ -66,15 +85,20 @@ class ShardState:
             shard=data["shard"],
             shards=data["shards"],
             version=data["version"],
-            finished=set(data["finished"]),
-            finished_updates=set(data["finished_updates"]),
-            expired=set(data.get("expired", [])),
+            finished=_remembered(data["finished"], data["version"]),
+            finished_updates=_remembered(data["finished_updates"], data["version"]),
+            expired=_remembered(data.get("expired", {}), data["version"]),
             published=data["published"],
             published_offset=data["published_offset"],
             announced=data.get("announced", -1),
             planner=data.get("planner", {}),
             last_plan=Plan.from_json(data["last_plan"]) if data.get("last_plan") else None,
         )
+
+
+def _remembered(data: dict[str, int] | list[str], version: int) -> dict[str, int]:
+    """A remembered set from state.json (a list in checkpoints older than the versions it now keeps)."""
+    return dict(data) if isinstance(data, dict) else dict.fromkeys(data, version)
 
 
 def load(directory: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], ShardState] | None:

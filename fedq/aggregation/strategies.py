@@ -128,15 +128,24 @@ class FedAvg(Strategy):
 class FedBuff(Strategy):
     name = "fedbuff"
 
-    def __init__(self, *, buffer_size: int, server_lr: float, staleness: str) -> None:
+    def __init__(
+        self, *, buffer_size: int, server_lr: float, staleness: str, distinct_clients: bool = False
+    ) -> None:
         if buffer_size < 1 or server_lr <= 0:
             raise ConfigError("fedbuff needs buffer_size >= 1 and server_lr > 0")
         self.buffer_size = buffer_size
+        # K updates from K different clients (the earliest of each): one client cannot fill the buffer alone
+        self.distinct_clients = distinct_clients
         self.server_lr = server_lr
         self.staleness_spec = staleness
         self.s = staleness_fn(staleness)
 
     def select(self, pending: Sequence[Candidate], waited: float) -> list[Candidate]:
+        if self.distinct_clients:
+            firsts: dict[str, Candidate] = {}
+            for c in pending:
+                firsts.setdefault(c.client, c)
+            pending = list(firsts.values())
         return list(pending[: self.buffer_size]) if len(pending) >= self.buffer_size else []
 
     def weight(self, candidate: Candidate, staleness: int) -> float:
@@ -197,6 +206,29 @@ class NormBound:
         return self.bound / norm
 
 
+def limit_shares(weights: Sequence[float], clients: Sequence[str], max_share: float) -> list[float]:
+    """The weights with no client's total above ``max_share`` of the sum (FedAvg's num_samples are the
+    client's own claim): an offending client's weights are scaled down until its share is ``max_share``.
+    Only where at least two clients contribute (one client's step is its own delta however it is weighted),
+    and never below what ``max_share`` allows: with k clients a share below 1/k cannot be met by all."""
+    totals: dict[str, float] = {}
+    for w, c in zip(weights, clients, strict=True):
+        totals[c] = totals.get(c, 0.0) + w
+    if max_share >= 1.0 or len(totals) < 2:
+        return list(weights)
+    share = max(max_share, 1.0 / len(totals))
+    factor = {c: 1.0 for c in totals}
+    for _ in range(len(totals)):
+        total = sum(totals[c] * factor[c] for c in totals)
+        over = [c for c in totals if totals[c] * factor[c] > share * total * (1 + 1e-12)]
+        if not over:
+            break
+        for c in over:
+            rest = total - totals[c] * factor[c]
+            factor[c] = share * rest / ((1 - share) * totals[c]) if totals[c] > 0 else 0.0
+    return [w * factor[c] for w, c in zip(weights, clients, strict=True)]
+
+
 def make_strategy(
     name: str,
     *,
@@ -206,12 +238,18 @@ def make_strategy(
     staleness: str,
     min_clients: int,
     round_timeout: float,
+    distinct_clients: bool = False,
 ) -> Strategy:
     """The strategy named on the command line, with the options that apply to it."""
     if name == "fedavg":
         return FedAvg(min_clients=min_clients, round_timeout=round_timeout, server_lr=server_lr)
     if name == "fedbuff":
-        return FedBuff(buffer_size=buffer_size, server_lr=server_lr, staleness=staleness)
+        return FedBuff(
+            buffer_size=buffer_size,
+            server_lr=server_lr,
+            staleness=staleness,
+            distinct_clients=distinct_clients,
+        )
     if name == "fedasync":
         return FedAsync(alpha=alpha, staleness=staleness)
     raise ConfigError(f"unknown strategy {name!r}; expected fedavg, fedbuff or fedasync")

@@ -64,6 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--norm-bound", type=float, default=0.0, help="L2 bound on an update's delta (0 = off)")
     a(
+        "--max-samples",
+        type=int,
+        default=1_000_000,
+        help="refuse updates claiming more samples than this (FedAvg weighs updates by their claim)",
+    )
+    a(
+        "--max-share",
+        type=float,
+        default=1.0,
+        help="fedavg: no client above this share of a version's weight, e.g. 0.5 (1 = off)",
+    )
+    a(
+        "--distinct-clients",
+        action="store_true",
+        help="fedbuff: the K updates of a version come from K different clients",
+    )
+    a(
         "--norm-reject",
         action="store_true",
         help="reject updates over the norm bound instead of clipping them",
@@ -170,6 +187,11 @@ def _max_staleness(given: int | None, strategy: str) -> int | None:
     return 10 if strategy == "fedavg" else None
 
 
+def max_message_bytes(chunk_bytes: int) -> int:
+    """The largest update message: a chunk's payload plus its header, with room to spare (1 MiB)."""
+    return chunk_bytes + (1 << 20)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     from fedq.aggregation.service import Settings
     from fedq.aggregation.strategies import NormBound, make_strategy
@@ -185,6 +207,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         staleness=args.staleness_fn,
         min_clients=args.min_clients,
         round_timeout=args.round_timeout,
+        distinct_clients=args.distinct_clients,
     )
     return Settings(
         names=Names(args.namespace),
@@ -199,12 +222,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
         device=_device(args.device),
         max_versions=args.max_versions,
         keep_versions=max(1, args.keep_versions),
-        prefetch=max(2, args.memory_budget // max(args.chunk_bytes, 1)),
+        # intake holds at most prefetch x the largest message the broker accepts (max_message_size, matched
+        # to the chunk size in broker_config/rabbitmq.conf): bytes, not a message count, stay in the budget
+        prefetch=max(2, args.memory_budget // max_message_bytes(args.chunk_bytes)),
+        max_message_bytes=max_message_bytes(args.chunk_bytes),
         client_config=_client_config(args.config),
         chunk_bytes=args.chunk_bytes,
         model_codec=args.model_codec,
         quorum=args.quorum,
         **aggregation_rules.settings_from(args),
+        max_samples=args.max_samples,
+        max_share=args.max_share,
     )
 
 

@@ -20,6 +20,7 @@ REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
 QUEUE_HEADER = "x-fedq-queue"
 TRACK_HEADER = "x-fedq-track"  # marks a ``publish_tracked`` message so that its publisher recognises it
+USER_HEADER = "x-fedq-user"  # the validated user_id of the refused message's sender
 
 
 @dataclass
@@ -33,6 +34,17 @@ class Delivery:
     user_id: str | None = None
     redelivered: bool = False
     tag: Any = None  # opaque to callers: (channel, delivery tag, consumer tag) for RabbitMQ
+
+
+def dead_letter_headers(delivery: Delivery, reason: str, detail: str) -> dict[str, Any]:
+    """The headers of a dead letter: the reason and where it came from, and nothing of the sender's own
+    headers (they are untrusted: a value the AMQP client cannot encode again stopped dead-lettering)."""
+    return {
+        REASON_HEADER: reason,
+        DETAIL_HEADER: detail[:1000],
+        QUEUE_HEADER: delivery.queue,
+        USER_HEADER: delivery.user_id or "",
+    }
 
 
 class Transport(abc.ABC):

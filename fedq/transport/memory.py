@@ -24,14 +24,7 @@ from typing import Any
 from fedq import metrics
 from fedq.errors import TransportError
 from fedq.topology import DEFAULT_MODELS_RETENTION_BYTES, Names, definitions, namespace_of
-from fedq.transport.base import (
-    DETAIL_HEADER,
-    QUEUE_HEADER,
-    REASON_HEADER,
-    Delivery,
-    Transport,
-    exclusive_refusal,
-)
+from fedq.transport.base import Delivery, Transport, dead_letter_headers, exclusive_refusal
 
 DEFAULT_WINDOW_MESSAGES = 64
 DEFAULT_WINDOW_BYTES = 64 << 20
@@ -370,12 +363,7 @@ class MemoryTransport(Transport):
 
     def dead_letter(self, delivery: Delivery, reason: str, detail: str = "") -> None:
         self._check_open()
-        headers = {
-            **delivery.headers,
-            REASON_HEADER: reason,
-            DETAIL_HEADER: detail,
-            QUEUE_HEADER: delivery.queue,
-        }
+        headers = dead_letter_headers(delivery, reason, detail)
         names = Names(namespace_of(delivery.queue))
         self.publish(names.dead_letter_exchange, "", delivery.body, headers=headers)
         self.flush()

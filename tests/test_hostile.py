@@ -1,0 +1,309 @@
+"""One client cannot hurt the federation (issue 12): the findings of the hostile-client review, replayed
+against a live aggregator on the real broker with per-client users made by ``add_client`` (a valid
+``user_id``, nothing but the client's own messages). Where the honest level is a pure decision (admission,
+strategies, state), the test is in test_admission.py."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pika.data
+import pytest
+import torch
+
+from fedq import metrics
+from fedq.aggregation.service import Aggregator, Settings
+from fedq.aggregation.strategies import FedAvg, FedBuff, Strategy
+from fedq.broker import Management, add_client
+from fedq.codecs import get_codec
+from fedq.protocol import UpdateMeta
+from fedq.safetensors import save_file
+from fedq.streaming import iter_container
+from fedq.topology import Names
+from fedq.transport import Transport, connect
+from fedq.transport.base import REASON_HEADER, USER_HEADER
+from tests.aggregation_helpers import assert_close, delta_for, model_of, small_model, state, wait_version
+from tests.test_broker_security import client_url
+
+pytestmark = pytest.mark.broker
+
+
+def messages(
+    tensors: dict[str, torch.Tensor],
+    update_id: str,
+    *,
+    stream: str | None = None,
+    base: int = 0,
+    num_samples: int = 1,
+) -> list[bytes]:
+    meta = UpdateMeta(update_id, base, num_samples).to_meta()
+    return list(
+        iter_container(
+            tensors,
+            stream=stream or f"s/{update_id}",
+            meta=meta,
+            codec_for=lambda n, t: get_codec("fp32"),
+            chunk_bytes=4096,
+        )
+    )
+
+
+def publish(t: Transport, names: Names, bodies: list[bytes], headers: dict[str, Any] | None = None) -> None:
+    for body in bodies:
+        t.publish(names.updates_exchange, names.shard_key(0), body, headers=headers)
+    t.flush()
+
+
+class Running:
+    """A live aggregator on the real broker, in a thread, with its transport in reach (reconnect count)."""
+
+    def __init__(self, url: str, config: Settings) -> None:
+        self.transport = connect(url, role="aggregator")
+        self.aggregator = Aggregator(self.transport, config)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.aggregator.run(self.stop)
+        except BaseException as exc:
+            self.error = exc
+
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.transport.close()
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def federation(
+    tmp_path: Path, amqp_url: str, management: Management, vhost: str, names: Names
+) -> Iterator[dict[str, Any]]:
+    """The topology, three enrolled clients (alice and bob honest, mallory hostile) and an operator URL."""
+    with connect(amqp_url) as operator:
+        operator.declare(names, 1)
+    urls = {}
+    for who in ("alice", "bob", "mallory"):
+        user = f"{names.namespace}-{who}"
+        add_client(management, user, f"{who}-pw", namespace=names.namespace, vhost=vhost)
+        urls[who] = client_url(amqp_url, user, f"{who}-pw")
+    yield {"urls": urls, "amqp_url": amqp_url, "names": names, "tmp": tmp_path}
+
+
+def start(fed: dict[str, Any], strategy: Strategy, model: dict[str, torch.Tensor], **options: Any) -> Running:
+    init = save_file(model, fed["tmp"] / "init.safetensors")
+    config = Settings(
+        names=fed["names"], strategy=strategy, init=init, state_dir=fed["tmp"] / "state", **options
+    )
+    return Running(fed["amqp_url"], config)
+
+
+def dead_letters(amqp_url: str, names: Names, wait: float = 1.0) -> list[tuple[str, str]]:
+    """(reason, sender) of every dead letter so far."""
+    out = []
+    with connect(amqp_url) as t:
+        t.consume(names.dead_letter_queue, prefetch=500)
+        while (d := t.get(wait)) is not None:
+            out.append((str(d.headers[REASON_HEADER]), str(d.headers.get(USER_HEADER, ""))))
+            t.ack(d)
+    return out
+
+
+def _rejected(reason: str) -> float:
+    return sum(
+        s.value
+        for f in metrics.REJECTED.collect()
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels == {"role": "aggregator", "reason": reason}
+    )
+
+
+def fedbuff(k: int, **options: Any) -> FedBuff:
+    return FedBuff(buffer_size=k, server_lr=1.0, staleness="constant", **options)
+
+
+def test_findings_1_5_6_no_message_touches_another_clients(federation: dict[str, Any]) -> None:
+    """Alice's complete update survives mallory's bad manifest on alice's stream id (finding 5) and alice's
+    own bad manifest after completing it (finding 1: it used to delete the staged file and crash-loop the
+    aggregator); mallory's squatted stream id and update id (finding 6) do not refuse bob's update."""
+    fed, names = federation, federation["names"]
+    x0 = small_model()
+    a, b = delta_for(1, x0), delta_for(2, x0)
+    worker = start(fed, fedbuff(2), x0)
+    bad_manifest = messages({"nope": torch.ones(3)}, "a", stream="s/a")[0]
+    try:
+        with connect(fed["urls"]["alice"]) as alice, connect(fed["urls"]["mallory"]) as mallory:
+            publish(alice, names, messages(a, "a"))
+            publish(mallory, names, [bad_manifest])  # alice's stream id, mallory's user: her own stream
+            publish(alice, names, [bad_manifest])  # alice's own complete stream: refused alone
+            publish(mallory, names, messages(b, "b")[:1])  # squats bob's stream id (incomplete: never folds)
+            with connect(fed["urls"]["bob"]) as bob:
+                publish(bob, names, messages(b, "b"))
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        assert worker.alive()
+    finally:
+        worker.close()
+    assert_close(model_of(fed["tmp"] / "state"), {n: x0[n] + (a[n] + b[n]) / 2 for n in x0})
+    reasons = sorted(r for r, _ in dead_letters(fed["amqp_url"], names))
+    assert reasons == ["manifest_mismatch", "unknown_tensor"]
+
+
+class Raw:
+    """A header value written as raw AMQP field bytes (pika cannot write a double, nor a timestamp of 2^62 s):
+    the test's publisher gets a patched encoder while it publishes; the aggregator's decoder is pika's own."""
+
+    def __init__(self, field: bytes) -> None:
+        self.field = field
+
+
+@contextlib.contextmanager
+def raw_header_encoding() -> Iterator[None]:
+    original = pika.data.encode_value
+
+    def encode_value(pieces: list[bytes], value: Any) -> int:
+        if isinstance(value, Raw):
+            pieces.append(value.field)
+            return len(value.field)
+        return original(pieces, value)
+
+    pika.data.encode_value = encode_value
+    try:
+        yield
+    finally:
+        pika.data.encode_value = original
+
+
+def test_findings_2_3_poison_headers_never_stop_the_aggregator(federation: dict[str, Any]) -> None:
+    """A double of 1e300 (pika decodes it as a 300-digit int it cannot encode again: the dead letter used to
+    kill the I/O thread and hang) and timestamps of 2^62 and 2^63 s (pika could not decode the frame: 694
+    reconnects in 70 s) are dead-lettered once each, without their headers; the version still comes."""
+    fed, names = federation, federation["names"]
+    x0 = small_model()
+    worker = start(fed, fedbuff(1), x0)
+    # (a double of inf or NaN never gets this far: the broker closes the publisher's connection, 541)
+    poison = [
+        struct.pack(">cd", b"d", 1e300),
+        struct.pack(">cQ", b"T", 2**62),
+        struct.pack(">cQ", b"T", 2**63),
+    ]
+    try:
+        with raw_header_encoding(), connect(fed["urls"]["mallory"]) as mallory:
+            for field in poison:
+                publish(mallory, names, [b"junk"], headers={"x": Raw(field)})
+        with connect(fed["urls"]["bob"]) as bob:
+            publish(bob, names, messages(delta_for(2, x0), "b"))
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        assert worker.alive() and worker.transport.reconnects == 0
+    finally:
+        worker.close()
+    dead = dead_letters(fed["amqp_url"], names)
+    assert len(dead) == 3 and {r for r, _ in dead} == {"truncated"}
+    assert {u for _, u in dead} == {f"{names.namespace}-mallory"}
+
+
+def test_finding_4_a_non_finite_fold_is_never_published(federation: dict[str, Any]) -> None:
+    """Two finite updates of 2e38 per element sum to +Inf (FedBuff, no norm bound): the fold is checked, the
+    model restored, the update that moves it most refused (``nonfinite_result``), and the version is made
+    from what holds. In a float16 model, 1e5 (beyond 65504) is refused the same way."""
+    fed, names = federation, federation["names"]
+    x0 = {n: t.half() for n, t in small_model().items()}
+    huge = {n: torch.full(t.shape, 2e38) for n, t in x0.items()}
+    beyond_fp16 = {n: torch.full(t.shape, 2e5) for n, t in x0.items()}  # half of it is beyond 65504
+    b = delta_for(2, small_model())
+    refused = _rejected("nonfinite_result")
+    worker = start(fed, fedbuff(2), x0)
+    try:
+        with connect(fed["urls"]["mallory"]) as mallory, connect(fed["urls"]["alice"]) as alice:
+            publish(mallory, names, messages(huge, "m1"))
+            publish(alice, names, messages(huge, "a1"))
+            publish(mallory, names, messages(beyond_fp16, "m2"))
+        with connect(fed["urls"]["bob"]) as bob:
+            publish(bob, names, messages(b, "b"))
+            publish(bob, names, messages(b, "b2"))
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        assert worker.alive()
+    finally:
+        worker.close()
+    model = model_of(fed["tmp"] / "state")
+    assert all(bool(torch.isfinite(t).all()) and float(t.abs().max()) <= 65504 for t in model.values())
+    assert_close(model, {n: x0[n].float() + b[n] for n in x0})  # m1, a1 and m2 refused; b and b2 folded
+    assert _rejected("nonfinite_result") - refused == 3  # at plan time: counted and logged (acked before)
+    assert state(fed["tmp"] / "state")["version"] == 1
+
+
+def test_findings_7_8_samples_cap_share_limit_and_empty_updates(federation: dict[str, Any]) -> None:
+    """num_samples of 2^63-1 is refused (cap); at the cap, mallory's share of FedAvg is limited to 0.5; an
+    update without tensors is refused (it used to erase everyone's under FedAvg with a huge num_samples)."""
+    fed, names = federation, federation["names"]
+    x0 = small_model()
+    m, b = delta_for(3, x0), delta_for(2, x0)
+    worker = start(fed, FedAvg(min_clients=2, round_timeout=60), x0, max_share=0.5)
+    empty = list(iter_container({}, stream="s/e", meta=UpdateMeta("e", 0, 10**6).to_meta()))
+    try:
+        with connect(fed["urls"]["mallory"]) as mallory:
+            publish(mallory, names, messages(m, "huge", num_samples=2**63 - 1))
+            publish(mallory, names, empty)
+            publish(mallory, names, messages(m, "m", num_samples=10**6))
+        with connect(fed["urls"]["bob"]) as bob:
+            publish(bob, names, messages(b, "b", num_samples=100))
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+    finally:
+        worker.close()
+    assert_close(model_of(fed["tmp"] / "state"), {n: x0[n] + 0.5 * m[n] + 0.5 * b[n] for n in x0}, tol=1e-5)
+    reasons = sorted(r for r, _ in dead_letters(fed["amqp_url"], names))
+    assert reasons == ["empty_update", "too_many_samples"]
+
+
+def test_finding_9_junk_behind_an_honest_update_does_not_hold_its_version(federation: dict[str, Any]) -> None:
+    """5,000 junk messages queued right behind bob's update: the version comes within seconds (it used to wait
+    for the whole flood: 13.7 s for 10,000), and every junk message is dead-lettered (pipelined)."""
+    fed, names = federation, federation["names"]
+    x0 = small_model()
+    worker = start(fed, fedbuff(1), x0)
+    try:
+        with connect(fed["urls"]["bob"]) as bob, connect(fed["urls"]["mallory"]) as mallory:
+            publish(bob, names, messages(delta_for(2, x0), "b"))
+            started = time.monotonic()
+            publish(mallory, names, [b"junk %d" % i for i in range(5000)])
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        took = time.monotonic() - started
+        deadline = time.monotonic() + 60
+        while (
+            len(dead := dead_letters(fed["amqp_url"], names, wait=0.5)) < 5000 and time.monotonic() < deadline
+        ):
+            pass
+        assert worker.alive()
+    finally:
+        worker.close()
+    print(f"\nversion {took:.2f} s after 5,000 junk messages were queued behind its update")
+    assert took < 5.0
+    del dead
+
+
+def test_finding_12_a_client_can_bind_nothing(federation: dict[str, Any]) -> None:
+    """Exchange-to-exchange bindings from the models/versions exchanges into the updates exchange (1,000 made
+    in 1.1 s before) are refused: the exchanges are named apart from the streams a client may read."""
+    fed, names = federation, federation["names"]
+    params = pika.URLParameters(fed["urls"]["mallory"])
+    for source in (names.models_exchange, f"{names.namespace}.versions.in", names.dead_letter_exchange):
+        connection = pika.BlockingConnection(params)
+        try:
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as excinfo:
+                connection.channel().exchange_bind(names.updates_exchange, source)
+            assert excinfo.value.reply_code == 403
+        finally:
+            if connection.is_open:
+                connection.close()
