@@ -167,9 +167,15 @@ def _groups(text: str) -> list[list[str]]:
     """The updates of each version, from the aggregator's "version v: folded n updates (id@f, ...)" lines."""
     groups: dict[int, list[str]] = {}
     for version, listed in re.findall(r"version (\d+): folded \d+ updates \(([^)]*)\)", text):
-        groups[int(version)] = [item.split("@")[0] for item in listed.split(", ")]
+        groups[int(version)] = [_update_id(item.split("@")[0]) for item in listed.split(", ")]
     assert sorted(groups) == list(range(1, VERSIONS + 1)), sorted(groups)
     return [groups[v] for v in range(1, VERSIONS + 1)]
+
+
+def _update_id(key: str) -> str:
+    """The client's update id in an aggregator's update key (``stream_key(user, update_id)``)."""
+    length, rest = key.split(":", 1)
+    return rest[int(length) + 1 :]
 
 
 def _adam_replay(

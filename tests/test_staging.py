@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from fedq import wire
-from fedq.aggregation.staging import StagingArea
+from fedq.aggregation.staging import StagingArea, stream_key
 from fedq.codecs import get_codec
 from fedq.protocol import UpdateMeta
 from fedq.streaming import iter_container
+
+A = stream_key("alice", "a/1/s0")  # streams are known by their sender and id
 
 
 def _messages(stream: str) -> list[bytes]:
@@ -40,7 +42,7 @@ def test_what_a_background_sync_made_durable_is_there_after_a_reopen(tmp_path: P
     assert first.done()  # syncs complete in call order
     area.close()
     again = StagingArea(tmp_path)
-    assert sorted(again.streams) == ["a/1/s0", "b/1/s0"]
+    assert sorted(again.streams) == sorted([A, stream_key("alice", "b/1/s0")])
     for stream in again.streams.values():
         assert stream.commit is not None and len(stream.chunks) == 4
     again.close()
@@ -50,8 +52,8 @@ def test_a_removed_streams_file_is_deleted_in_the_background(tmp_path: Path) -> 
     area = StagingArea(tmp_path)
     _stage(area, "a/1/s0")
     area.sync()
-    path = area.streams["a/1/s0"].path
-    area.remove("a/1/s0")
+    path = area.streams[A].path
+    area.remove(A)
     area.close()  # waits for the deletion
     assert not path.exists()
     assert not list(tmp_path.glob("*.stage"))
@@ -60,22 +62,22 @@ def test_a_removed_streams_file_is_deleted_in_the_background(tmp_path: Path) -> 
 def test_a_stream_staged_again_after_its_removal_has_its_own_file(tmp_path: Path) -> None:
     area = StagingArea(tmp_path)
     _stage(area, "a/1/s0")
-    old = area.streams["a/1/s0"].path
-    area.remove("a/1/s0")
+    old = area.streams[A].path
+    area.remove(A)
     _stage(area, "a/1/s0")
-    new = area.streams["a/1/s0"].path
+    new = area.streams[A].path
     area.sync()
     area.close()
     assert new != old and new.exists() and not old.exists()
     again = StagingArea(tmp_path)
-    assert again.streams["a/1/s0"].commit is not None
+    assert again.streams[A].commit is not None
     again.close()
 
 
 def test_a_sync_of_a_file_removed_meanwhile_is_not_an_error(tmp_path: Path) -> None:
     area = StagingArea(tmp_path)
     _stage(area, "a/1/s0")
-    path = area.streams["a/1/s0"].path
+    path = area.streams[A].path
     os.unlink(path)  # as the deletion of a removed stream would
     area.sync()
     area.close()
@@ -91,7 +93,7 @@ def test_a_crash_before_a_deletion_leaves_one_file_per_stream_after_the_reopen(t
     )  # a second file of the same stream, as a cut-short removal leaves
     copy.write_bytes(next(iter(tmp_path.glob("*.stage"))).read_bytes())
     again = StagingArea(tmp_path)
-    assert list(again.streams) == ["a/1/s0"]
+    assert list(again.streams) == [A]
     again.close()
     assert len(list(tmp_path.glob("*.stage"))) == 1
 
