@@ -191,10 +191,12 @@ def aggregator_permissions(namespace: str, shard: int | None) -> dict[str, str]:
     """
     ns = re.escape(namespace)
     queues = r"\d+" if shard is None else str(shard)
+    streams = r"models(\.in)?|versions(\.in)?"
     return {
-        "configure": f"^{ns}\\.(updates|control|models|versions|dlx|dead-letter)(\\.shard\\.\\d+)?$",
-        "write": f"^{ns}\\.(control|models|versions|dlx|dead-letter|(updates|control)\\.shard\\.\\d+)$",
-        "read": f"^{ns}\\.(updates|control|models|versions|dlx|(updates|control)\\.shard\\.{queues})$",
+        # the models and versions exchanges are "{ns}.models.in" and "{ns}.versions.in" (topology.Names)
+        "configure": f"^{ns}\\.(updates|control|{streams}|dlx|dead-letter)(\\.shard\\.\\d+)?$",
+        "write": f"^{ns}\\.(control|{streams}|dlx|dead-letter|(updates|control)\\.shard\\.\\d+)$",
+        "read": f"^{ns}\\.(updates|control|{streams}|dlx|(updates|control)\\.shard\\.{queues})$",
     }
 
 

@@ -6,9 +6,11 @@ strategies, state), the test is in test_admission.py."""
 from __future__ import annotations
 
 import contextlib
+import random
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedAvg, FedBuff, Strategy
 from fedq.broker import Management, add_client
 from fedq.codecs import get_codec
+from fedq.metrics import current_rss_bytes
 from fedq.protocol import UpdateMeta
 from fedq.safetensors import save_file
 from fedq.streaming import iter_container
@@ -92,11 +95,11 @@ class Running:
 def federation(
     tmp_path: Path, amqp_url: str, management: Management, vhost: str, names: Names
 ) -> Iterator[dict[str, Any]]:
-    """The topology, three enrolled clients (alice and bob honest, mallory hostile) and an operator URL."""
+    """The topology and four enrolled clients: alice and bob honest, mallory and eve hostile."""
     with connect(amqp_url) as operator:
         operator.declare(names, 1)
     urls = {}
-    for who in ("alice", "bob", "mallory"):
+    for who in ("alice", "bob", "mallory", "eve"):
         user = f"{names.namespace}-{who}"
         add_client(management, user, f"{who}-pw", namespace=names.namespace, vhost=vhost)
         urls[who] = client_url(amqp_url, user, f"{who}-pw")
@@ -307,3 +310,111 @@ def test_finding_12_a_client_can_bind_nothing(federation: dict[str, Any]) -> Non
         finally:
             if connection.is_open:
                 connection.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The randomised adversary: two hostile clients interleave invalid and hostile messages with honest clients
+# ----------------------------------------------------------------------------------------------------------
+ROUNDS = 4
+HOSTILE_PER_ROUND = 400
+
+
+def _attacks(rng: random.Random, x0: dict[str, torch.Tensor], honest: list[bytes], n: int) -> Iterator[Any]:
+    """(class, bodies, headers) of one hostile act; none of them may change the honest-only model."""
+    delta = delta_for(rng.randrange(10**6), x0)
+    uid = f"h{rng.randrange(10**9)}"
+    kind = rng.choice(
+        [
+            "junk",
+            "bit_flip",
+            "foreign_stream_manifest",
+            "partial_replay",
+            "samples_claim",
+            "empty_update",
+            "wrong_shape",
+            "future_base",
+            "poison_header",
+            "complete_stream_manifest",
+        ]
+    )
+    headers = None
+    if kind == "junk":
+        bodies = [rng.randbytes(rng.randrange(1, 2048))]
+    elif kind == "bit_flip":
+        body = bytearray(rng.choice(honest))
+        body[rng.randrange(len(body))] ^= 1 << rng.randrange(8)
+        bodies = [bytes(body)]
+    elif kind == "foreign_stream_manifest":  # names an honest client's stream id
+        bodies = [messages({"nope": torch.ones(3)}, uid, stream=f"s/a{n}")[0]]
+    elif kind == "partial_replay":  # an honest update's bytes without its commit: never completes, expires
+        bodies = honest[: rng.randrange(1, len(honest))]
+    elif kind == "samples_claim":
+        bodies = messages(delta, uid, num_samples=2**62)
+    elif kind == "empty_update":
+        bodies = list(iter_container({}, stream=f"s/{uid}", meta=UpdateMeta(uid, 0).to_meta()))
+    elif kind == "wrong_shape":
+        bodies = messages({"head": torch.ones(3, 3)}, uid)
+    elif kind == "future_base":
+        bodies = messages(delta, uid, base=10**6)
+    elif kind == "poison_header":
+        bodies = [b"junk"]
+        headers = {"x": Raw(rng.choice([struct.pack(">cd", b"d", 1e300), struct.pack(">cQ", b"T", 2**62)]))}
+    else:  # a stream of its own, then a contradicting manifest on it: refused alone
+        bodies = [*messages(delta, uid)[:-1], messages({"w": torch.ones(2)}, uid)[0]]
+    yield kind, bodies, headers
+
+
+def test_randomised_adversaries_leave_the_honest_model(federation: dict[str, Any]) -> None:
+    """Seeded random sequences: mallory and eve interleave junk, malformed, hostile and poison messages with
+    alice's and bob's honest updates, round after round. The model is the honest-only model within 1e-6, the
+    aggregator stays up within its memory (RSS growth bounded), and every round gives a version."""
+    fed, names = federation, federation["names"]
+    rng = random.Random(20261127)
+    x0 = small_model()
+    worker = start(fed, fedbuff(2, distinct_clients=True), x0, max_streams_per_user=64)
+    tried: Counter[str] = Counter()
+    honest_sum = {n: torch.zeros_like(t) for n, t in x0.items()}
+    rss0, peak = current_rss_bytes(), 0
+    started = time.monotonic()
+    urls = fed["urls"]
+    try:
+        with (
+            raw_header_encoding(),
+            connect(urls["alice"]) as alice,
+            connect(urls["bob"]) as bob,
+            connect(urls["mallory"]) as mallory,
+            connect(fed["urls"]["eve"]) as eve,
+        ):
+            for r in range(ROUNDS):
+                a, b = delta_for(100 + 2 * r, x0), delta_for(101 + 2 * r, x0)
+                for n in x0:
+                    honest_sum[n] += a[n] + b[n]
+                queue = [(alice, body, None) for body in messages(a, f"a{r}", base=r)]
+                queue += [(bob, body, None) for body in messages(b, f"b{r}", base=r)]
+                honest = messages(a, f"a{r}", stream=f"s/a{r}", base=r)
+                for _ in range(HOSTILE_PER_ROUND):
+                    for kind, bodies, headers in _attacks(rng, x0, honest, r):
+                        tried[kind] += 1
+                        sender = rng.choice([mallory, eve])
+                        queue += [(sender, body, headers) for body in bodies]
+                # shuffle, but keep each honest update's own order (a stream may arrive in any order anyway)
+                rng.shuffle(queue)
+                for sender, body, headers in queue:
+                    sender.publish(names.updates_exchange, names.shard_key(0), body, headers=headers)
+                for t in (alice, bob, mallory, eve):
+                    t.flush()
+                wait_version(fed["tmp"] / "state", r + 1, timeout=60)
+                peak = max(peak, current_rss_bytes())
+                assert worker.alive(), worker.error
+    finally:
+        worker.close()
+    elapsed = time.monotonic() - started
+    expected = {n: x0[n] + honest_sum[n] / 2 for n in x0}
+    assert_close(model_of(fed["tmp"] / "state"), expected, tol=1e-6)
+    growth = peak - rss0
+    print(
+        f"\nadversary: {sum(tried.values())} hostile acts in {elapsed:.1f} s, RSS growth {growth >> 20} MiB"
+    )
+    for kind, count in sorted(tried.items()):
+        print(f"  {kind:26s} {count:5d}")
+    assert growth < 256 << 20
