@@ -307,6 +307,7 @@ class Committed:
     base_version: int
     num_samples: int
     norm_sq: float
+    tensors: int = 1  # tensors of the update on this shard: an update with none on any shard is empty
 
     def to_json(self) -> dict[str, Any]:
         return {"type": "committed", **asdict(self)}
@@ -320,6 +321,7 @@ class Committed:
             int(data["base_version"]),
             int(data["num_samples"]),
             float(data["norm_sq"]),
+            int(data.get("tensors", 1)),
         )
 
 

@@ -393,7 +393,9 @@ def test_client_sigkill_mid_stream(run: FedRun) -> None:
     time.sleep(0.7)  # ~14 of ~44 messages out
     assert not run.marker("c0.r1.sent")
     run.kill(run.clients[0], "client 0 mid-stream")
-    run.wait_log("aggregator.log", "dropping incomplete stream c0/")  # the partial reached it and is gone
+    run.wait_log(
+        "aggregator.log", "dropping incomplete stream 5:guest/c0/"
+    )  # the partial reached it, is gone
     run.start_client(0, first_round=1)
     run.finish()
     run.check()
@@ -410,7 +412,7 @@ def test_client_and_aggregator_sigkill_together(run: FedRun) -> None:
     run.kill(run.aggregator, "aggregator")
     run.start_aggregator()
     # the restarted aggregator finds the partial in its staging area and drops it after the update timeout
-    run.wait_log("aggregator.log", "dropping incomplete stream c0/")
+    run.wait_log("aggregator.log", "dropping incomplete stream 5:guest/c0/")
     run.start_client(0, first_round=1)
     run.finish()
     run.check()

@@ -88,6 +88,7 @@ class Leader:
             num_samples=report.num_samples,
             norm_sq=report.norm_sq,
             now=now,
+            tensors=report.tensors,
         )
 
     def gram(self, part: GramPart) -> None:

@@ -46,6 +46,7 @@ class _Report:
     first_seen: float
     complete_at: float | None = None
     conflict: bool = False  # shards disagree on who sent it or what it is
+    tensors: int = 0  # over the shards that reported it
 
 
 class Planner:
@@ -94,9 +95,10 @@ class Planner:
         num_samples: int,
         norm_sq: float,
         now: float,
+        tensors: int = 1,
     ) -> None:
-        """Record that ``shard`` holds its complete slice of ``update_id``; repeated reports change
-        nothing."""
+        """Record that ``shard`` holds its complete slice of ``update_id`` (``tensors`` of its tensors);
+        repeated reports change nothing."""
         report = self.reports.get(update_id)
         if report is None:
             report = _Report(client, base_version, num_samples, set(), 0.0, now)
@@ -107,6 +109,7 @@ class Planner:
             return
         report.shards.add(shard)
         report.norm_sq += norm_sq
+        report.tensors += tensors
         if len(report.shards) == self.shards and report.complete_at is None:
             report.complete_at = now
             self.order.append(update_id)
@@ -240,6 +243,8 @@ class Planner:
         staleness = self.version - report.base_version
         if report.conflict:
             return "unauthorised"
+        if report.tensors == 0:  # every shard's stream empty: it would only dilute the others
+            return "empty_update"
         if staleness < 0 or (self.max_staleness is not None and staleness > self.max_staleness):
             return "stale"
         if self.strategy.name == "fedavg" and report.num_samples <= 0:
@@ -284,6 +289,7 @@ class Planner:
                 "shards": sorted(r.shards),
                 "norm_sq": r.norm_sq,
                 "conflict": r.conflict,
+                "tensors": r.tensors,
                 "complete": r.complete_at is not None,
             }
             for update_id, r in ((u, self.reports[u]) for u in self._state_order())
@@ -305,6 +311,7 @@ class Planner:
                 now,
                 now if r["complete"] else None,
                 r["conflict"],
+                r.get("tensors", len(r["shards"])),
             )
             self.reports[update_id] = report
             if report.complete_at is not None:

@@ -490,7 +490,9 @@ class Aggregator:
         )
 
     def _report_committed(self, c: Admitted) -> None:
-        report = Committed(self.s.shard, c.update_id, c.client, c.base_version, c.num_samples, c.norm_sq)
+        report = Committed(
+            self.s.shard, c.update_id, c.client, c.base_version, c.num_samples, c.norm_sq, len(c.by_tensor)
+        )
         if self.leader is not None:
             self.leader.committed(report, self.state.finished_updates, journal=False, now=time.monotonic())
         else:
