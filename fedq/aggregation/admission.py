@@ -169,7 +169,7 @@ def check_manifest(shapes: dict[str, tuple[int, ...]], stream: str, meta: dict[s
         # An empty update would count (a FedAvg weight, a FedBuff slot) and dilute everyone else's. Emptiness
         # is the whole update's (``update_tensors``): this shard's stream of a non-empty update may be empty,
         # and its commit is still needed before the update folds on any shard. A claim of tensors elsewhere
-        # is checked by the leader: an update with none on any shard is refused (the committed reports' counts).
+        # is checked by the leader: an update with none on any shard is refused (the reports' counts).
         raise RejectedUpdate(f"stream {stream}: an update without tensors", reason="empty_update")
     for entry in manifest.tensors:
         check_tensor(shapes, entry.name, entry.shape)
