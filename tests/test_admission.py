@@ -134,3 +134,16 @@ def test_complete_streams_are_checked_as_a_whole(
         assert exc.reason == reason
     else:
         assert reason is None  # another user's id "u" is not alice's
+
+
+def test_intake_is_bounded_in_bytes() -> None:
+    """Finding 10: a message above the intake limit is refused before decoding, and the aggregator's prefetch
+    is its memory budget over the largest message the broker accepts (rabbitmq.conf: max_message_size)."""
+    from fedq.cli.aggregator import max_message_bytes
+
+    admission.check_size(5 << 20, 5 << 20)
+    with pytest.raises(FedqError) as info:
+        admission.check_size((5 << 20) + 1, 5 << 20)
+    assert info.value.reason == "too_large"
+    conf = (Path(__file__).parent.parent / "broker_config" / "rabbitmq.conf").read_text()
+    assert f"max_message_size = {max_message_bytes(4 << 20)}" in conf
