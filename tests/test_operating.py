@@ -109,10 +109,10 @@ def test_options_come_from_the_environment_secret_files_and_toml(
     assert cli.main(["aggregator", "--init", "m"]) == 2
 
 
-def _start_aggregator(amqp_url: str, namespace: str, init: Path, state: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "fedq", "aggregator", "--namespace", namespace, "--init", str(init),
-               "--state-dir", str(state), "--device", "cpu", "--chunk-bytes", "64KiB",
-               "--memory-budget", "1MiB"]  # fmt: skip
+def _start_aggregator(amqp_url: str, namespace: str, init: Path | None, state: Path) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "fedq", "aggregator", "--namespace", namespace,
+               *(["--init", str(init)] if init else []), "--state-dir", str(state), "--device", "cpu",
+               "--chunk-bytes", "64KiB", "--memory-budget", "1MiB"]  # fmt: skip
     env = os.environ | {"FEDQ_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
 
@@ -151,3 +151,21 @@ def test_one_aggregator_per_shard_and_a_clean_stop_on_sigterm(
     assert first.returncode == 0, err
     assert "shard 0: SIGTERM received, stopping" in err and "shard 0 stopped" in err, err
     assert "Traceback" not in err
+
+    # A resumed shard needs no --init (it reads the model's tensors from its checkpoint); a fresh one does.
+    fresh = _start_aggregator(amqp_url, names.namespace, None, tmp_path / "state-fresh")
+    _, err = fresh.communicate(timeout=60)
+    assert fresh.returncode == 2 and err.strip().endswith("holds no checkpoint to resume from"), err
+    resumed = _start_aggregator(amqp_url, names.namespace, None, tmp_path / "state")
+    assert resumed.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in resumed.stderr:  # until it has resumed (its SIGTERM handler is in place by then)
+            lines.append(line)
+            if "resumed at version" in line:
+                break
+    finally:
+        resumed.send_signal(signal.SIGTERM)
+        _, err = resumed.communicate(timeout=60)
+    err = "".join(lines) + err
+    assert resumed.returncode == 0 and "shard 0: resumed at version 0" in err, err

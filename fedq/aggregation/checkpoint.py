@@ -81,6 +81,15 @@ def read_record(directory: Path, version: int) -> dict[str, Any]:
     return record
 
 
+def read_state(directory: Path) -> dict[str, Any] | None:
+    """The committed state JSON, without loading the model (None for a fresh shard)."""
+    try:
+        state: dict[str, Any] = json.loads((directory / STATE).read_text())
+    except FileNotFoundError:
+        return None
+    return state
+
+
 def write_state(directory: Path, state: dict[str, Any]) -> None:
     """Replace ``state.json`` atomically (also used between model versions, e.g. to record a publication)."""
     _write_atomically(directory / STATE, json.dumps(state, sort_keys=True))

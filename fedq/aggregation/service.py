@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from fedq import metrics, protocol, wire
-from fedq.aggregation import admission, initial
+from fedq.aggregation import admission, checkpoint, initial
 from fedq.aggregation.admission import Admitted
 from fedq.aggregation.coordination import Announce, Leader, check_route, follow
 from fedq.aggregation.fold import Folder, FoldError
@@ -91,7 +91,7 @@ class Settings:
 
     names: Names
     strategy: Strategy
-    init: Path
+    init: Path | None  # the initial model; None when resuming from a checkpoint that lists the model's shapes
     state_dir: Path
     shard: int = 0
     shards: int = 1
@@ -139,7 +139,7 @@ class Aggregator:
         self.dir = settings.state_dir / f"shard-{settings.shard}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard_label = str(settings.shard)
-        self.all_shapes = initial.read_shapes(settings.init)
+        self.all_shapes = self._model_shapes()
         self.shapes = _shard_shapes(self.all_shapes, settings.shard, settings.shards)
         self.staging = StagingArea(self.dir / "staging")
         shard_bytes = 4 * sum(math.prod(shape) for shape in self.shapes.values())
@@ -176,6 +176,16 @@ class Aggregator:
         )
 
     # start-up -----------------------------------------------------------------------------------------------
+    def _model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the global model (all shards'): from the checkpoint when resuming, so that
+        ``--init`` is needed only at the first start, else from ``--init``."""
+        saved = checkpoint.read_state(self.dir)
+        if saved is not None and saved.get("all_shapes"):
+            return {name: tuple(shape) for name, shape in saved["all_shapes"]}
+        if self.s.init is None:
+            raise ConfigError(f"--init is required: {self.dir} holds no checkpoint to resume from")
+        return initial.read_shapes(self.s.init)
+
     def _load(self) -> None:
         if any(name.startswith(STATE_PREFIX) for name in self.shapes):
             raise ConfigError(f"the model has a tensor named {STATE_PREFIX}...: that prefix is fedq's own")
@@ -183,12 +193,14 @@ class Aggregator:
         self.server_opt = ServerOptimizer(opt, self.shapes, self.s.device) if opt is not None else None
         loaded = load(self.dir, self.s.device)
         if loaded is None:
+            assert self.s.init is not None  # _model_shapes refused a fresh start without it
             self.model = initial.read_model(self.s.init, self.s.device, set(self.shapes))
-            self.state = ShardState(self.s.shard, self.s.shards)
+            self.state = ShardState(self.s.shard, self.s.shards, all_shapes=list(self.all_shapes.items()))
             self.state.save(self.dir, self._tensors(), record=self._record(), keep=self.s.keep_versions)
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
         else:
             tensors, self.state = loaded
+            self.state.all_shapes = list(self.all_shapes.items())
             # the optimizer's state is in the same checkpoint file as the model: it commits with the model
             saved = {n: tensors.pop(n) for n in [n for n in tensors if n.startswith(STATE_PREFIX)]}
             if self.server_opt is not None:

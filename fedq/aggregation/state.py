@@ -36,6 +36,7 @@ class ShardState:
     announced: int = -1  # the leader: the last version announced on the versions stream
     planner: dict[str, Any] = field(default_factory=dict)  # the leader: Planner.state()
     last_plan: Plan | None = None
+    all_shapes: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # every shard's tensors
 
     def finish(self, what: dict[str, int], key: str) -> None:
         what.setdefault(key, self.version)
@@ -77,6 +78,7 @@ class ShardState:
             "announced": self.announced,
             "planner": self.planner,
             "last_plan": self.last_plan.to_json() if self.last_plan else None,
+            "all_shapes": [[name, list(shape)] for name, shape in self.all_shapes],
         }
 
     @classmethod
@@ -93,6 +95,7 @@ class ShardState:
             announced=data.get("announced", -1),
             planner=data.get("planner", {}),
             last_plan=Plan.from_json(data["last_plan"]) if data.get("last_plan") else None,
+            all_shapes=[(str(n), tuple(int(d) for d in s)) for n, s in data.get("all_shapes", [])],
         )
 
 

@@ -101,9 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--init",
         type=Path,
-        required=True,
+        default=None,
         help="initial model, version 0: a safetensors file, a torch state dict (.pt), a save_pretrained "
-        "directory (sharded too) or a PEFT adapter directory",
+        "directory (sharded too) or a PEFT adapter directory; needed at the first start only (a resumed "
+        "shard reads the model's tensors from its checkpoint)",
     )
     a("--max-versions", type=int, default=0, help="stop after this many versions (0 = run until stopped)")
     a(
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     # Everything that can be refused locally is checked before the broker is touched.
-    _check_init(settings.init)
+    _check_init(settings.init, settings.state_dir / f"shard-{settings.shard}")
     lock = StateLock(settings.state_dir / f"shard-{settings.shard}")
     # One thread by default: on a shared machine torch's intra-op threads spin against each other and the
     # transport's I/O thread (measured at load ~6: an nf4 chunk decodes 1.4x faster on 1 thread than on 2).
@@ -282,10 +283,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_init(path: Path) -> None:
-    """The initial model must be readable before anything is connected or written."""
-    from fedq.aggregation import initial
+def _check_init(path: Path | None, shard_dir: Path) -> None:
+    """The initial model must be readable (or the shard must resume) before anything is connected or
+    written."""
+    from fedq.aggregation import checkpoint, initial
 
+    if path is None:
+        if checkpoint.read_state(shard_dir) is None:
+            raise ConfigError(f"--init is required: {shard_dir} holds no checkpoint to resume from")
+        return
     if not path.exists():
         raise ConfigError(f"--init {path}: no such file or directory (the initial model, version 0)")
     try:
