@@ -172,7 +172,7 @@ class Aggregator:
             self.fold_threads,
             server_opt=self.server_opt,
             rows_budget=settings.robust_memory,
-            limits=_dtype_limits(settings.init),
+            limits=self.state.dtype_limits,
         )
 
     # start-up -----------------------------------------------------------------------------------------------
@@ -195,12 +195,19 @@ class Aggregator:
         if loaded is None:
             assert self.s.init is not None  # _model_shapes refused a fresh start without it
             self.model = initial.read_model(self.s.init, self.s.device, set(self.shapes))
-            self.state = ShardState(self.s.shard, self.s.shards, all_shapes=list(self.all_shapes.items()))
+            self.state = ShardState(
+                self.s.shard,
+                self.s.shards,
+                all_shapes=list(self.all_shapes.items()),
+                dtype_limits=_dtype_limits(self.s.init),
+            )
             self.state.save(self.dir, self._tensors(), record=self._record(), keep=self.s.keep_versions)
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
         else:
             tensors, self.state = loaded
             self.state.all_shapes = list(self.all_shapes.items())
+            if not self.state.dtype_limits and self.s.init is not None:  # a checkpoint older than the field
+                self.state.dtype_limits = _dtype_limits(self.s.init)
             # the optimizer's state is in the same checkpoint file as the model: it commits with the model
             saved = {n: tensors.pop(n) for n in [n for n in tensors if n.startswith(STATE_PREFIX)]}
             if self.server_opt is not None:

@@ -37,6 +37,7 @@ class ShardState:
     planner: dict[str, Any] = field(default_factory=dict)  # the leader: Planner.state()
     last_plan: Plan | None = None
     all_shapes: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # every shard's tensors
+    dtype_limits: dict[str, float] = field(default_factory=dict)  # the initial model's dtypes' largest values
 
     def finish(self, what: dict[str, int], key: str) -> None:
         what.setdefault(key, self.version)
@@ -79,6 +80,7 @@ class ShardState:
             "planner": self.planner,
             "last_plan": self.last_plan.to_json() if self.last_plan else None,
             "all_shapes": [[name, list(shape)] for name, shape in self.all_shapes],
+            "dtype_limits": self.dtype_limits,
         }
 
     @classmethod
@@ -96,6 +98,7 @@ class ShardState:
             planner=data.get("planner", {}),
             last_plan=Plan.from_json(data["last_plan"]) if data.get("last_plan") else None,
             all_shapes=[(str(n), tuple(int(d) for d in s)) for n, s in data.get("all_shapes", [])],
+            dtype_limits={str(n): float(v) for n, v in data.get("dtype_limits", {}).items()},
         )
 
 
