@@ -14,7 +14,7 @@ import torch
 from fedq.aggregation import checkpoint
 from fedq.aggregation.server_opt import STATE_PREFIX
 from fedq.aggregation.service import Aggregator, Settings
-from fedq.aggregation.strategies import FedBuff, Strategy
+from fedq.aggregation.strategies import FedAvg, FedBuff, Strategy
 from fedq.codecs import get_codec
 from fedq.protocol import UpdateMeta, update_stream
 from fedq.safetensors import save_file
@@ -81,6 +81,11 @@ def send_update(
             for body in messages[:-2]:  # manifest and all chunks but the last, no commit
                 transport.publish(names.updates_exchange, names.shard_key(shard), body)
             transport.flush()
+
+
+def every_update() -> FedAvg:
+    """One version per update, x + Δ exactly: the global model shows what each update carried."""
+    return FedAvg(min_clients=1, round_timeout=60.0)
 
 
 def settings(names: Names, strategy: Strategy, init: Path, state_dir: Path, **options: Any) -> Settings:

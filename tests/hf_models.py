@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,10 +11,9 @@ import tokenizers
 import torch
 import transformers
 
-from fedq.aggregation.service import Aggregator, Settings
-from fedq.aggregation.strategies import FedAvg
+from fedq.aggregation.service import Settings
 from fedq.topology import Names
-from fedq.transport import connect
+from tests.aggregation_helpers import Worker, every_update
 
 VOCAB = 96
 
@@ -63,11 +61,6 @@ def char_tokenizer(text: str) -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def every_update() -> FedAvg:
-    """One version per update, x + Δ exactly: the global model shows what each update carried."""
-    return FedAvg(min_clients=1, round_timeout=60.0)
-
-
 @contextmanager
 def aggregator(
     url: str,
@@ -87,24 +80,12 @@ def aggregator(
         max_versions=max_versions,
         client_config=client_config or {},
     )
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            with connect(url) as transport:
-                Aggregator(transport, settings).run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    worker = Worker(url, settings)
     try:
         yield state_dir
     finally:
-        stop.set()
-        thread.join(timeout=30)
-    assert not errors, errors
+        worker.stop.set()
+        worker.join(30)
 
 
 def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:

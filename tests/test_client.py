@@ -4,7 +4,6 @@ RabbitMQ broker for the federated learning run."""
 from __future__ import annotations
 
 import itertools
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,12 +13,13 @@ import pytest
 import torch
 
 from fedq import wire
-from fedq.aggregation.service import Aggregator, Settings
+from fedq.aggregation.service import Settings
 from fedq.aggregation.strategies import FedAvg, Strategy
 from fedq.client import Client
 from fedq.safetensors import save_file
 from fedq.topology import Names
 from fedq.transport import connect
+from tests.aggregation_helpers import Worker, every_update
 from workers import gpt, shakespeare
 
 torch.set_num_threads(1)
@@ -53,29 +53,12 @@ def federation(
         client_config=config or {},
         model_codec=model_codec,
     )
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            with connect(url) as transport:
-                Aggregator(transport, settings).run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    worker = Worker(url, settings)
     try:
         yield
     finally:
-        stop.set()
-        thread.join(timeout=30)
-    assert not errors, errors
-
-
-def every_update() -> FedAvg:
-    """One version per update, x + Δ exactly: the global model shows what each update carried."""
-    return FedAvg(min_clients=1, round_timeout=60.0)
+        worker.stop.set()
+        worker.join(30)
 
 
 def record_published(client: Client) -> list[wire.Message]:
