@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+_ROUND_STEP = 1 << 20  # elements rounded to a model's dtype at a time (a 4 MiB temporary, not a tensor's)
 _IO_BYTES = 1 << 30  # per pread/pwrite call (Linux moves at most ~2 GiB per call)
 
 
@@ -44,14 +45,14 @@ class BaseStore(Mapping[str, torch.Tensor]):
         """Elements ``offset ..`` of tensor ``name``, cast to its dtype."""
         start, dtype, _ = self._index[name]
         data = values.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy()
-        _pwrite(self._fd, _bytes_of(data), start + offset * _itemsize(dtype))
+        pwrite_all(self._fd, _bytes_of(data), start + offset * _itemsize(dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Tensor ``name`` into ``out`` (same shape; converted where its dtype or device differ)."""
         start, dtype, _ = self._index[name]
         target = out.detach()
         if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
-            _pread(self._fd, _bytes_of(target.view(-1).view(torch.uint8).numpy()), start)
+            pread_into(self._fd, _bytes_of(target.view(-1).view(torch.uint8).numpy()), start)
         else:
             target.copy_(self.read(name))
 
@@ -59,12 +60,29 @@ class BaseStore(Mapping[str, torch.Tensor]):
         """A fresh tensor with the stored values (on the CPU, as ``dtype`` if given)."""
         start, stored, shape = self._index[name]
         out = torch.empty(shape, dtype=stored)
-        _pread(self._fd, _bytes_of(out.view(-1).view(torch.uint8).numpy()), start)
+        pread_into(self._fd, _bytes_of(out.view(-1).view(torch.uint8).numpy()), start)
         return out if dtype is None or dtype == stored else out.to(dtype)
 
+    def read_slice(self, name: str, offset: int, count: int) -> torch.Tensor:
+        """Elements ``offset .. offset+count`` of a float32 tensor (x̂, ``fedq.reconstruction``), fresh."""
+        start, dtype, _ = self._index[name]
+        out = torch.empty(count, dtype=dtype)
+        pread_into(self._fd, _bytes_of(out.view(torch.uint8).numpy()), start + offset * _itemsize(dtype))
+        return out
+
     def delta(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """``local - stored`` in float32, computed in the one buffer the stored values are read into."""
-        base = self.read(name, torch.float32).to(local.device)
+        """``local - stored`` in float32, computed in the one buffer the stored values are read into.
+
+        The stored values are first rounded to ``local``'s dtype, as the model received them: a bf16 model
+        that received float32 values (x̂, ``fedq.reconstruction``) holds their rounding, which is no update.
+        """
+        base = self.read(name, torch.float32)
+        if local.dtype != torch.float32:
+            flat = base.view(-1)
+            for lo in range(0, flat.numel(), _ROUND_STEP):
+                piece = flat[lo : lo + _ROUND_STEP]
+                piece.copy_(piece.to(local.dtype))
+        base = base.to(local.device)
         return torch.sub(local.detach(), base, out=base)
 
     def keep(self, names: set[str]) -> None:
@@ -95,13 +113,13 @@ def _bytes_of(array: Any) -> memoryview:
     return memoryview(array)
 
 
-def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done : done + _IO_BYTES], offset + done)
 
 
-def _pread(fd: int, out: memoryview, offset: int) -> None:
+def pread_into(fd: int, out: memoryview, offset: int) -> None:
     done = 0
     while done < len(out):
         n = os.preadv(fd, [out[done : done + _IO_BYTES]], offset + done)

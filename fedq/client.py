@@ -53,7 +53,8 @@ from fedq.basestore import BaseStore
 from fedq.binding import HINTS, Binding, bind
 from fedq.codecs import Codec, EncodedErrorFeedback, ErrorFeedback, choose_codec, get_codec
 from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError
-from fedq.protocol import Announcement, UpdateMeta, model_stream, update_stream
+from fedq.protocol import Announcement, UpdateMeta, delta_stream, model_stream, update_stream
+from fedq.reconstruction import advance
 from fedq.streaming import Assembler, CodecFor, TensorEntry, send_container, shard_of
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
 from fedq.transport import Delivery, Transport, connect
@@ -185,7 +186,9 @@ class Client:
         self.wire_bytes = 0  # sent so far, every message counted
         self.received_bytes = 0  # read from the models stream so far, skipped messages counted too
         self.fp32_bytes = 0
-        self._base: BaseStore | None = None  # the received version, on disk, in the model's dtypes
+        # the received version, on disk, in the model's dtypes; or x̂ in float32 (versions as deltas)
+        self._base: BaseStore | None = None
+        self._holds_reconstruction = False
         self._shapes: dict[str, tuple[int, ...]] = {}  # the global model's tensors
         self._assignment: dict[str, int] = {}
         self._shards = 1
@@ -211,23 +214,79 @@ class Client:
                 f"version {version}: the model has no tensor for {len(binding.missing)} global tensor(s): "
                 f"{sorted(binding.missing)[:5]} ({HINTS})"
             )
-        if self._base is not None:  # until the download completes: the old base is released first
-            self._base.close()
-        self.version, self._base = -1, None
-        store = BaseStore()
+        if announcement.snapshot is None:
+            store = self._receive_whole(binding, announcement, deadline)
+        else:
+            store = self._reconstruct(binding, announcement, deadline)
         try:
-            self._load(binding, version, shards, announcement.models_offset, deadline, store)
             self._commit(model, binding, store)
         except BaseException:
             store.close()
             raise
         self._base = store
+        self._holds_reconstruction = announcement.snapshot is not None
         self._shapes = shapes
         self._assignment = shard_of({n: 4 * math.prod(s) for n, s in shapes.items()}, shards)
         self._shards = shards
         self.version = version
         self.final = announcement.final
         return Round(version, announcement.config, announcement.strategy, self.final)
+
+    def _receive_whole(self, binding: Binding, announcement: Announcement, deadline: float) -> BaseStore:
+        """A version that travels whole, into a new store in the model's dtypes (the old base is released
+        first: the client never holds two)."""
+        self._release_base()
+        store = BaseStore()
+        wanted = {model_stream(announcement.version, shard) for shard in range(announcement.shards)}
+        try:
+            self._load(
+                binding, announcement.version, wanted, set(), announcement.models_offset, deadline, store
+            )
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _reconstruct(self, binding: Binding, announcement: Announcement, deadline: float) -> BaseStore:
+        """x̂ of a version that travels as deltas (``fedq.reconstruction``): the deltas since the version held
+        applied to the x̂ held, when every one of them is still announced and readable; else the newest
+        snapshot and the deltas since, into a new store. x̂ is kept in float32: every client holds it bit for
+        bit as the aggregator computed it."""
+        version, shards = announcement.version, announcement.shards
+        offsets = dict(announcement.deltas)
+        held, store = self.version, self._base if self._holds_reconstruction else None
+        needed = range(held + 1, version + 1)
+        if store is not None and held >= 0 and all(u in offsets for u in needed):
+            self.version, self._base = -1, None  # until x̂ is whole again: a failure leaves it half applied
+            deltas = {delta_stream(u, s) for u in needed for s in range(shards)}
+            try:
+                self._load(binding, version, set(), deltas, offsets[held + 1], deadline, store, torch.float32)
+                return store
+            except StreamError as exc:
+                store.close()
+                if exc.reason != "version_gone":
+                    raise
+                # the deltas were trimmed, found at the first delivery, before any was applied: the snapshot
+            except BaseException:
+                store.close()
+                raise
+        self._release_base()
+        assert announcement.snapshot is not None
+        first, offset = announcement.snapshot
+        snapshots = {model_stream(first, s) for s in range(shards)}
+        deltas = {delta_stream(u, s) for u in range(first + 1, version + 1) for s in range(shards)}
+        store = BaseStore()
+        try:
+            self._load(binding, version, snapshots, deltas, offset, deadline, store, torch.float32)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _release_base(self) -> None:
+        if self._base is not None:
+            self._base.close()
+        self.version, self._base = -1, None
 
     def _commit(self, model: Model, binding: Binding, store: BaseStore) -> None:
         """Copy a whole downloaded version from ``store`` into the model (it cannot fail: everything was
@@ -299,19 +358,24 @@ class Client:
         self,
         binding: Binding,
         version: int,
-        shards: int,
-        models_offset: int,
+        wholes: set[str],
+        deltas: set[str],
+        offset: int,
         deadline: float,
         store: BaseStore,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Every tensor of version ``version``, decoded chunk by chunk into ``store`` in the model's dtypes.
+        """Every chunk of the container streams ``wholes`` (tensors: written into ``store``, as ``dtype`` or
+        else the model's dtypes) and ``deltas`` (x̂ deltas: added to the tensors ``store`` holds), read from
+        models-stream offset ``offset`` on.
 
-        Reading starts at the version's first message (``models_offset``); a stream that starts the reader
-        later has trimmed the version away (retention): that is said, not waited out.
+        Reading starts at the first message needed; a stream that starts the reader later has trimmed it away
+        (retention): that is said, not waited out. A shard publishes in order, so a tensor's delta arrives
+        after its snapshot and after the delta before it.
         """
-        wanted = {model_stream(version, shard) for shard in range(shards)}
+        wanted = wholes | deltas
         queue = self.names.models_stream
-        tag = self.transport.consume(queue, prefetch=16, arguments={"x-stream-offset": models_offset})
+        tag = self.transport.consume(queue, prefetch=16, arguments={"x-stream-offset": offset})
         assembler = Assembler(role=ROLE)
         first = True
         try:
@@ -320,10 +384,10 @@ class Client:
                 if delivery is None:
                     if time.monotonic() >= deadline:
                         missing = sorted(s for s in wanted if not assembler.complete(s))
-                        raise StreamError(f"version {version} incomplete: {missing}", reason="timeout")
+                        raise StreamError(f"version {version} incomplete: {missing[:5]}", reason="timeout")
                     continue
                 if first:
-                    _check_not_trimmed(delivery, version, models_offset, queue)
+                    _check_not_trimmed(delivery, version, offset, queue)
                     first = False
                 self.received_bytes += len(delivery.body)
                 msg = wire.decode(delivery.body)
@@ -332,7 +396,10 @@ class Client:
                     metrics.FP32_BYTES.labels(ROLE, "received", msg.codec.name).inc(4 * msg.count)
                 if msg.stream in wanted:
                     for chunk in assembler.add(msg):
-                        _copy_into(store, binding, chunk.entry, chunk.offset, chunk.values())
+                        if chunk.stream in deltas:
+                            _add_into(store, chunk.entry, chunk.offset, chunk.values())
+                        else:
+                            _copy_into(store, binding, chunk.entry, chunk.offset, chunk.values(), dtype)
                 self.transport.ack(delivery)
         finally:
             self.transport.cancel(tag)
@@ -457,11 +524,28 @@ def _check_not_trimmed(delivery: Delivery, version: int, models_offset: int, que
         )
 
 
+def _add_into(store: BaseStore, entry: TensorEntry, offset: int, delta: torch.Tensor) -> None:
+    """x̂ += one decoded delta chunk, in the store (``fedq.reconstruction.advance``: as the aggregator did)."""
+    held = store.reserved(entry.name)
+    if held is None or held[1] != entry.shape:
+        raise StreamError(
+            f"a delta for {entry.name} {entry.shape}, which this client holds as {held}",
+            reason="unknown_tensor",
+        )
+    store.write(entry.name, offset, advance(store.read_slice(entry.name, offset, delta.numel()), delta))
+
+
 def _copy_into(
-    store: BaseStore, binding: Binding, entry: TensorEntry, offset: int, chunk: torch.Tensor
+    store: BaseStore,
+    binding: Binding,
+    entry: TensorEntry,
+    offset: int,
+    chunk: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write one decoded chunk into its tensor's place in the store (reserved at its first chunk, in the dtype
-    of the model's tensor; the announcement's shapes were checked against the model already)."""
+    """Write one decoded chunk into its tensor's place in the store (reserved at its first chunk, in
+    ``dtype`` or else the dtype of the model's tensor; the announcement's shapes were checked against the
+    model already)."""
     name = entry.name
     if store.reserved(name) is None:
         slot = binding.slots.get(name)
@@ -470,7 +554,7 @@ def _copy_into(
         expected = tuple(slot.tensor.shape) if slot is not None else binding.missing[name]
         if entry.shape != expected:
             raise StreamError(f"{name}: announced as {expected}, streamed as {entry.shape}", reason="shape")
-        store.reserve(name, entry.shape, slot.tensor.dtype if slot is not None else entry.dtype)
+        store.reserve(name, entry.shape, dtype or (slot.tensor.dtype if slot is not None else entry.dtype))
     store.write(name, offset, chunk)
 
 

@@ -46,6 +46,11 @@ def model_stream(version: int, shard: int) -> str:
     return f"model/v{version}/s{shard}"
 
 
+def delta_stream(version: int, shard: int) -> str:
+    """The container stream of one shard's delta from version - 1 to ``version`` (``fedq.reconstruction``)."""
+    return f"model/v{version}/s{shard}/delta"
+
+
 def version_stream(version: int) -> str:
     """The stream id of a version's announcement on the versions stream."""
     return f"version/v{version}"
@@ -170,6 +175,11 @@ class Announcement:
     final: bool = False
     # who made it (``contributors``): shown by ``fedq status``, written into ``fedq receive``'s file
     contributors: list[dict[str, Any]] = field(default_factory=list)
+    # Versions as deltas (``fedq.reconstruction``): the newest snapshot of x̂ (version, offset of its first
+    # message) and the deltas still announced (version, offset), oldest first, the last one this version's.
+    # None for whole versions (the container streams ``model_stream(version, shard)`` at ``models_offset``).
+    snapshot: tuple[int, int] | None = None
+    deltas: list[tuple[int, int]] = field(default_factory=list)
 
     def encode(self) -> bytes:
         meta = {
@@ -182,6 +192,9 @@ class Announcement:
             "final": self.final,
             "contributors": self.contributors,
         }
+        if self.snapshot is not None:
+            meta["snapshot"] = list(self.snapshot)
+            meta["deltas"] = [list(d) for d in self.deltas]
         return wire.encode_control(wire.MANIFEST, version_stream(self.version), meta)
 
     @classmethod
@@ -209,6 +222,13 @@ class Announcement:
             and all(_is_tensor_row(row) for row in tensors)
         ):
             raise StreamError(f"malformed version announcement {meta!r:.200}", reason="bad_announcement")
+        snapshot, deltas = meta.get("snapshot"), meta.get("deltas", [])
+        if not (
+            (snapshot is None or _is_offset_pair(snapshot))
+            and isinstance(deltas, list)
+            and all(_is_offset_pair(d) for d in deltas)
+        ):
+            raise StreamError(f"malformed snapshot or deltas in {meta!r:.200}", reason="bad_announcement")
         strategy, config = meta.get("strategy"), meta.get("config")
         return cls(
             version,
@@ -219,6 +239,8 @@ class Announcement:
             dict(config) if isinstance(config, dict) else {},
             meta.get("final") is True,
             _contributor_rows(meta.get("contributors")),
+            (snapshot[0], snapshot[1]) if snapshot is not None else None,
+            [(d[0], d[1]) for d in deltas],
         )
 
 
@@ -249,6 +271,11 @@ def _contributor_rows(raw: Any) -> list[dict[str, Any]]:
         and isinstance(row.get("client"), str)
         and isinstance(row.get("update_id"), str)
     ][:MAX_ANNOUNCED_CONTRIBUTORS]
+
+
+def _is_offset_pair(pair: Any) -> bool:
+    """[version, models-stream offset], both non-negative integers."""
+    return isinstance(pair, list) and len(pair) == 2 and all(_is_int(v) and v >= 0 for v in pair)
 
 
 def _is_tensor_row(row: Any) -> bool:
@@ -328,18 +355,26 @@ class Committed:
 @dataclass(frozen=True)
 class Stepped:
     """A shard has stepped to ``version`` and published it from models-stream offset ``models_offset`` on (to
-    the leader)."""
+    the leader); with versions as deltas, its delta and its snapshot from these offsets (-1: none)."""
 
     shard: int
     version: int
     models_offset: int
+    delta_offset: int = -1
+    snapshot_offset: int = -1
 
     def to_json(self) -> dict[str, Any]:
         return {"type": "stepped", **asdict(self)}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Stepped:
-        return Stepped(int(data["shard"]), int(data["version"]), int(data["models_offset"]))
+        return Stepped(
+            int(data["shard"]),
+            int(data["version"]),
+            int(data["models_offset"]),
+            int(data.get("delta_offset", -1)),
+            int(data.get("snapshot_offset", -1)),
+        )
 
 
 @dataclass(frozen=True)

@@ -84,16 +84,30 @@ def versions_names(names: Names) -> tuple[str, str]:
     return f"{names.namespace}.versions.in", f"{names.namespace}.versions"
 
 
-def models_retention_bytes(version_bytes: int) -> int:
+# Versions as deltas (fedq.reconstruction): an fp32 snapshot of what clients hold every this many versions.
+# Ten: a late joiner reads one snapshot and at most nine deltas (nf4: 9 x 14% of fp32), and the snapshots'
+# share of the publishing (one fp32 model per ten versions) stays below the deltas'.
+DEFAULT_SNAPSHOT_EVERY = 10
+
+
+def models_retention_bytes(version_bytes: int, delta_bytes: int = 0, deltas: int = 0) -> int:
     """The models stream's retention for versions of ``version_bytes`` (fp32 bytes of the whole model).
 
     Two whole versions, each with a segment of slack (streams trim whole segments): the newest version stays
-    readable in full while the next one is written, whatever the model's size. A reader slower than that finds
-    its version gone and is told so (``Client.receive``); it reads the newer one instead. Never below the
-    default, so small federations keep several versions.
+    readable in full while the next one is written, whatever the model's size. With versions as deltas
+    (``fedq.reconstruction``), the two whole versions are snapshots, and ``deltas`` deltas of at most
+    ``delta_bytes`` each come on top. A reader slower than that finds its version gone and is told so
+    (``Client.receive``); it reads the newer one instead. Never below the default, so small federations keep
+    several versions.
     """
-    wire_bytes = version_bytes + version_bytes // 64  # headers and checksums: well under 1/64 of 4 MiB chunks
-    return max(DEFAULT_MODELS_RETENTION_BYTES, 2 * (wire_bytes + MODELS_SEGMENT_BYTES))
+    whole = 2 * (_wire_bytes(version_bytes) + MODELS_SEGMENT_BYTES)
+    return max(
+        DEFAULT_MODELS_RETENTION_BYTES, whole + deltas * (_wire_bytes(delta_bytes) + MODELS_SEGMENT_BYTES)
+    )
+
+
+def _wire_bytes(payload_bytes: int) -> int:
+    return payload_bytes + payload_bytes // 64  # headers and checksums: well under 1/64 of 4 MiB chunks
 
 
 def with_passive_stream(spec: dict[str, Any], queue: str) -> dict[str, Any] | None:

@@ -38,6 +38,7 @@ def federation(
     strategy: Strategy,
     config: dict[str, int] | None = None,
     model_codec: str = "fp32",
+    snapshot_every: int = 10,
 ) -> Iterator[None]:
     """A real aggregator (one shard) in a thread, with its own connection, started from ``tiny_gpt()``."""
     names = Names(namespace)
@@ -52,6 +53,7 @@ def federation(
         state_dir=tmp_path / "state",
         client_config=config or {},
         model_codec=model_codec,
+        snapshot_every=snapshot_every,
     )
     worker = Worker(url, settings)
     try:

@@ -29,10 +29,14 @@ JOURNAL = "leader.journal"
 
 @dataclass(frozen=True)
 class Announce:
-    """Announce ``version``: every shard has published it, the earliest from offset ``models_offset`` on."""
+    """Announce ``version``: every shard has published it, the earliest from offset ``models_offset`` on;
+    with versions as deltas, every shard's delta from ``delta_offset`` on and snapshot from
+    ``snapshot_offset`` on (-1 where not every shard published one)."""
 
     version: int
     models_offset: int
+    delta_offset: int = -1
+    snapshot_offset: int = -1
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ def follow(plan: Plan, version: int) -> bool:
     return True
 
 
+def _lowest(offsets: list[int]) -> int:
+    """The lowest offset, or -1 when a shard has none (then no client can read that publication whole)."""
+    return -1 if min(offsets) < 0 else min(offsets)
+
+
 class Leader:
     """Shard 0's view of the federation: the planner, the shards' "stepped" reports, the journal."""
 
@@ -69,7 +78,7 @@ class Leader:
         self.journal_path = directory / JOURNAL
         self.planner = planner
         self.shards = shards
-        self.stepped: dict[int, dict[int, int]] = {}  # version -> shard -> models-stream offset
+        self.stepped: dict[int, dict[int, Stepped]] = {}  # version -> shard -> its report
         self.drops: list[tuple[str, str]] = []  # refused outside the planner: in the next plan's dropped
 
     def committed(
@@ -100,9 +109,15 @@ class Leader:
         """The announcement that is due once every shard has stepped to the current version, if any."""
         if report.version <= announced:
             return None
-        self.stepped.setdefault(report.version, {})[report.shard] = report.models_offset
+        self.stepped.setdefault(report.version, {})[report.shard] = report
         if report.version == version and len(self.stepped[report.version]) == self.shards:
-            return Announce(report.version, min(self.stepped.pop(report.version).values()))
+            reports = self.stepped.pop(report.version).values()
+            return Announce(
+                report.version,
+                min(r.models_offset for r in reports),
+                _lowest([r.delta_offset for r in reports]),
+                _lowest([r.snapshot_offset for r in reports]),
+            )
         return None
 
     def plan(self, now: float, *, version: int, announced: int, max_versions: int) -> Plan | None:

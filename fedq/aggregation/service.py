@@ -50,6 +50,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,13 +70,14 @@ from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig, ServerOpt
 from fedq.aggregation.staging import Staged, StagingArea, stream_key
 from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
-from fedq.codecs import choose_codec
+from fedq.codecs import ErrorFeedback, choose_codec
 from fedq.errors import ConfigError, RejectedUpdate, StreamError, WireError
 from fedq.protocol import MAX_CLIENT_METRICS, Committed, GramPart, Measure, PlanEntry, Stepped
+from fedq.reconstruction import SNAPSHOT_CODEC, Reconstruction, delta_bytes, is_delta_codec
 from fedq.safetensors import SafetensorsReader
 from fedq.streaming import send_container, shard_of
 from fedq.threads import cpu_workers
-from fedq.topology import Names, models_retention_bytes, versions_names
+from fedq.topology import DEFAULT_SNAPSHOT_EVERY, Names, models_retention_bytes, versions_names
 from fedq.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,8 @@ class Settings:
     prefetch: int = 16
     client_config: dict[str, Any] = field(default_factory=dict)
     chunk_bytes: int = 4 << 20
-    model_codec: str = "fp32"  # of published versions (whole versions: fp32, bf16 or fp16)
+    model_codec: str = "fp32"  # of published versions: whole in fp32/bf16/fp16, as deltas below 16 bits
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY  # versions as deltas: a snapshot of x̂ every this many
     quorum: bool = (
         False  # quorum update/control/dead-letter queues (a cluster); must match the broker's setup
     )
@@ -164,6 +167,9 @@ class Aggregator:
         # updates' norms are measured for the norm bound and central DP's clip (the leader plans with them)
         self.wants_norm = settings.norm_bound.bound > 0 or settings.privacy is not None
         self.leader: Leader | None = None
+        # versions as deltas: x̂, the clients' reconstruction, on disk (fedq.reconstruction)
+        delta = is_delta_codec(settings.model_codec)
+        self.recon = Reconstruction(self.dir, self.shapes) if delta else None
         self._load()
         self.folder = Folder(
             self.model,
@@ -253,7 +259,7 @@ class Aggregator:
             self.s.names,
             self.s.shards,
             quorum=self.s.quorum,
-            models_retention_bytes=models_retention_bytes(model_bytes),
+            models_retention_bytes=self._retention(model_bytes),
         )
         # Exclusive: a second worker of this shard (another machine, another state dir) is refused here.
         names, shard = self.s.names, self.s.shard
@@ -269,6 +275,14 @@ class Aggregator:
         if self.state.published < self.state.version:
             self._publish_model()
         self._report_stepped()
+
+    def _retention(self, model_bytes: int) -> int:
+        """The models stream's byte limit: two whole versions, and with versions as deltas, two snapshots
+        and the announced deltas plus the one being written (every shard computes the same figure)."""
+        if self.recon is None:
+            return models_retention_bytes(model_bytes)
+        delta = delta_bytes(self.all_shapes, self.s.model_codec)
+        return models_retention_bytes(model_bytes, delta, self.s.snapshot_every + 1)
 
     # main loop ----------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -519,7 +533,8 @@ class Aggregator:
             self.t.flush()
 
     def _report_stepped(self) -> None:
-        report = Stepped(self.s.shard, self.state.version, self.state.published_offset)
+        st = self.state
+        report = Stepped(st.shard, st.version, st.published_offset, st.delta_offset, st.snapshot_offset)
         if self.leader is not None:
             self._on_stepped(report)
         else:
@@ -800,35 +815,92 @@ class Aggregator:
 
     # distribution -------------------------------------------------------------------------------------------
     def _publish_model(self) -> None:
-        """This shard's part of the current version as a container stream on the models exchange.
+        """This shard's part of the current version on the models exchange: the whole version in the model
+        codec, or, for a delta codec, its delta against x̂ and every ``snapshot_every`` versions a snapshot
+        of x̂ (``fedq.reconstruction``). The state then records it as published."""
+        st = self.state
+        if self.recon is None:
+            stream = protocol.model_stream(st.version, self.s.shard)
+            st.published_offset = self._publish(stream, self.model, self.s.model_codec)
+        else:
+            self._publish_reconstruction()
+        st.published = st.version
+        self._save()
+        if self.recon is not None:
+            self.recon.prune(st.version)  # x̂ of older versions: a restart republishes from this one on
+        log.info(
+            "shard %d: version %d published on %s", self.s.shard, st.version, self.s.names.models_exchange
+        )
+
+    def _publish_reconstruction(self) -> None:
+        """The delta x_v − x̂_{v−1} of the tensors that changed, in the model codec, with x̂_v written to disk
+        as it is encoded; a snapshot of x̂_v after it at version 0, every ``snapshot_every`` versions, and
+        where x̂_{v−1} is missing (a federation that switched to a delta codec: x̂_v = x_v then)."""
+        st, recon = self.state, self.recon
+        assert recon is not None
+        version = st.version
+        st.delta_offset = st.snapshot_offset = -1
+        if version > 0 and recon.has(version - 1):
+            step = recon.step(version)
+            try:
+                changed = {n: self.model[n] for n in self.shapes if step.changed(n, self.model[n])}
+                stream = protocol.delta_stream(version, self.s.shard)
+                st.delta_offset = self._publish(stream, changed, self.s.model_codec, step)
+                step.commit()
+            except BaseException:
+                step.abort()
+                raise
+            log.info(
+                "shard %d: version %d as a %s delta of %d of %d tensors (the others unchanged)",
+                self.s.shard,
+                version,
+                self.s.model_codec,
+                len(changed),
+                len(self.shapes),
+            )
+        else:
+            recon.reset(version, self.model)
+        if st.delta_offset < 0 or version % self.s.snapshot_every == 0:
+            snapshot = recon.reader(version)
+            try:
+                stream = protocol.model_stream(version, self.s.shard)
+                st.snapshot_offset = self._publish(stream, snapshot, SNAPSHOT_CODEC)
+            finally:
+                snapshot.close()
+        st.published_offset = st.delta_offset if st.delta_offset >= 0 else st.snapshot_offset
+
+    def _publish(
+        self,
+        stream: str,
+        tensors: Mapping[str, torch.Tensor],
+        codec: str,
+        feedback: ErrorFeedback | None = None,
+    ) -> int:
+        """One container stream on the models exchange; returns the models-stream offset where it begins.
 
         A marker goes first, published so that its offset on the models stream is known: the announcement
-        carries the lowest of the shards' offsets, and clients attach there and read only this version.
+        carries the lowest of the shards' offsets, and clients attach there and read only what they need.
         """
-        st = self.state
-        st.published_offset = self.t.publish_tracked(
+        offset = self.t.publish_tracked(
             self.s.names.models_exchange,
             "",
-            wire.encode_control(wire.COMMIT, protocol.model_stream(st.version, self.s.shard) + "/start", {}),
+            wire.encode_control(wire.COMMIT, stream + "/start", {}),
             stream=self.s.names.models_stream,
         )
         send_container(
             self.t,
             self.s.names.models_exchange,
             "",
-            self.model,
-            stream=protocol.model_stream(st.version, self.s.shard),
+            tensors,
+            stream=stream,
             role=ROLE,
-            meta=protocol.model_meta(st.version, self.s.shard, self.s.shards, self.s.client_config),
-            codec_for=lambda name, t: choose_codec(name, tuple(t.shape), self.s.model_codec),
+            meta=protocol.model_meta(self.state.version, self.s.shard, self.s.shards, self.s.client_config),
+            codec_for=lambda name, t: choose_codec(name, tuple(t.shape), codec),
             chunk_bytes=self.s.chunk_bytes,
+            feedback=feedback,
         )
         self.t.flush()
-        st.published = st.version
-        self._save()
-        log.info(
-            "shard %d: version %d published on %s", self.s.shard, st.version, self.s.names.models_exchange
-        )
+        return offset
 
     def _strategy_config(self) -> dict[str, Any]:
         """The aggregation as announced with each version: strategy, rule, server optimizer, and the ε spent
@@ -849,6 +921,16 @@ class Aggregator:
 
     def _announce(self, announce: Announce) -> None:
         exchange, _ = versions_names(self.s.names)
+        st = self.state
+        if self.recon is not None:  # the chain clients read: the newest snapshot and the last deltas
+            version = announce.version
+            kept = [d for d in st.deltas if d[0] < version]
+            if announce.delta_offset >= 0:
+                st.deltas = [*kept, (version, announce.delta_offset)][-self.s.snapshot_every :]
+            else:
+                st.deltas = []  # x̂ was reset to x_v: the deltas before it do not lead to it
+            if announce.snapshot_offset >= 0:
+                st.snapshot = (version, announce.snapshot_offset)
         body = protocol.Announcement(
             announce.version,
             self.s.shards,
@@ -858,6 +940,8 @@ class Aggregator:
             self.s.client_config,
             final=self._final(),
             contributors=self._contributors(announce.version),
+            snapshot=st.snapshot if self.recon is not None else None,
+            deltas=st.deltas,
         ).encode()
         self.t.publish(exchange, "", body, persistent=True)
         self.t.flush()

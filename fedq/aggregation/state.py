@@ -33,6 +33,12 @@ class ShardState:
     expired: dict[str, int] = field(default_factory=dict)  # streams dropped as incomplete: late parts refused
     published: int = -1  # the last version published on the models stream
     published_offset: int = 0  # the models-stream offset where it begins (clients read from there)
+    # versions as deltas (fedq.reconstruction): where the published version's delta and snapshot begin (-1:
+    # none), and the leader's announced chain: the newest snapshot and the deltas since, as [version, offset]
+    delta_offset: int = -1
+    snapshot_offset: int = -1
+    snapshot: tuple[int, int] | None = None
+    deltas: list[tuple[int, int]] = field(default_factory=list)
     announced: int = -1  # the leader: the last version announced on the versions stream
     planner: dict[str, Any] = field(default_factory=dict)  # the leader: Planner.state()
     last_plan: Plan | None = None
@@ -76,6 +82,10 @@ class ShardState:
             "expired": dict(sorted(self.expired.items())),
             "published": self.published,
             "published_offset": self.published_offset,
+            "delta_offset": self.delta_offset,
+            "snapshot_offset": self.snapshot_offset,
+            "snapshot": list(self.snapshot) if self.snapshot is not None else None,
+            "deltas": [list(d) for d in self.deltas],
             "announced": self.announced,
             "planner": self.planner,
             "last_plan": self.last_plan.to_json() if self.last_plan else None,
@@ -94,6 +104,10 @@ class ShardState:
             expired=_remembered(data.get("expired", {}), data["version"]),
             published=data["published"],
             published_offset=data["published_offset"],
+            delta_offset=data.get("delta_offset", -1),
+            snapshot_offset=data.get("snapshot_offset", -1),
+            snapshot=(int(data["snapshot"][0]), int(data["snapshot"][1])) if data.get("snapshot") else None,
+            deltas=[(int(v), int(o)) for v, o in data.get("deltas", [])],
             announced=data.get("announced", -1),
             planner=data.get("planner", {}),
             last_plan=Plan.from_json(data["last_plan"]) if data.get("last_plan") else None,

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 from fedq.cli import aggregation_rules
 from fedq.cli.options import add_amqp_url, add_chunk_bytes, add_namespace, size
 from fedq.errors import ConfigError
+from fedq.topology import DEFAULT_SNAPSHOT_EVERY
 
-# Versions travel whole, so only codecs that keep weights as weights: a 4-bit copy of the weights would
-# replace them by their rounding (quantized version-to-version deltas would be the way there).
-MODEL_CODECS = ("fp32", "bf16", "fp16")
+# fp32, bf16 and fp16 carry whole versions; int8 and nf4 carry quantized version-to-version deltas with error
+# feedback on the aggregator (fedq.reconstruction): a 4- or 8-bit copy of the weights would replace them by
+# their rounding.
+MODEL_CODECS = ("fp32", "bf16", "fp16", "int8", "nf4")
 
 if TYPE_CHECKING:
     import torch
@@ -132,8 +134,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-codec",
         choices=MODEL_CODECS,
         default="fp32",
-        help="codec of the published model versions (whole versions; bf16 halves every client's download, "
-        "and bf16 clients receive exactly their dtype); 1-D tensors stay fp32",
+        help="codec of the published model versions: fp32, bf16, fp16 send whole versions (bf16 halves every "
+        "client's download, and bf16 clients receive exactly their dtype); int8, nf4 send quantized deltas "
+        "against what clients hold, with error feedback, and leave unchanged tensors out; 1-D tensors stay "
+        "fp32",
+    )
+    a(
+        "--snapshot-every",
+        type=int,
+        default=DEFAULT_SNAPSHOT_EVERY,
+        help="with --model-codec int8/nf4: publish an fp32 snapshot of what clients hold every K versions "
+        "(late joiners read the newest snapshot and at most K-1 deltas)",
     )
     a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
     a(
@@ -198,6 +209,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     from fedq.aggregation.strategies import NormBound, make_strategy
     from fedq.topology import Names
 
+    if args.snapshot_every < 1:
+        raise ConfigError(f"--snapshot-every {args.snapshot_every}: must be at least 1 (1: every version)")
     if not 0 <= args.shard < args.shards:
         raise ConfigError(f"--shard {args.shard} outside 0..{args.shards - 1}")
     strategy = make_strategy(
@@ -230,6 +243,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         client_config=_client_config(args.config),
         chunk_bytes=args.chunk_bytes,
         model_codec=args.model_codec,
+        snapshot_every=args.snapshot_every,
         quorum=args.quorum,
         **aggregation_rules.settings_from(args),
         max_samples=args.max_samples,

@@ -1,0 +1,186 @@
+"""Versions as quantized deltas (``--model-codec int8/nf4``, ``fedq.reconstruction``): every client holds the
+aggregator's x̂ bit for bit, error feedback keeps x̂ within one version's rounding of x, late joiners start
+from a snapshot, frozen tensors never travel again, and a restart republishes the same bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedq import wire
+from fedq.aggregation.state import load
+from fedq.client import Client
+from fedq.codecs import choose_codec
+from fedq.errors import StreamError
+from fedq.reconstruction import Reconstruction, advance, is_delta_codec
+from fedq.safetensors import SafetensorsReader
+from fedq.streaming import Assembler, iter_container
+from tests.test_client import every_update, federation, memory_url, perturb, tiny_gpt
+from workers import gpt
+
+torch.set_num_threads(1)
+
+SHAPES = {"w": (64, 96), "b": (96,), "frozen": (32, 64)}
+
+
+def publish(recon: Reconstruction, version: int, x: dict[str, torch.Tensor], codec: str) -> list[bytes]:
+    """The aggregator's side of one version: the messages of the delta of the tensors that changed."""
+    step = recon.step(version)
+    changed = {n: t for n, t in x.items() if step.changed(n, t)}
+    messages = list(
+        iter_container(
+            changed,
+            stream=f"v{version}",
+            meta={},
+            codec_for=lambda name, t: choose_codec(name, tuple(t.shape), codec),
+            chunk_bytes=4096,
+            feedback=step,
+        )
+    )
+    step.commit()
+    return messages
+
+
+def apply(held: dict[str, torch.Tensor], messages: list[bytes]) -> set[str]:
+    """A client's side: each decoded delta chunk added to what it holds; the tensors that came."""
+    assembler = Assembler()
+    came = set()
+    for body in messages:
+        for chunk in assembler.add(wire.decode(body)):
+            flat = held[chunk.entry.name].view(-1)
+            piece = flat[chunk.offset : chunk.offset + chunk.count].clone()
+            flat[chunk.offset : chunk.offset + chunk.count] = advance(piece, chunk.values())
+            came.add(chunk.entry.name)
+    return came
+
+
+@pytest.mark.parametrize("codec", ["nf4", "int8"])
+def test_every_client_holds_the_reconstruction_exactly_and_the_drift_stays_bounded(
+    tmp_path: Path, codec: str
+) -> None:
+    """50 versions of a random walk: the client's x̂ equals the aggregator's file bit for bit after every
+    version; x − x̂ stays one version's rounding (error feedback), where deltas without feedback drift."""
+    g = torch.Generator().manual_seed(0)
+    x = {n: torch.randn(s, generator=g) * 0.02 for n, s in SHAPES.items()}
+    recon = Reconstruction(tmp_path, SHAPES)
+    recon.reset(0, x)
+    client = {n: t.clone() for n, t in x.items()}  # version 0's snapshot is exact
+    naive = {n: t.clone() for n, t in x.items()}  # deltas of x_v - x_{v-1}, no feedback
+    previous = {n: t.clone() for n, t in x.items()}
+    gaps, naive_gaps = [], []
+    for version in range(1, 51):
+        for name in ("w", "b"):  # "frozen" never changes
+            x[name] = x[name] + torch.randn(SHAPES[name], generator=g) * 1e-3
+        came = apply(client, publish(recon, version, x, codec))
+        assert "frozen" not in came  # an unchanged tensor is not sent
+        with SafetensorsReader(recon.path(version)) as held:
+            for name in SHAPES:
+                assert torch.equal(client[name], held[name]), (version, name)
+        codec_ = choose_codec("w", SHAPES["w"], codec)
+        step = x["w"] - previous["w"]
+        meta, raw = codec_.encode(step.reshape(-1))
+        naive["w"] += codec_.decode(meta, raw, step.numel(), torch.device("cpu")).view(SHAPES["w"])
+        previous = {n: t.clone() for n, t in x.items()}
+        gaps.append(float((x["w"] - client["w"]).norm()))
+        naive_gaps.append(float((x["w"] - naive["w"]).norm()))
+        recon.prune(version)
+    assert torch.equal(client["frozen"], x["frozen"])
+    one_rounding = gaps[0]
+    assert max(gaps) < 2 * one_rounding  # bounded: one version's rounding, whatever the number of versions
+    assert naive_gaps[-1] > 3 * max(gaps)  # without feedback the errors add up (like sqrt(versions))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recon-v50.safetensors"]
+
+
+def test_delta_codecs_are_the_ones_below_16_bits() -> None:
+    assert [c for c in ("fp32", "bf16", "fp16", "int8", "nf4", "fp4") if is_delta_codec(c)] == [
+        "int8",
+        "nf4",
+        "fp4",
+    ]
+
+
+def test_a_continuing_client_and_a_late_joiner_hold_the_same_model(tmp_path: Path) -> None:
+    """nf4 versions: a client that held every version reads one delta per version (a seventh of fp32); a
+    late joiner reads the snapshot and the deltas since; both end with identical models."""
+    url = memory_url()
+    model = tiny_gpt(seed=1)
+    fp32_bytes = 4 * gpt.num_parameters(model)
+    with (
+        federation(url, "ns", tmp_path, every_update(), model_codec="nf4", snapshot_every=2),
+        Client("a", amqp_url=url, namespace="ns") as a,
+    ):
+        a.receive(model, timeout=30)
+        for seed in range(3):
+            perturb(model, 0.01, seed=seed)
+            a.send(model, num_samples=1)
+            before = a.received_bytes
+            assert a.receive(model, timeout=30).version == seed + 1
+            assert a.received_bytes - before < 0.2 * fp32_bytes  # one nf4 delta, never a snapshot
+        with Client("late", amqp_url=url, namespace="ns") as late:
+            joined = tiny_gpt(seed=9)
+            assert late.receive(joined, timeout=30).version == 3
+            # snapshot of version 2 and the delta of version 3
+            assert fp32_bytes < late.received_bytes < 1.25 * fp32_bytes
+    for (name, mine), theirs in zip(model.state_dict().items(), joined.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), name
+    state = load(tmp_path / "state" / "shard-0", torch.device("cpu"))
+    assert state is not None
+    global_model, _ = state
+    for name, value in model.state_dict().items():  # x̂ is within nf4's rounding of the global model
+        assert (value - global_model[name]).norm() <= 0.1 * global_model[name].norm() + 1e-6, name
+
+
+def test_frozen_tensors_never_travel_after_the_first_download(tmp_path: Path) -> None:
+    """A LoRA-like federation: only some tensors train; after the first snapshot the others never travel."""
+    url = memory_url()
+    model = tiny_gpt(seed=2)
+    trainable = {"head.weight", "blocks.0.attn.qkv.weight"}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    with (
+        federation(url, "ns", tmp_path, every_update(), model_codec="nf4"),
+        Client("lora", amqp_url=url, namespace="ns", trainable_only=True) as c,
+    ):
+        c.receive(model, timeout=30)
+        seen = record_streams(c)
+        for seed in range(2):
+            perturb(model, 0.01, seed=seed)
+            c.send(model, num_samples=1)
+            c.receive(model, timeout=30)
+    assert seen and {m.name for m in seen} <= trainable
+
+
+def record_streams(client: Client) -> list[wire.Message]:
+    """Decode a copy of every chunk the client reads from the models stream."""
+    seen: list[wire.Message] = []
+    get = client.transport.get
+
+    def spy(timeout: float = 0.0):  # type: ignore[no-untyped-def]
+        delivery = get(timeout=timeout)
+        if delivery is not None and delivery.queue == client.names.models_stream:
+            msg = wire.decode(delivery.body)
+            if msg.kind == wire.CHUNK:
+                seen.append(msg)
+        return delivery
+
+    client.transport.get = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_trimmed_chain_says_so(tmp_path: Path) -> None:
+    """The snapshot a late joiner needs was trimmed: the error says the version can no longer be read."""
+    from fedq.topology import Names
+    from fedq.transport import connect
+
+    url = memory_url()
+    with connect(url) as transport:
+        transport.declare(Names("ns"), 1, models_retention_bytes=100_000)  # tiny_gpt: 239 kB in fp32
+    with (
+        federation(url, "ns", tmp_path, every_update(), model_codec="nf4"),
+        Client("c", amqp_url=url, namespace="ns") as client,
+        pytest.raises(StreamError, match="can no longer be read") as caught,
+    ):
+        client.receive(tiny_gpt(), timeout=30)
+    assert caught.value.reason == "version_gone"
