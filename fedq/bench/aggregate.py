@@ -1,13 +1,14 @@
 """``fedq bench aggregate``: aggregator memory vs number of client updates, fold throughput, end-to-end time.
 
 For each client count N, a fresh aggregator process (``workers.aggregator``, FedBuff with K = N, one version)
-receives N nf4 delta updates through the local broker. Its peak RSS is the high-water mark of its own address
-space (``VmHWM``, polled from /proc while it runs, and the value the worker logs when it stops), not
-``wait4``'s ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's ``ru_maxrss`` across
-``exec``, so ``ru_maxrss`` of a process started by this one (which holds an update of model size) reports at
-least this process's RSS. ``e2e_seconds`` is the time from the first client's encode start to the
-aggregator's "folded" log line (wall clocks of one machine). In the same run, the raw broker time of the
-model's fp32 bytes (pika publish -> consume of pre-made bodies, same chunk size, persistent) is measured with
+receives N nf4 delta updates through the local broker. The delta is written to a file first and sent from it
+slice by slice (as ``fedq send`` does), so that this process holds no model beside the aggregator's. Its peak
+RSS is the high-water mark of its own address space (``VmHWM``, polled from /proc while it runs, and the value
+the worker logs when it stops), not ``wait4``'s ``ru_maxrss``: Linux carries the parent's RSS at fork into the
+child's ``ru_maxrss`` across ``exec``, so ``ru_maxrss`` of a process started by this one reports at least
+this process's RSS. ``e2e_seconds`` is the time from the first client's encode start to the aggregator's
+"folded" log line (wall clocks of one machine). In the same run, the raw broker time of the model's fp32
+bytes (pika publish -> consume of pre-made bodies, same chunk size, persistent) is measured with
 fedq.bench.stream's baseline, and fold throughput (decode + fold, no broker) is timed in this process on the
 fold device.
 """
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from fedq import wire
 from fedq.bench.stream import SHAPES, delete_namespace, raw_receive, raw_send, run_pair
 from fedq.codecs import get_codec
 from fedq.protocol import UpdateMeta, update_stream
-from fedq.safetensors import SafetensorsWriter, TensorSpec
+from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.streaming import send_container
 from fedq.topology import Names
 from fedq.transport import connect, default_url
@@ -61,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="fedq-bench-aggregate-"))
     init = work / "init.safetensors"
     _write_model(init, shapes, scale=0.02, seed=0)
-    delta = _random_model(shapes, scale=1e-3, seed=1)
+    # the clients' delta is sent from a file, read slice by slice: this process never holds a model, so the
+    # aggregator alone can take the memory (FedAdam at llama-3.2-1b: model + m + v = 3 x 5716 MiB)
+    _write_model(work / "delta.safetensors", shapes, scale=1e-3, seed=1)
+    delta = SafetensorsReader(work / "delta.safetensors")
     print(
         f"{args.shapes}: {numel / 1e9:.3f} B parameters, {fp32_bytes / 2**20:.0f} MiB fp32; device {device}"
     )
@@ -95,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         }
         rows.append(row)
         print(_describe(row), flush=True)
+    delta.close()
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -122,7 +128,7 @@ def _one_run(
     url: str,
     work: Path,
     init: Path,
-    delta: dict[str, torch.Tensor],
+    delta: SafetensorsReader,
     clients: int,
     args: argparse.Namespace,
     device: str,
@@ -253,7 +259,7 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: floa
 
 
 def _fold_throughput(
-    delta: dict[str, torch.Tensor], codec_name: str, chunk_bytes: int, device: torch.device
+    delta: SafetensorsReader, codec_name: str, chunk_bytes: int, device: torch.device
 ) -> float:
     """M parameters/s of the aggregator's fold path over (up to) 256 M parameters of encoded chunks: wire
     decode (header, checksum) + ``wire.add_tensor`` into model-sized float32 sums on the fold device."""
@@ -262,18 +268,16 @@ def _fold_throughput(
     bodies: list[bytes] = []
     names: set[str] = set()
     total = 0
-    for name, t in delta.items():
+    for name, spec in delta.specs.items():
         names.add(name)
-        flat = t.reshape(-1)
-        for lo in range(0, flat.numel(), per_chunk):
-            piece = flat[lo : lo + per_chunk]
+        for lo, piece in zip(range(0, spec.numel, per_chunk), _slices(delta, name, per_chunk), strict=True):
             bodies.append(
                 wire.encode_chunk(
                     stream="bench",
                     index=len(bodies),
                     name=name,
-                    dtype=t.dtype,
-                    shape=tuple(t.shape),
+                    dtype=spec.dtype,
+                    shape=spec.shape,
                     offset=lo,
                     count=piece.numel(),
                     codec=codec,
@@ -285,7 +289,7 @@ def _fold_throughput(
                 break
         if total >= 256 << 20:
             break
-    sums = {n: torch.zeros(t.numel(), device=device) for n, t in delta.items() if n in names}
+    sums = {n: torch.zeros(s.numel, device=device) for n, s in delta.specs.items() if n in names}
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -297,9 +301,11 @@ def _fold_throughput(
     return total / (time.perf_counter() - start) / 1e6
 
 
-def _random_model(shapes: dict[str, tuple[int, ...]], *, scale: float, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) * scale for name, shape in shapes.items()}
+def _slices(reader: SafetensorsReader, name: str, per_chunk: int) -> Iterator[torch.Tensor]:
+    """Tensor ``name`` of the file in slices of ``per_chunk`` elements, each a copy read from disk."""
+    n = reader.specs[name].numel
+    pieces = reader.stream([(name, lo, min(per_chunk, n - lo)) for lo in range(0, n, per_chunk)])
+    return (piece.clone() for piece in pieces)
 
 
 def _write_model(path: Path, shapes: dict[str, tuple[int, ...]], *, scale: float, seed: int) -> None:
@@ -313,8 +319,8 @@ def _write_model(path: Path, shapes: dict[str, tuple[int, ...]], *, scale: float
     writer.commit()
 
 
-def _params(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() for t in tensors.values())
+def _params(tensors: SafetensorsReader) -> int:
+    return sum(s.numel for s in tensors.specs.values())
 
 
 def _numel(shape: tuple[int, ...]) -> int:
