@@ -394,6 +394,20 @@ def decode_tensor(msg: Message, device: torch.device | str = "cpu") -> torch.Ten
     return x
 
 
+def decode_part(msg: Message, lo: int, hi: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Elements ``lo .. hi`` of ``decode_tensor(msg)``, decoding only what holds them where the codec can
+    (``Codec.decode_part``); the same errors, for NaN/Inf within the part."""
+    with _chunk_codec(msg) as codec:
+        x = codec.decode_part(msg.codec_meta, msg.payload, msg.count, lo, hi, torch.device(device))
+    if x.shape != (hi - lo,) or x.dtype != torch.float32:
+        raise WireError(
+            f"codec returned {tuple(x.shape)} {x.dtype} for {hi - lo} elements", reason="length_mismatch"
+        )
+    if not all_finite(x):
+        raise _nonfinite(msg)
+    return x
+
+
 def add_tensor(msg: Message, out: torch.Tensor, alpha: float) -> None:
     """``out += alpha * decode_tensor(msg)`` without the decoded copy (``Codec.decode_add``); the errors of
     ``decode_tensor``, raised before ``out`` changes, so a refused chunk never reaches a sum."""

@@ -173,6 +173,28 @@ def test_chunked_encode_equals_whole(
     assert nbytes == memoryview(payload).nbytes
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    config=st.sampled_from(CONFIGS),
+    n=st.one_of(st.integers(0, 3000), st.sampled_from([16384, 16384 * 2 + 7, 3 * 16384])),
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_decode_part_equals_the_slice_of_the_whole_decode(
+    config: tuple[str, dict[str, Any]], n: int, data: st.DataObject, seed: int
+) -> None:
+    """Any part, aligned or not, decodes to exactly the same values as the whole chunk's decode."""
+    codec = get_codec(config[0], **config[1])
+    x = _values(seed, n, "mixed", 0.02)
+    meta, payload = codec.encode(x)
+    whole = codec.decode(meta, payload, n, CPU)
+    lo = data.draw(st.integers(0, n))
+    hi = data.draw(st.integers(lo, n))
+    assert torch.equal(codec.decode_part(meta, payload, n, lo, hi, CPU), whole[lo:hi])
+    with pytest.raises(CodecError):
+        codec.decode_part(meta, payload, n, lo, n + 1, CPU)
+
+
 @pytest.mark.parametrize(
     ("name", "params", "golden"),
     [

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from fedq.aggregation.planner import Measure, Plan, Planner
-from fedq.aggregation.robust import CenteredClipping, Krum, Median, TrimmedMean, make_rule, sort_rows
+from fedq.aggregation.robust import (
+    CenteredClipping,
+    Krum,
+    Median,
+    TrimmedMean,
+    block_columns,
+    make_rule,
+    sorted_blocks,
+)
 from fedq.aggregation.server_opt import ServerOptConfig, ServerOptimizer
 from fedq.aggregation.strategies import FedAvg, FedBuff, NormBound
 from fedq.errors import ConfigError
@@ -32,13 +40,33 @@ def _ref_trimmed(column: list[float], trim: float) -> float:
 def test_median_and_trimmed_mean_match_the_reference(k: int) -> None:
     rows = torch.randn(k, 37, generator=torch.Generator().manual_seed(k))
     columns = rows.t().tolist()
-    sorted_rows = rows.clone()
-    sort_rows(sorted_rows)
-    assert torch.equal(sorted_rows, rows.sort(dim=0).values)
+    ((lo, ranks),) = sorted_blocks(rows.clone(), range(k))
+    assert lo == 0 and torch.equal(torch.stack(ranks), rows.sort(dim=0).values)
     assert Median().reduce(rows.clone()).tolist() == pytest.approx([_ref_median(c) for c in columns])
     for trim in (0.0, 0.2, 0.3):
         got = TrimmedMean(trim).reduce(rows.clone()).tolist()
         assert got == pytest.approx([_ref_trimmed(c, trim) for c in columns], abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 7, 16, 32])
+def test_sorted_blocks_give_the_wanted_ranks_of_every_column(k: int) -> None:
+    """Over several column blocks (the last one partial), with the network pruned to the wanted ranks."""
+    width = 2 * block_columns(k) + 5
+    rows = torch.randn(k, width, generator=torch.Generator().manual_seed(k))
+    reference = rows.sort(dim=0).values
+    for wanted in (
+        range(k),
+        range(k // 2, k // 2 + 1),
+        range(0, 1),
+        range(k - 1, k),
+        range(1, max(2, k - 1)),
+    ):
+        got = torch.empty(len(wanted), width)
+        blocks = 0
+        for lo, ranks in sorted_blocks(rows.clone(), wanted):
+            got[:, lo : lo + ranks[0].numel()] = torch.stack(ranks)
+            blocks += 1
+        assert blocks == 3 and torch.equal(got, reference[wanted.start : wanted.stop])
 
 
 def _ref_krum(vectors: list[np.ndarray], f: int, m: int) -> list[int]:

@@ -152,7 +152,7 @@ class Folder:
         moves: dict[str, float] = {}
         for _, factor, c, ref in window.pieces:
             start, end = max(ref.offset, window.lo), min(ref.offset + ref.count, window.hi)
-            step = self._decode(c, ref)[start - ref.offset : end - ref.offset] * (scale * factor)
+            step = self._decode(c, ref, start, end) * (scale * factor)
             after = x[start - window.lo : end - window.lo] + step
             if not self._holds(after, window.name) or not self._holds(step, window.name):
                 alone.append(c.update_id)
@@ -220,7 +220,7 @@ class Folder:
             if c.kind == "delta" and (start, end) == (ref.offset, ref.offset + ref.count):
                 wire.add_tensor(self._read(c, ref), window[start - lo : end - lo], factor)
             else:
-                values = self._decode(c, ref)[start - ref.offset : end - ref.offset]
+                values = self._decode(c, ref, start, end)
                 window[start - lo : end - lo].add_(values, alpha=factor)
             folded += end - start
         if plain:
@@ -265,7 +265,7 @@ class Folder:
             start, end = max(ref.offset, a), min(ref.offset + ref.count, b)
             if start >= end:
                 continue
-            values = self._decode(c, ref)[start - ref.offset : end - ref.offset]
+            values = self._decode(c, ref, start, end)
             rows[row, start - a : end - a].add_(values, alpha=1.0 if unit else factor)
         return rows
 
@@ -281,11 +281,14 @@ class Folder:
             d = self.server_opt.step(name, lo, d)
         flat[lo : lo + d.numel()].add_(d)
 
-    def _decode(self, c: Admitted, ref: ChunkRef) -> torch.Tensor:
-        """A staged chunk as a delta slice on the fold device (full weights minus the current global)."""
-        values = wire.decode_tensor(self._read(c, ref), self.device)
+    def _decode(self, c: Admitted, ref: ChunkRef, start: int, end: int) -> torch.Tensor:
+        """Elements ``start .. end`` of a staged chunk's tensor as a delta on the fold device (full weights
+        minus the current global). A part decodes only the codec's blocks that hold it: a window rule takes a
+        chunk in several sub-windows when K whole chunks exceed ``rows_budget``."""
+        msg = self._read(c, ref)
+        values = wire.decode_part(msg, start - ref.offset, end - ref.offset, self.device)
         if c.kind == "full":
-            values = values - self.model[ref.name].reshape(-1)[ref.offset : ref.offset + ref.count]
+            values = values - self.model[ref.name].reshape(-1)[start:end]
         return values
 
 

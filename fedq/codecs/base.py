@@ -88,6 +88,29 @@ class Codec(abc.ABC):
             raise CodecError(f"{self.name}: payload decodes to NaN or Inf", reason="nonfinite")
         out.add_(values, alpha=alpha)
 
+    def decode_part(
+        self, meta: dict[str, Any], payload: Buffer, count: int, lo: int, hi: int, device: torch.device
+    ) -> torch.Tensor:
+        """Elements ``lo .. hi`` of ``decode(meta, payload, count)``, decoding only the alignment units that
+        hold them where the payload can be cut (``cut``): a window rule's fold takes a chunk in several
+        sub-windows when K whole chunks would exceed its memory, and would otherwise decode it once per piece.
+        """
+        self.check_payload(meta, payload, count)
+        if not 0 <= lo <= hi <= count:
+            raise CodecError(f"{self.name}: part {lo}..{hi} outside {count} elements", reason="codec_size")
+        a = lo - lo % self.alignment
+        b = min(count, -(-hi // self.alignment) * self.alignment)
+        part = None if (a, b) == (0, count) else self.cut(payload, count, a, b)
+        if part is None:
+            return self.decode(meta, payload, count, device)[lo:hi]
+        return self.decode(meta, part, b - a, device)[lo - a : hi - a]
+
+    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer | None:
+        """The payload of elements ``a .. b`` of a checked payload of ``count`` (``a`` a multiple of
+        ``alignment``, ``b`` one too or ``count``), decodable on its own with the chunk's meta; None where the
+        payload cannot be cut (this default)."""
+        return None
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{self.name}({params})"

@@ -111,6 +111,13 @@ class Int8(Codec):
     def payload_nbytes(self, count: int) -> int:
         return 4 * -(-count // self.block) + count
 
+    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
+        """absmax of the blocks of a..b | their codes."""
+        buf = memoryview(payload)
+        nblocks = -(-count // self.block)
+        first, last = a // self.block, -(-b // self.block)
+        return b"".join((buf[4 * first : 4 * last], buf[4 * nblocks + a : 4 * nblocks + b]))
+
     @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
@@ -316,6 +323,22 @@ class FourBit(Codec):
     def payload_nbytes(self, count: int) -> int:
         nblocks, ngroups = self._sizes(count)
         return 8 * ngroups + nblocks + -(-count // 2)
+
+    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
+        """Each section cut to the groups, blocks and bytes of a..b (``a`` starts a group, so a byte too)."""
+        buf = memoryview(payload)
+        nblocks, ngroups = self._sizes(count)
+        blocks = slice(a // self.block, -(-b // self.block))
+        groups = slice(a // self.alignment, -(-b // self.alignment))
+        codes = 8 * ngroups + nblocks
+        return b"".join(
+            (
+                buf[4 * groups.start : 4 * groups.stop],
+                buf[4 * (ngroups + groups.start) : 4 * (ngroups + groups.stop)],
+                buf[8 * ngroups + blocks.start : 8 * ngroups + blocks.stop],
+                buf[codes + a // 2 : codes + -(-b // 2)],
+            )
+        )
 
     @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:

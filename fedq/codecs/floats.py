@@ -27,6 +27,9 @@ class Fp32(Codec):
     def payload_nbytes(self, count: int) -> int:
         return 4 * count
 
+    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
+        return memoryview(payload)[4 * a : 4 * b]
+
     @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
@@ -58,6 +61,9 @@ class Bf16(Codec):
     def payload_nbytes(self, count: int) -> int:
         return 2 * count
 
+    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
+        return memoryview(payload)[2 * a : 2 * b]
+
     @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
         x = self.check_input(x)
@@ -77,6 +83,9 @@ class Fp16(Codec):
 
     def payload_nbytes(self, count: int) -> int:
         return 2 * count
+
+    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
+        return memoryview(payload)[2 * a : 2 * b]
 
     @kernel
     def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
