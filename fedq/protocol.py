@@ -7,8 +7,8 @@ this module owns what those frames *mean* between the two sides of a federation:
   announcement;
 - **update metadata**: what a client's update manifest says besides its tensors (``UpdateMeta``);
 - **announcements**: the small message on the versions stream that tells clients a version is ready;
-- **control messages** between aggregator shards: ``Committed``, ``Stepped`` and ``GramPart`` reports to the
-  leader, and the leader's ``Plan`` and ``Measure`` requests.
+- **control messages** between aggregator shards: ``Committed``, ``Folded``, ``Stepped`` and ``GramPart``
+  reports to the leader, and the leader's ``Plan``, ``Commit``, ``Abort`` and ``Measure`` requests.
 
 Everything that arrives is untrusted: each ``parse`` checks types and bounds and raises a typed error with
 a reason slug (``RejectedUpdate`` "bad_manifest" for update metadata, ``StreamError`` "bad_announcement" /
@@ -18,6 +18,7 @@ these fields, so a field renamed here is renamed for both sides.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -324,6 +325,64 @@ class Plan:
         )
 
 
+def plan_id(plan: Plan) -> str:
+    """A plan's identity: a version re-planned after a refused fold has the same number but another plan, and
+    a shard's answer about one must never count for the other."""
+    text = json.dumps(plan.to_json(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A shard folded plan ``plan_id`` of ``version`` (to the leader): it holds the result, uncommitted, when
+    ``refused`` is empty; else the fold failed (``reason``), the shard restored its model, and ``refused``
+    names the updates that caused it. Nothing becomes a version until every shard's fold holds."""
+
+    shard: int
+    version: int
+    plan_id: str
+    refused: tuple[str, ...] = ()
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "folded", **asdict(self), "refused": list(self.refused)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Folded:
+        refused = data.get("refused", [])
+        if not isinstance(refused, list) or not all(isinstance(u, str) for u in refused):
+            raise ValueError("refused must be a list of strings")
+        shard, version = int(data["shard"]), int(data["version"])
+        return Folded(shard, version, str(data["plan_id"]), tuple(refused), str(data["reason"]))
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Every shard's fold of ``plan`` held: make it the version (to the followers). It carries the plan, so a
+    follower that restarted since it folded folds it again."""
+
+    plan: Plan
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "commit", "plan": self.plan.to_json()}
+
+
+@dataclass(frozen=True)
+class Abort:
+    """A shard's fold of plan ``plan_id`` failed: restore the model, the plan never becomes a version (to the
+    followers; the refused updates are dropped by the next plan)."""
+
+    version: int
+    plan_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "abort", **asdict(self)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Abort:
+        return Abort(int(data["version"]), str(data["plan_id"]))
+
+
 @dataclass(frozen=True)
 class Committed:
     """A shard holds its complete, valid slice of an update (to the leader)."""
@@ -431,7 +490,7 @@ class GramPart:
         return GramPart(int(data["shard"]), measure.version, measure.update_ids, matrix)
 
 
-Control = Committed | Stepped | Plan | Measure | GramPart
+Control = Committed | Folded | Stepped | Plan | Commit | Abort | Measure | GramPart
 
 
 def encode_control(message: Control) -> bytes:
@@ -455,6 +514,12 @@ def parse_control(body: bytes) -> Control:
             return Committed.from_json(data)
         if kind == "stepped":
             return Stepped.from_json(data)
+        if kind == "folded":
+            return Folded.from_json(data)
+        if kind == "commit":
+            return Commit(Plan.from_json(data["plan"]))
+        if kind == "abort":
+            return Abort.from_json(data)
         if kind == "measure":
             return Measure.from_json(data)
         if kind == "gram":

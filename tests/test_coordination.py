@@ -1,5 +1,6 @@
 """The leader's bookkeeping as decisions: announcements once every shard stepped, plans journaled, the journal
-replayed after a restart (reports fed again, a decided plan re-applied)."""
+replayed after a restart (reports fed again, a decided plan re-applied), a plan committed only once every
+shard's fold of it held and aborted at the first that did not."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fedq.aggregation.coordination import Leader, check_route, follow
+from fedq.aggregation.coordination import Leader, Recommit, Verdict, check_route, follow
 from fedq.aggregation.planner import Planner
 from fedq.aggregation.strategies import FedBuff, NormBound
 from fedq.errors import StreamError
-from fedq.protocol import Committed, Plan, Stepped
+from fedq.protocol import Abort, Commit, Committed, Folded, Plan, Stepped, plan_id
 
 
 def leader(tmp_path: Path, shards: int = 2) -> Leader:
@@ -52,6 +53,36 @@ def test_routes_and_follow() -> None:
         check_route(Stepped(1, 1, 0), 1)
     with pytest.raises(StreamError):
         check_route(Plan(1, 1.0, []), 0)
+    check_route(Folded(1, 1, "p"), 0)
+    for message in (Commit(Plan(1, 1.0, [])), Abort(1, "p")):
+        check_route(message, 1)
+        with pytest.raises(StreamError):
+            check_route(message, 0)
     assert follow(Plan(2, 1.0, []), 1) and not follow(Plan(1, 1.0, []), 1)
     with pytest.raises(StreamError):
         follow(Plan(3, 1.0, []), 1)
+
+
+def test_a_plan_is_committed_when_every_fold_held(tmp_path: Path) -> None:
+    lead = leader(tmp_path, shards=3)
+    plan = Plan(1, 1.0, [])
+    lead.prepare(plan)
+    assert lead.plan(0.0, version=0, announced=0, max_versions=0) is None  # nothing planned meanwhile
+    assert lead.on_folded(Folded(0, 1, plan_id(plan)), 0, None) is None
+    assert lead.on_stepped(Stepped(2, 1, 5), version=0, announced=0) is None  # committed before a restart
+    assert lead.on_folded(Folded(1, 1, plan_id(plan)), 0, None) == Verdict(plan)
+    assert lead.pending is None
+    # a shard that folded it again after the commit (it restarted) is sent the commit again
+    assert lead.on_folded(Folded(1, 1, plan_id(plan)), 1, plan) == Recommit(1, plan)
+
+
+def test_the_first_failed_fold_aborts_the_plan_and_stale_answers_change_nothing(tmp_path: Path) -> None:
+    lead = leader(tmp_path, shards=3)
+    plan, again = Plan(1, 1.0, []), Plan(1, 0.5, [])
+    lead.prepare(plan)
+    assert lead.on_folded(Folded(0, 1, plan_id(plan)), 0, None) is None
+    verdict = lead.on_folded(Folded(2, 1, plan_id(plan), ("m",), "nonfinite_result"), 0, None)
+    assert verdict == Verdict(plan, ("m",), "nonfinite_result")
+    lead.prepare(again)
+    assert lead.on_folded(Folded(1, 1, plan_id(plan)), 0, None) is None  # about the aborted plan
+    assert lead.answers == {}

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fedq import metrics
+from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedAvg, FedBuff, Strategy
 from fedq.broker import Management, add_client
@@ -27,11 +28,19 @@ from fedq.codecs import get_codec
 from fedq.metrics import current_rss_bytes
 from fedq.protocol import UpdateMeta
 from fedq.safetensors import save_file
-from fedq.streaming import iter_container
+from fedq.streaming import iter_container, shard_of
 from fedq.topology import Names
 from fedq.transport import Transport, connect
 from fedq.transport.base import REASON_HEADER, USER_HEADER
-from tests.aggregation_helpers import assert_close, delta_for, model_of, small_model, state, wait_version
+from tests.aggregation_helpers import (
+    assert_close,
+    delta_for,
+    model_of,
+    send_update,
+    small_model,
+    state,
+    wait_version,
+)
 from tests.test_broker_security import client_url
 
 pytestmark = pytest.mark.broker
@@ -245,6 +254,100 @@ def test_finding_4_a_non_finite_fold_is_never_published(federation: dict[str, An
     assert_close(model, {n: x0[n].float() + b[n] for n in x0})  # m1, a1 and m2 refused; b and b2 folded
     assert _rejected("nonfinite_result") - refused == 3  # at plan time: counted and logged (acked before)
     assert state(fed["tmp"] / "state")["version"] == 1
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_a_followers_refused_fold_is_refused_on_every_shard_and_the_version_comes(
+    federation: dict[str, Any],
+) -> None:
+    """Two shards, a float16 model, FedAvgM on the server: mallory's update is 50 on shard 0's tensors (the
+    leader's fold of it holds, and moves the momentum) and 2e5 on shard 1's (beyond 65504: the follower's fold
+    does not). The follower says so; the leader aborts the plan on every shard (its own fold and momentum
+    restored), refuses mallory's update, and makes version 1 from alice's and bob's: the same on both shards,
+    announced, the momentum that of the honest step alone. (It used to stall: the follower refused the plan
+    and the leader waited for its "stepped" for ever.)"""
+    fed, names = federation, federation["names"]
+    x0 = {n: t.half() for n, t in small_model().items()}
+    on = shard_of({n: 4 * t.numel() for n, t in x0.items()}, 2)
+    assert set(on.values()) == {0, 1}
+    m = {n: torch.full(t.shape, 50.0 if on[n] == 0 else 2e5) for n, t in x0.items()}
+    a, b = delta_for(1, small_model()), delta_for(2, small_model())
+    init = save_file(x0, fed["tmp"] / "init.safetensors")
+    workers = [
+        Running(
+            fed["amqp_url"],
+            Settings(
+                names=names,
+                strategy=fedbuff(2),
+                init=init,
+                state_dir=fed["tmp"] / "state",
+                shard=shard,
+                shards=2,
+                server_opt=ServerOptConfig("avgm"),
+            ),
+        )
+        for shard in (0, 1)
+    ]
+    refused = _rejected("nonfinite_result")
+    try:
+        with connect(fed["urls"]["mallory"]) as mallory, connect(fed["urls"]["alice"]) as alice:
+            send_update(mallory, names, m, shards=2, update_id="m", base_version=0)
+            time.sleep(0.5)  # mallory's completes first: the first plan is {m, a}
+            send_update(alice, names, a, shards=2, update_id="a", base_version=0)
+        leader = workers[0].aggregator.leader
+        _wait(lambda: bool(leader is not workers[0].aggregator.leader), 30, "the plan's abort")
+        assert [reason for _, reason in workers[0].aggregator.leader.drops] == ["nonfinite_result"]
+        with connect(fed["urls"]["bob"]) as bob:
+            send_update(bob, names, b, shards=2, update_id="b", base_version=0)
+        wait_version(fed["tmp"] / "state", 1, timeout=30, shards=2)
+        assert all(w.alive() for w in workers)
+    finally:
+        for w in workers:
+            w.close()
+    step = {n: (a[n] + b[n]) / 2 for n in x0}
+    assert_close(model_of(fed["tmp"] / "state", 2), {n: x0[n].float() + step[n] for n in x0})
+    momentum = model_of(fed["tmp"] / "state", 2, prefix=STATE_PREFIX)
+    assert_close(momentum, {f"{STATE_PREFIX}m/{n}": step[n].reshape(-1) for n in x0})
+    assert state(fed["tmp"] / "state")["announced"] == 1
+    assert state(fed["tmp"] / "state", 1)["version"] == 1
+    assert _rejected("nonfinite_result") - refused == 2  # dropped by version 1's plan: counted by each shard
+
+
+def test_a_refused_fold_leaves_the_server_optimizers_state(federation: dict[str, Any]) -> None:
+    """One shard, FedAvgM, one fold thread: mallory's update is 50 on every tensor but the last (those windows
+    fold, and move the momentum) and 2e5 on the last (beyond float16: refused). The model and the momentum go
+    back to version 0's (restoring used to end the process: the checkpoint's optimizer tensors are not model
+    tensors), and version 1 is the honest step alone."""
+    fed, names = federation, federation["names"]
+    x0 = {n: t.half() for n, t in small_model().items()}
+    last = list(x0)[-1]
+    m = {n: torch.full(t.shape, 2e5 if n == last else 50.0) for n, t in x0.items()}
+    a, b = delta_for(1, small_model()), delta_for(2, small_model())
+    worker = start(fed, fedbuff(2), x0, server_opt=ServerOptConfig("avgm"), fold_threads=1)
+    try:
+        with connect(fed["urls"]["mallory"]) as mallory, connect(fed["urls"]["alice"]) as alice:
+            publish(mallory, names, messages(m, "m"))
+            time.sleep(0.5)
+            publish(alice, names, messages(a, "a"))
+        leader = worker.aggregator.leader
+        _wait(lambda: bool(leader is not worker.aggregator.leader), 30, "the plan's abort")
+        with connect(fed["urls"]["bob"]) as bob:
+            publish(bob, names, messages(b, "b"))
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        assert worker.alive()
+    finally:
+        worker.close()
+    step = {n: (a[n] + b[n]) / 2 for n in x0}
+    assert_close(model_of(fed["tmp"] / "state"), {n: x0[n].float() + step[n] for n in x0})
+    momentum = model_of(fed["tmp"] / "state", prefix=STATE_PREFIX)
+    assert_close(momentum, {f"{STATE_PREFIX}m/{n}": step[n].reshape(-1) for n in x0})
 
 
 def test_findings_7_8_samples_cap_share_limit_and_empty_updates(federation: dict[str, Any]) -> None:

@@ -62,8 +62,13 @@ def test_announcement_round_trip_and_refusals() -> None:
 
 def test_control_messages_round_trip() -> None:
     plan = Plan(3, 0.5, [PlanEntry("u", 2.0, "alice", 1, True)], [("v", "stale")])
-    for message in (Committed(1, "u", "alice", 2, 10, 4.0), Stepped(1, 3, 17), plan):
+    folded = protocol.Folded(1, 3, protocol.plan_id(plan), ("u",), "nonfinite_result")
+    abort = protocol.Abort(3, protocol.plan_id(plan))
+    for message in (Committed(1, "u", "alice", 2, 10, 4.0), Stepped(1, 3, 17), plan, folded, abort):
         assert protocol.parse_control(protocol.encode_control(message)) == message
+    commit = protocol.parse_control(protocol.encode_control(protocol.Commit(plan)))
+    assert isinstance(commit, protocol.Commit) and commit.plan == plan
+    assert protocol.plan_id(commit.plan) == protocol.plan_id(plan) != protocol.plan_id(Plan(3, 0.5, []))
 
 
 @pytest.mark.parametrize(
@@ -76,6 +81,9 @@ def test_control_messages_round_trip() -> None:
         b'{"type": "committed", "shard": 0}',
         b'{"type": "stepped", "shard": "x", "version": 1, "models_offset": 0}',
         b'{"type": "reboot"}',
+        b'{"type": "folded", "shard": 1, "version": 1, "plan_id": "x", "refused": "u", "reason": ""}',
+        b'{"type": "commit"}',
+        b'{"type": "abort", "version": "one", "plan_id": "x"}',
     ],
 )
 def test_control_parser_refuses_with_a_reason(body: bytes) -> None:

@@ -3,6 +3,10 @@ I/O on the broker.
 
 Shard 0 leads: it collects "committed" reports (a shard holds its complete slice of an update) into its
 ``Planner``, decides each version's plan, and announces a version once every shard reported "stepped" to it.
+A plan becomes a version in two phases: every shard folds it and answers ``Folded`` (its fold holds, kept
+uncommitted, or it failed and names the updates that caused it); once every shard's fold holds the leader
+commits (``Commit``), at the first that does not it aborts (``Abort``) and refuses those updates on every
+shard, so no shard waits forever for a fold another refused and no two shards step differently.
 The leader journals what it learned before acting on it (``leader.journal``: one JSON document per line,
 fsynced), so a restart replays the reports and re-applies a plan that was decided but not checkpointed. The
 service carries the decisions out: it sends plans and reports on the control exchange, applies plans and
@@ -22,7 +26,7 @@ import numpy as np
 
 from fedq.aggregation.planner import Planner
 from fedq.errors import StreamError
-from fedq.protocol import Committed, Control, GramPart, Plan, Stepped
+from fedq.protocol import Committed, Control, Folded, GramPart, Plan, Stepped, plan_id
 
 JOURNAL = "leader.journal"
 
@@ -48,9 +52,28 @@ class Replay:
     resend: Plan | None = None
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Every shard answered the pending ``plan``: commit it, or (``reason`` set: a shard's fold failed) abort
+    it and refuse ``refused`` on every shard."""
+
+    plan: Plan
+    refused: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Recommit:
+    """Send ``Commit(plan)`` to ``shard`` again: it folded a plan the leader has committed already (one of the
+    two restarted in between)."""
+
+    shard: int
+    plan: Plan
+
+
 def check_route(message: Control, shard: int) -> None:
-    """Plans go to followers, reports to the leader; anything else is refused."""
-    to_leader = isinstance(message, Committed | Stepped | GramPart)
+    """Plans, commits, aborts and measures go to followers, reports to the leader; the rest is refused."""
+    to_leader = isinstance(message, Committed | Folded | Stepped | GramPart)
     if to_leader != (shard == 0):
         kind = type(message).__name__.lower()
         raise StreamError(f"control message {kind!r} is not for shard {shard}", reason="bad_control")
@@ -80,6 +103,8 @@ class Leader:
         self.shards = shards
         self.stepped: dict[int, dict[int, Stepped]] = {}  # version -> shard -> its report
         self.drops: list[tuple[str, str]] = []  # refused outside the planner: in the next plan's dropped
+        self.pending: Plan | None = None  # the plan the shards are folding; nothing is planned meanwhile
+        self.answers: dict[int, Folded] = {}  # the pending plan's answers so far, by shard
 
     def committed(
         self, report: Committed, finished_updates: Collection[str], *, journal: bool, now: float
@@ -105,11 +130,15 @@ class Leader:
         again)."""
         self.planner.gram(part.shard, part.version, list(part.update_ids), np.array(part.matrix))
 
-    def on_stepped(self, report: Stepped, version: int, announced: int) -> Announce | None:
-        """The announcement that is due once every shard has stepped to the current version, if any."""
+    def on_stepped(self, report: Stepped, version: int, announced: int) -> Announce | Verdict | None:
+        """The announcement that is due once every shard has stepped to the current version, if any. A shard
+        that stepped to the pending plan's version has committed it before the leader restarted: its fold
+        held (the verdict, when it was the last answer)."""
         if report.version <= announced:
             return None
         self.stepped.setdefault(report.version, {})[report.shard] = report
+        if self.pending is not None and report.version == self.pending.version:
+            return self._answer(Folded(report.shard, report.version, plan_id(self.pending)))
         if report.version == version and len(self.stepped[report.version]) == self.shards:
             reports = self.stepped.pop(report.version).values()
             return Announce(
@@ -120,9 +149,39 @@ class Leader:
             )
         return None
 
+    def prepare(self, plan: Plan) -> None:
+        """Every shard folds ``plan`` now; wait for their answers."""
+        self.pending = plan
+        self.answers = {}
+
+    def on_folded(self, report: Folded, version: int, last_plan: Plan | None) -> Verdict | Recommit | None:
+        """A shard's answer: the verdict once it is due (all folds held, or the first that did not); a
+        ``Recommit`` for an answer about a plan committed already; None otherwise (a stale answer about an
+        aborted plan changes nothing)."""
+        if self.pending is not None and report.plan_id == plan_id(self.pending):
+            return self._answer(report)
+        committed = (
+            last_plan is not None and last_plan.version == report.version <= version and not report.reason
+        )
+        if committed and last_plan is not None and plan_id(last_plan) == report.plan_id:
+            return Recommit(report.shard, last_plan)
+        return None
+
+    def _answer(self, report: Folded) -> Verdict | None:
+        assert self.pending is not None
+        self.answers[report.shard] = report
+        if report.reason:  # the first refusal decides: what the other shards answer no longer matters
+            plan, self.pending = self.pending, None
+            return Verdict(plan, report.refused, report.reason)
+        if len(self.answers) == self.shards:
+            plan, self.pending = self.pending, None
+            return Verdict(plan)
+        return None
+
     def plan(self, now: float, *, version: int, announced: int, max_versions: int) -> Plan | None:
-        """The next version's plan, journaled, once the last one is announced and the strategy is ready."""
-        if announced < version or (max_versions and version >= max_versions):
+        """The next version's plan, journaled, once the last one is announced, no plan is being folded, and
+        the strategy is ready."""
+        if self.pending is not None or announced < version or (max_versions and version >= max_versions):
             return None
         plan = self.planner.plan(now)
         if plan is not None:
@@ -132,7 +191,7 @@ class Leader:
         return plan
 
     def drop(self, refused: list[tuple[str, str]]) -> None:
-        """(update id, reason) refused by the leader's fold: the next plan tells every shard to drop them."""
+        """(update id, reason) refused by a shard's fold: the next plan tells every shard to drop them."""
         self.drops.extend(refused)
 
     def cancel(self, version: int) -> None:

@@ -16,14 +16,19 @@ Life of an update on shard i (one container stream per shard, see fedq/docs/arch
    after a restart (notes are not persisted; the staged bytes are, so they are recomputed), or for a "full"
    update whose global moved since the chunk arrived.
 3. The leader's ``Planner`` decides the next version: which updates, with which fold factors, and the step's
-   scale. It journals the plan (fsync), sends it to every other shard on the control exchange, and applies it
+   scale. It journals the plan (fsync), sends it to every other shard on the control exchange, and folds it
    itself.
-4. Applying a plan: each tensor is folded one window (one chunk of the planned update with the largest
+4. Folding a plan: each tensor is folded one window (one chunk of the planned update with the largest
    chunks) at a time: the planned updates' staged chunks over the window are decoded (the only decode at
    plan time; a delta chunk straight into the sum, without a decoded copy) and folded into a window-sized
    ``Accumulator``, then x[window] += scale · Σ fᵢ Δᵢ[window] (a lone delta goes into x directly). So
-   memory is the global model + a chunk or two, however many clients and however large a tensor. The
-   checkpoint (model + state: version, finished streams, leader state) is written atomically, the covered
+   memory is the global model + a chunk or two, however many clients and however large a tensor. The fold
+   stays uncommitted (``Prepared``) and the shard answers "folded" to the leader: its fold holds, or it
+   failed (``fold.FoldError``: the model and server-optimizer state are restored from the checkpoint, and
+   the answer names the updates that caused it). At the first failed fold the leader aborts the plan on every
+   shard, refuses those updates (the next plan drops them everywhere) and plans again; once every fold held
+   it commits. Committing: the checkpoint (model + state: version, finished streams, leader state) is
+   written atomically, the covered
    staging files are deleted, this shard's part of the model is published on the models exchange (streamed
    from the model tensors, no copy), "stepped" is reported to the leader, and only then is the plan delivery
    acked.
@@ -61,7 +66,7 @@ import torch
 from fedq import metrics, protocol, wire
 from fedq.aggregation import admission, checkpoint, initial
 from fedq.aggregation.admission import Admitted
-from fedq.aggregation.coordination import Announce, Leader, check_route, follow
+from fedq.aggregation.coordination import Announce, Leader, Recommit, Verdict, check_route, follow
 from fedq.aggregation.fold import Folder, FoldError
 from fedq.aggregation.planner import Plan, Planner
 from fedq.aggregation.privacy import DpConfig, Privacy
@@ -72,7 +77,17 @@ from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
 from fedq.codecs import ErrorFeedback, choose_codec
 from fedq.errors import ConfigError, RejectedUpdate, StreamError, WireError
-from fedq.protocol import MAX_CLIENT_METRICS, Committed, GramPart, Measure, PlanEntry, Stepped
+from fedq.protocol import (
+    MAX_CLIENT_METRICS,
+    Abort,
+    Commit,
+    Committed,
+    Folded,
+    GramPart,
+    Measure,
+    PlanEntry,
+    Stepped,
+)
 from fedq.reconstruction import SNAPSHOT_CODEC, Reconstruction, delta_bytes, is_delta_codec
 from fedq.safetensors import SafetensorsReader
 from fedq.streaming import send_container, shard_of
@@ -127,6 +142,18 @@ class Settings:
     max_user_bytes: int = 0  # bytes one user may have staged; 0: 4 x this shard's model in fp32 + 64 MiB
 
 
+@dataclass
+class Prepared:
+    """A plan folded into the model, not committed yet: it becomes the version at the leader's ``Commit``."""
+
+    plan: Plan
+    plan_id: str
+    entries: list[tuple[PlanEntry, Admitted]]
+    folded: int  # update elements folded
+    fold_seconds: float
+    started: float  # monotonic time the step began
+
+
 class Aggregator:
     """One shard worker: the loop and all its I/O. ``run`` loops until ``max_versions`` is reached or ``stop``
     is set. What to accept is ``admission``'s call, what to fold ``fold``'s, what the leader does next
@@ -170,6 +197,7 @@ class Aggregator:
         # versions as deltas: x̂, the clients' reconstruction, on disk (fedq.reconstruction)
         delta = is_delta_codec(settings.model_codec)
         self.recon = Reconstruction(self.dir, self.shapes) if delta else None
+        self.prepared: Prepared | None = None  # a fold waiting for the leader's commit
         self._load()
         self.folder = Folder(
             self.model,
@@ -543,21 +571,31 @@ class Aggregator:
 
     def _on_stepped(self, report: Stepped) -> None:
         assert self.leader is not None
-        announce = self.leader.on_stepped(report, self.state.version, self.state.announced)
-        if announce is not None:
-            self._announce(announce)
+        decision = self.leader.on_stepped(report, self.state.version, self.state.announced)
+        if isinstance(decision, Announce):
+            self._announce(decision)
+        else:
+            self._decide(decision)
 
     def _on_control(self, delivery: Delivery) -> None:
         message = protocol.parse_control(delivery.body)
         check_route(message, self.s.shard)
         if isinstance(message, Plan):
             if follow(message, self.state.version):
-                self._step(message, send=False)
+                self._prepare(message)
             else:
                 self._report_stepped()  # a replayed plan: the leader is waiting to hear it again
+        elif isinstance(message, Commit):
+            self._on_commit(message.plan)
+        elif isinstance(message, Abort):
+            if self.prepared is not None and self.prepared.plan_id == message.plan_id:
+                self._discard_prepared()
         elif isinstance(message, Committed):
             assert self.leader is not None
             self.leader.committed(message, self.state.finished_updates, journal=True, now=time.monotonic())
+        elif isinstance(message, Folded):
+            assert self.leader is not None
+            self._decide(self.leader.on_folded(message, self.state.version, self.state.last_plan))
         elif isinstance(message, Measure):
             self._gram(message)
         elif isinstance(message, GramPart):
@@ -601,7 +639,7 @@ class Aggregator:
 
     def _maybe_plan(self) -> None:
         assert self.leader is not None
-        if self._final():
+        if self._final() or self.leader.pending is not None:
             return
         plan = self.leader.plan(
             time.monotonic(),
@@ -610,7 +648,7 @@ class Aggregator:
             max_versions=self.s.max_versions,
         )
         if plan is not None:
-            self._step(plan, send=True)
+            self._step(plan)
             return
         request = self.leader.planner.measure_request()
         if request is not None:
@@ -635,26 +673,98 @@ class Aggregator:
         )
         if replay.reapply is not None:
             log.info("shard 0: re-applying journaled plan for version %d", replay.reapply.version)
-            self._step(replay.reapply, send=True)
+            self._step(replay.reapply)
         elif replay.resend is not None:
             self._send_plan(replay.resend)  # ask the other shards to report "stepped" again
 
     # the step -----------------------------------------------------------------------------------------------
-    def _step(self, plan: Plan, *, send: bool) -> None:
-        """Fold the plan; only a fold that holds becomes a version (the leader sends it to the other shards
-        then: they never fold a plan the leader refused). A fold that fails restores the model and refuses
-        the updates that caused it, never ends the process."""
+    def _step(self, plan: Plan) -> None:
+        """The leader's step: every shard folds the plan (the followers while the leader does), and it becomes
+        a version only once every shard's fold holds (``_decide``)."""
+        assert self.leader is not None
+        self.leader.prepare(plan)
+        self._send_plan(plan)
+        self._decide(self.leader.on_folded(self._fold(plan), self.state.version, self.state.last_plan))
+
+    def _prepare(self, plan: Plan) -> None:
+        """A follower's fold of a plan, answered to the leader; the result stays uncommitted until its
+        ``Commit``. A plan folded already (the leader restarted) is answered again without folding."""
+        pid = protocol.plan_id(plan)
+        if self.prepared is not None and self.prepared.plan_id != pid:
+            self._discard_prepared()  # another plan of the version: the one it replaces was aborted
+        report = Folded(self.s.shard, plan.version, pid) if self.prepared is not None else self._fold(plan)
+        self._control(0, report)
+        self.t.flush()
+
+    def _fold(self, plan: Plan) -> Folded:
+        """Fold the plan into the model, uncommitted (``prepared``); a fold that fails restores the model and
+        names the updates that caused it, never ends the process."""
+        pid = protocol.plan_id(plan)
         try:
             started = time.monotonic()
             entries = self._planned(plan)
             t0 = time.perf_counter()
             folded = self.folder.fold(entries, plan)
         except FoldError as exc:
-            self._fold_failed(plan, exc)
+            self._restore_model()
+            culprits = exc.update_ids or (self.folder.culprits(exc.window, plan.scale) if exc.window else [])
+            log.error(
+                "shard %d: plan for version %d not applied (%s): %s; refusing %s",
+                self.s.shard,
+                plan.version,
+                exc.reason,
+                exc,
+                culprits,
+            )
+            return Folded(self.s.shard, plan.version, pid, tuple(culprits), exc.reason)
+        self.prepared = Prepared(plan, pid, entries, folded, time.perf_counter() - t0, started)
+        return Folded(self.s.shard, plan.version, pid)
+
+    def _on_commit(self, plan: Plan) -> None:
+        """A follower makes the committed plan its version; one it no longer holds folded (it restarted since
+        it answered) is folded again first."""
+        if plan.version <= self.state.version:
+            self._report_stepped()
             return
-        if send:
-            self._send_plan(plan)
-        self._apply(plan, entries, folded, time.perf_counter() - t0, started)
+        if self.prepared is None or self.prepared.plan_id != protocol.plan_id(plan):
+            self._discard_prepared()
+            follow(plan, self.state.version)
+            report = self._fold(plan)
+            if report.reason:
+                raise StreamError(
+                    f"plan {plan.version} is committed, but shard {self.s.shard} folded it before and cannot "
+                    f"fold it again ({report.reason}: {', '.join(report.refused)}); its staging changed",
+                    reason=report.reason,
+                )
+        self._commit()
+
+    def _decide(self, decision: Verdict | Recommit | None) -> None:
+        """Carry out the leader's decision on the shards' answers."""
+        if isinstance(decision, Recommit):
+            self._control(decision.shard, Commit(decision.plan))
+            self.t.flush()
+        elif isinstance(decision, Verdict) and not decision.reason:
+            for shard in range(1, self.s.shards):
+                self._control(shard, Commit(decision.plan))
+            self.t.flush()
+            self._commit()
+        elif isinstance(decision, Verdict):
+            self._discard_prepared()
+            for shard in range(1, self.s.shards):
+                self._control(shard, Abort(decision.plan.version, protocol.plan_id(decision.plan)))
+            self.t.flush()
+            self._refuse(decision.plan, list(decision.refused), decision.reason)
+
+    def _commit(self) -> None:
+        assert self.prepared is not None
+        p, self.prepared = self.prepared, None
+        self._apply(p.plan, p.entries, p.folded, p.fold_seconds, p.started)
+
+    def _discard_prepared(self) -> None:
+        """Forget an uncommitted fold: the model and the server optimizer's state go back to the version's."""
+        if self.prepared is not None:
+            self.prepared = None
+            self._restore_model()
 
     def _planned(self, plan: Plan) -> list[tuple[PlanEntry, Admitted]]:
         entries = []
@@ -670,30 +780,17 @@ class Aggregator:
             entries.append((entry, c))
         return entries
 
-    def _fold_failed(self, plan: Plan, exc: FoldError) -> None:
-        """Restore the model of the current version; on the leader, refuse the culprits and plan again."""
-        self._restore_model()
-        culprits = exc.update_ids or (self.folder.culprits(exc.window, plan.scale) if exc.window else [])
-        log.error(
-            "shard %d: plan for version %d not applied (%s): %s; refusing %s",
-            self.s.shard,
-            plan.version,
-            exc.reason,
-            exc,
-            culprits,
-        )
-        if self.leader is None:
-            # a follower cannot re-plan: it refuses the plan and stays at its version (nothing is published)
-            raise StreamError(f"plan {plan.version} refused: {exc}", reason=exc.reason)
+    def _refuse(self, plan: Plan, culprits: list[str], reason: str) -> None:
+        """The leader after an aborted plan: refuse the culprits, forget the plan, and plan again (every shard
+        drops the culprits with the next version)."""
+        assert self.leader is not None
         for key in culprits:  # counted by every shard when the next plan drops them
             c = self.complete.pop(key, None)
             self.state.finish(self.state.finished_updates, key)
             if c is not None:
                 self._refuse_stream(c.staged.key)
         # the next plan drops what this one did (it is cancelled) and the culprits, once each
-        drops = list(
-            dict([*plan.dropped, *self.leader.drops, *((key, exc.reason) for key in culprits)]).items()
-        )
+        drops = list(dict([*plan.dropped, *self.leader.drops, *((key, reason) for key in culprits)]).items())
         self.leader = self._new_leader(restore=True)
         self.leader.cancel(plan.version)
         self.leader.drop(drops)
@@ -702,10 +799,16 @@ class Aggregator:
             self._report_committed(c)
 
     def _restore_model(self) -> None:
+        """The model and the server optimizer's state of the current version, from its checkpoint: a fold that
+        does not become a version leaves neither moved."""
         loaded = load(self.dir, self.s.device)
         assert loaded is not None  # a shard always has a checkpoint once constructed
+        tensors = loaded[0]
+        saved = {n: tensors.pop(n) for n in [n for n in tensors if n.startswith(STATE_PREFIX)]}
+        if self.server_opt is not None:
+            self.server_opt.load(saved)
         with torch.no_grad():
-            for name, tensor in loaded[0].items():
+            for name, tensor in tensors.items():
                 self.model[name].copy_(tensor)
 
     def _apply(
