@@ -61,6 +61,7 @@ from fedq.transport import Delivery, Transport, connect
 
 ROLE = "client"
 DEFAULT_TIMEOUT = 300.0
+REATTACH_SECONDS = 5.0  # a quiet versions stream is attached to again this often (see _newest_announcement)
 Model = nn.Module | MutableMapping[str, torch.Tensor]
 
 
@@ -309,9 +310,16 @@ class Client:
         store.keep(kept)
 
     def _newest_announcement(self, deadline: float) -> Announcement:
-        """The newest announcement, waiting for one newer than ``self.version``."""
+        """The newest announcement, waiting for one newer than ``self.version``.
+
+        A reader that has heard nothing for ``REATTACH_SECONDS`` attaches at ``last`` again: in CI a client
+        started together with its aggregator once waited out its whole timeout for a version 0 that the others
+        had received (the announcement was the stream's first message, published as the client attached).
+        Attaching again costs one round trip and at worst re-reads the newest announcement.
+        """
         _, stream = versions_names(self.names)
         tag = self._consume_when_declared(stream, deadline)
+        attached = time.monotonic()
         newest: Announcement | None = None
         try:
             while True:
@@ -326,7 +334,12 @@ class Client:
                             f"no model version newer than {self.version} announced on {stream}",
                             reason="timeout",
                         )
+                    if time.monotonic() - attached >= REATTACH_SECONDS:
+                        self.transport.cancel(tag)
+                        tag = self._consume_when_declared(stream, deadline)
+                        attached = time.monotonic()
                     continue
+                attached = time.monotonic()
                 self.transport.ack(delivery)
                 announcement = Announcement.parse(delivery.body)
                 if announcement.version > self.version and (

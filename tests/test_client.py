@@ -4,6 +4,7 @@ RabbitMQ broker for the federated learning run."""
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedq import client as client_module
 from fedq import wire
 from fedq.aggregation.service import Settings
 from fedq.aggregation.strategies import FedAvg, Strategy
@@ -19,7 +21,7 @@ from fedq.client import Client
 from fedq.safetensors import save_file
 from fedq.topology import Names
 from fedq.transport import connect
-from tests.aggregation_helpers import Worker, every_update
+from tests.aggregation_helpers import Worker, every_update, state
 from workers import gpt, shakespeare
 
 torch.set_num_threads(1)
@@ -115,6 +117,40 @@ def test_delta_and_full_updates_give_the_same_global_model(tmp_path: Path) -> No
         torch.testing.assert_close(via_delta[name], after_delta[name], rtol=0, atol=1e-6)
         torch.testing.assert_close(via_full[name], after_full[name], rtol=0, atol=1e-6)
     assert not torch.equal(via_delta["head.weight"], via_full["head.weight"])
+
+
+def test_a_reader_that_missed_the_announcement_attaches_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's first attach to the versions stream comes after version 0's announcement and sees nothing
+    (as at ``next``); it attaches again at ``last`` and receives version 0 well before its timeout."""
+    monkeypatch.setattr(client_module, "REATTACH_SECONDS", 0.5)
+    url = memory_url()
+    model = tiny_gpt(seed=1)
+    with (
+        federation(url, "ns", tmp_path, every_update()),
+        Client("a", amqp_url=url, namespace="ns", codec="fp32") as c,
+    ):
+        deadline = time.monotonic() + 30
+        while state(tmp_path / "state").get("announced", -1) < 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        consume = c.transport.consume
+        attaches: list[object] = []
+
+        def first_attach_misses(
+            queue: str, *, prefetch: int, arguments: dict | None = None, **kw: bool
+        ) -> str:
+            if queue == "ns.versions":
+                attaches.append(dict(arguments or {}))
+                if len(attaches) == 1:
+                    arguments = {**(arguments or {}), "x-stream-offset": "next"}
+            return consume(queue, prefetch=prefetch, arguments=arguments, **kw)
+
+        c.transport.consume = first_attach_misses  # type: ignore[method-assign]
+        started = time.monotonic()
+        assert c.receive(model, timeout=30).version == 0
+    assert attaches == [{"x-stream-offset": "last"}] * 2
+    assert time.monotonic() - started < 10
 
 
 def test_trainable_only_never_sends_frozen_tensors(tmp_path: Path) -> None:

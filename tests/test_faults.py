@@ -8,6 +8,7 @@ bounded.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import signal
 import subprocess
@@ -301,11 +302,21 @@ class FedRun:
             try:
                 rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                self.dump_stacks()
                 raise AssertionError(f"{what} still running after {timeout}s\n{self.logs()}") from None
             assert rc == 0, f"{what} exited with {rc}\n{self.logs()}"
 
+    def dump_stacks(self) -> None:
+        """Ask every client still running to print its threads' stacks into its log (``faulthandler``), so a
+        run that stalls says where."""
+        for p in self.clients.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+
     def logs(self, tail: int = 2500) -> str:
-        out = [f"events: {self.events}"]
+        markers = sorted(m.name for m in self.markers.iterdir())
+        out = [f"events: {self.events}", f"markers: {markers}"]
         for f in sorted(self.tmp.glob("*.log")):
             out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-tail:]}")
         return "\n".join(out)
@@ -581,20 +592,24 @@ def _client_main(argv: list[str]) -> int:
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--slow-round", type=int, default=-1)
     a = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def mark(name: str) -> None:
+        (a.markers / f"c{a.index}.{name}").write_text(f"{time.time()}\n")
+
+    mark("started")
     x0 = _x0()
     transport = _SlowTransport(connect(a.url))
     client = Client(
         f"c{a.index}", namespace=a.namespace, codec="fp32", chunk_bytes=CHUNK_BYTES, transport=transport
     )  # type: ignore[arg-type]
 
-    def mark(name: str) -> None:
-        (a.markers / f"c{a.index}.{name}").write_text(f"{time.time()}\n")
-
     model: dict[str, torch.Tensor] = {}
     base: dict[str, torch.Tensor] = {}
     with client:
         for r in range(a.first_round, a.rounds):
             if a.mode == "wait" or r == a.first_round:
+                mark(f"r{r}.receiving")
                 got = client.receive(model, timeout=RUN_TIMEOUT)
                 expect = r if a.mode == "wait" else 0
                 if got.version != expect:
