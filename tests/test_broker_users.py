@@ -40,7 +40,9 @@ def test_add_client_never_changes_a_user_it_did_not_make_and_rotates_only_when_a
 ) -> None:
     alice = f"{topology.namespace}-alice"
     assert cli.main(broker(amqp_url, topology, "add-client", alice)) == 0
-    first_url = capsys.readouterr().out.strip()
+    made = capsys.readouterr()
+    first_url = made.out.strip()  # the URL alone on stdout; which namespace it is for on stderr
+    assert f"namespace {topology.namespace!r}" in made.err
     user = find_user(management, alice)
     assert user is not None and fedq_role(user) == ("client", topology.namespace)
     limits = management.get(f"/user-limits/{q(alice)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,12 @@ def hand_over_url(args: argparse.Namespace, password: str) -> None:
     from fedq.broker import q, vhost_of
 
     parts = urlsplit(args.amqp_url)
+    # on stderr, so that a URL piped into a file stays alone: which federation the user was made for is the
+    # one thing an operator cannot see in the URL (a user of the default namespace is refused everywhere else)
+    print(
+        f"user {args.name} for namespace {args.namespace!r} on vhost {vhost_of(args.amqp_url)!r}",
+        file=sys.stderr,
+    )
     netloc = f"{q(args.name)}:{q(password)}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     url = urlunsplit((parts.scheme, netloc, "/" + q(vhost_of(args.amqp_url)), parts.query, ""))
     if args.url_file is None:
