@@ -23,6 +23,11 @@ DEFAULT_MAX_QUEUE_BYTES = 512 << 20
 # The floor of the models stream's retention; an aggregator raises it to fit its model (see below).
 DEFAULT_MODELS_RETENTION_BYTES = 4 << 30
 VERSIONS_RETENTION_BYTES = 16 << 20
+# A quorum update queue dead-letters a message delivered this many times unacked (``x-delivery-limit``): one
+# that ends the aggregator's process (or its connection) at every delivery stops it only that often. An
+# aggregator killed this many times in a row with a message in flight loses that message (to the dead-letter
+# queue, where its client's loss shows): restarts that fast are a crash loop, not an outage.
+DELIVERY_LIMIT = 10
 # Streams are trimmed a whole segment at a time, so segments are kept small relative to the retention.
 MODELS_SEGMENT_BYTES = 64 << 20
 VERSIONS_SEGMENT_BYTES = 1 << 20
@@ -147,8 +152,9 @@ def definitions(
     """The whole topology in RabbitMQ's definitions.json format (what ``POST /api/definitions`` accepts).
 
     ``quorum`` makes the update, control and dead-letter queues quorum queues (replicated; for clusters);
-    streams are replicated anyway. Every queue names its type explicitly so that a declaration and an import
-    compare equal.
+    streams are replicated anyway. Quorum update queues dead-letter a poison message after ``DELIVERY_LIMIT``
+    deliveries (classic queues cannot: there the aggregator's tolerant decoding is the only defence). Every
+    queue names its type explicitly so that a declaration and an import compare equal.
     """
     if shards < 1:
         raise ConfigError(f"shards must be >= 1, got {shards}", reason="shards")
@@ -172,6 +178,8 @@ def definitions(
         "x-overflow": "reject-publish",
         "x-dead-letter-exchange": dlx,
     }
+    if quorum:
+        bounded["x-delivery-limit"] = DELIVERY_LIMIT
     queues = []
     bindings = []
     for shard in range(shards):

@@ -29,7 +29,7 @@ from fedq.metrics import current_rss_bytes
 from fedq.protocol import UpdateMeta
 from fedq.safetensors import save_file
 from fedq.streaming import iter_container, shard_of
-from fedq.topology import Names
+from fedq.topology import DELIVERY_LIMIT, Names
 from fedq.transport import Transport, connect
 from fedq.transport.base import REASON_HEADER, USER_HEADER
 from tests.aggregation_helpers import (
@@ -224,6 +224,36 @@ def test_findings_2_3_poison_headers_never_stop_the_aggregator(federation: dict[
     dead = dead_letters(fed["amqp_url"], names)
     assert len(dead) == 3 and {r for r, _ in dead} == {"truncated"}
     assert {u for _, u in dead} == {f"{names.namespace}-mallory"}
+
+
+def test_a_quorum_update_queue_dead_letters_a_poison_message_after_its_delivery_limit(
+    amqp_url: str, names: Names
+) -> None:
+    """A message whose every delivery ends its consumer unacked (a crash, a closed connection: returned to the
+    queue) is dead-lettered by the broker after ``DELIVERY_LIMIT`` deliveries (quorum queues: the
+    ``--quorum`` topology), instead of coming back for ever."""
+    with connect(amqp_url) as operator:
+        operator.declare(names, 1, quorum=True)
+        operator.publish(names.updates_exchange, names.shard_key(0), b"poison", persistent=True)
+        operator.flush()
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        deliveries = 0
+        while (got := channel.basic_get(names.updates_queue(0)))[0] is not None:
+            deliveries += 1
+            assert deliveries <= DELIVERY_LIMIT + 1, "redelivered beyond the limit"
+            channel.basic_nack(got[0].delivery_tag, requeue=True)
+        deadline = time.monotonic() + 10
+        while (dead := channel.basic_get(names.dead_letter_queue, auto_ack=True))[0] is None:
+            assert time.monotonic() < deadline, "not dead-lettered"
+            time.sleep(0.05)
+    finally:
+        connection.close()
+    assert deliveries == DELIVERY_LIMIT + 1
+    _, properties, body = dead
+    assert body == b"poison"
+    assert properties.headers["x-death"][0]["reason"] == "delivery_limit"
 
 
 def test_finding_4_a_non_finite_fold_is_never_published(federation: dict[str, Any]) -> None:
