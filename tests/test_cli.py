@@ -50,6 +50,34 @@ def test_help_shows_no_password_and_each_default_once(
         assert "amqp://alice:***@broker.example:5672/%2F" in out
 
 
+# value options whose absence means "not used" rather than a default value
+_NO_DEFAULT = {"--config-file", "--init", "--config", "--json"}
+
+
+@pytest.mark.parametrize("words", [["aggregator"], ["bench", "robust"], ["bench", "aggregate"]], ids=" ".join)
+def test_every_strategy_and_rule_option_shows_its_default(
+    words: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([*words, "--help"])
+    out = capsys.readouterr().out
+    for option in re.split(r"\n  (?=-)", out)[1:]:
+        flags = re.match(r"(-\S+(?:, -\S+)*)(?: (\S+))?", option)
+        assert flags is not None
+        metavar = flags.group(2) or ""
+        takes_value = metavar.isupper() or metavar.startswith("{")  # not the first word of the help
+        if takes_value and flags.group(1).split(", ")[-1] not in _NO_DEFAULT:
+            assert "default" in option, option
+
+
+def test_rule_and_optimizer_choices_match_the_implementations() -> None:
+    from fedq.aggregation import robust, server_opt
+    from fedq.cli import aggregation_rules
+
+    assert aggregation_rules.RULES == robust.RULES
+    assert ("none", *server_opt.NAMES) == aggregation_rules.SERVER_OPTS
+
+
 def test_version_and_top_level_help_are_fast() -> None:
     version = run_fedq("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"fedq {cli.__version__}"

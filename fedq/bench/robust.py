@@ -40,10 +40,10 @@ from typing import Any
 import torch
 
 from fedq.aggregation.privacy import DpConfig
-from fedq.aggregation.robust import make_rule
 from fedq.aggregation.server_opt import ServerOptConfig
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedAvg
+from fedq.cli.aggregation_rules import rule_named
 from fedq.client import Client
 from fedq.safetensors import save_file
 from fedq.topology import Names
@@ -166,14 +166,7 @@ def _settings(
     options: dict[str, str],
     dp_noise: float | None,
 ) -> Settings:
-    rule = make_rule(
-        options.get("rule", "mean"),
-        trim=0.25,
-        byzantine=args.attackers,
-        krum_select=1 if options.get("rule") == "krum" else 0,
-        cc_radius=0.0,
-        cc_iterations=3,
-    )
+    rule = rule_named(options.get("rule", "mean"), args)
     server_opt = ServerOptConfig(options["server_opt"]) if "server_opt" in options else None
     privacy = (
         DpConfig(noise_multiplier=dp_noise, clip=args.dp_clip, population=args.clients * args.dp_scale)

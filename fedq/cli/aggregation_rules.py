@@ -24,25 +24,15 @@ SERVER_OPTS = ("none", "avgm", "adam", "yogi", "adagrad")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     rules = parser.add_argument_group("aggregation rule (how a version's updates are combined)")
-    r = rules.add_argument
-    r(
+    rules.add_argument(
         "--rule",
         choices=RULES,
         default="mean",
         help="mean: the strategy's weighted mean; median / trimmed-mean: coordinate-wise; krum / multi-krum: "
         "the update(s) nearest the others; centered-clipping: iterative clipping around the centre",
     )
-    r("--trim", type=float, default=0.2, help="trimmed-mean: fraction dropped at each end of each coordinate")
-    r(
-        "--byzantine",
-        type=int,
-        default=1,
-        help="krum / multi-krum: Byzantine updates tolerated per version (f)",
-    )
-    r("--krum-select", type=int, default=0, help="multi-krum: updates averaged (0 = K - f)")
-    r("--cc-radius", type=float, default=0.0, help="centered-clipping: radius (0 = the median update norm)")
-    r("--cc-iterations", type=int, default=3, help="centered-clipping: iterations")
-    r(
+    add_rule_parameters(rules)
+    rules.add_argument(
         "--robust-memory",
         type=size,
         default="256MiB",
@@ -67,7 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d("--dp-quantile", type=float, default=0.0, help="adaptive clip: target quantile of norms (0 = fixed)")
     d("--dp-clip-lr", type=float, default=0.2, help="adaptive clip: learning rate")
     d("--dp-count-std", type=float, default=0.0, help="adaptive clip: noise of the count (0 = K / 20)")
-    d("--dp-population", type=int, default=0, help="clients that may take part (sampling rate K / this)")
+    d(
+        "--dp-population",
+        type=int,
+        default=0,
+        help="clients that may take part (sampling rate K / this); required with --dp-noise",
+    )
     d("--dp-delta", type=float, default=1e-5, help="delta of the reported epsilon")
     d("--dp-budget", type=float, default=0.0, help="stop before epsilon would exceed this (0 = no budget)")
     d(
@@ -78,17 +73,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def rule_from(args: argparse.Namespace) -> Rule | None:
-    from fedq.aggregation.robust import Krum, make_rule
+def add_rule_parameters(group: argparse._ActionsContainer) -> None:
+    """The rules' parameters, for every command that runs a rule (``fedq aggregator``, ``fedq bench robust``):
+    defined once, so that their meaning and defaults agree everywhere."""
+    r = group.add_argument
+    r("--trim", type=float, default=0.2, help="trimmed-mean: fraction dropped at each end of each coordinate")
+    r(
+        "--byzantine",
+        type=int,
+        default=1,
+        help="krum / multi-krum: Byzantine updates tolerated per version (f)",
+    )
+    r("--krum-select", type=int, default=0, help="multi-krum: updates averaged (0 = K - f)")
+    r("--cc-radius", type=float, default=0.0, help="centered-clipping: radius (0 = the median update norm)")
+    r("--cc-iterations", type=int, default=3, help="centered-clipping: iterations")
 
-    rule = make_rule(
-        args.rule,
+
+def rule_named(name: str, args: argparse.Namespace) -> Rule | None:
+    """Rule ``name`` with the parameters of ``add_rule_parameters`` (None for the plain mean)."""
+    from fedq.aggregation.robust import make_rule
+
+    return make_rule(
+        name,
         trim=args.trim,
         byzantine=args.byzantine,
-        krum_select=1 if args.rule == "krum" else args.krum_select,
+        krum_select=args.krum_select,
         cc_radius=args.cc_radius,
         cc_iterations=args.cc_iterations,
     )
+
+
+def rule_from(args: argparse.Namespace) -> Rule | None:
+    from fedq.aggregation.robust import Krum
+
+    rule = rule_named(args.rule, args)
     if isinstance(rule, Krum):
         # the updates per version the strategy aims at: Krum must be able to work with them
         rule.require(_updates_per_version(args))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from fedq.cli.aggregation_rules import add_rule_parameters
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dp-clip", type=float, default=0.5, help="DP clip of each update's L2 norm")
     a("--dp-scale", type=int, default=100, help="DP population = clients x this (sampling rate 1 / this)")
     a("--json", default=None, help="write the rows as JSON to this path")
+    add_rule_parameters(parser.add_argument_group("the rules' parameters (as fedq aggregator's)"))
+    # Krum's f = the attackers by default; trimmed mean drops 2 of 8 at each end
+    parser.set_defaults(byzantine=2, trim=0.25)
 
 
 def run(args: argparse.Namespace) -> int:
