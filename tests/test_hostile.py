@@ -23,8 +23,9 @@ from fedq import metrics
 from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedAvg, FedBuff, Strategy
-from fedq.broker import Management, add_client
+from fedq.broker import Management, add_client, management_url_for
 from fedq.codecs import get_codec
+from fedq.errors import TransportError
 from fedq.metrics import current_rss_bytes
 from fedq.protocol import UpdateMeta
 from fedq.safetensors import save_file
@@ -443,6 +444,54 @@ def test_finding_12_a_client_can_bind_nothing(federation: dict[str, Any]) -> Non
         finally:
             if connection.is_open:
                 connection.close()
+
+
+def _refused_on_a_channel(url: str, act: Any) -> int:
+    """The reply code of the channel close that ``act(channel)`` provokes (pika raises it)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()  # a refused publish surfaces here, not later
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as excinfo:
+            act(channel)
+        return int(excinfo.value.reply_code)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def test_finding_12_a_client_reads_nothing_but_the_model_and_version_streams(
+    federation: dict[str, Any],
+) -> None:
+    """What a client user (``add_client``'s permissions: configure ``^$``, write the updates exchange, read
+    the two streams) can do to the aggregator's queues (updates, control, dead letters): get, consume, purge,
+    delete, publish into them by the default exchange, bind: each refused (403); the management API: refused
+    (401, the user has no management tag). What remains: a passive ``queue.declare``, for which RabbitMQ
+    checks no permission, answers a queue's depth and consumer count (never a message)."""
+    fed, names = federation, federation["names"]
+    url = fed["urls"]["mallory"]
+    private = [names.updates_queue(0), names.control_queue(0), names.dead_letter_queue]
+    acts = {
+        "get": lambda q: lambda ch: ch.basic_get(q),
+        "consume": lambda q: lambda ch: ch.basic_consume(q, lambda *a: None),
+        "purge": lambda q: lambda ch: ch.queue_purge(q),
+        "delete": lambda q: lambda ch: ch.queue_delete(q),
+        "publish": lambda q: lambda ch: ch.basic_publish("", q, b"x", mandatory=True),
+        "bind": lambda q: lambda ch: ch.queue_bind(q, names.updates_exchange, "x"),
+    }
+    codes = {(act, q): _refused_on_a_channel(url, make(q)) for act, make in acts.items() for q in private}
+    assert set(codes.values()) == {403}, codes
+    api = Management(management_url_for(url))  # the management API with mallory's own credentials
+    for path in ("/overview", "/queues", f"/queues/%2F/{names.updates_queue(0)}", "/definitions"):
+        with pytest.raises(TransportError) as excinfo:
+            api.get(path)
+        assert excinfo.value.reason == "http_401"
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:  # the one leak: counts, by name, of any queue of the vhost
+        answer = connection.channel().queue_declare(names.updates_queue(0), passive=True)
+        assert (answer.method.message_count, answer.method.consumer_count) == (0, 0)
+    finally:
+        connection.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
