@@ -147,3 +147,19 @@ def test_intake_is_bounded_in_bytes() -> None:
     assert info.value.reason == "too_large"
     conf = (Path(__file__).parent.parent / "broker_config" / "rabbitmq.conf").read_text()
     assert f"max_message_size = {max_message_bytes(4 << 20)}" in conf
+
+
+def test_the_per_user_quota_is_set_from_the_command_line() -> None:
+    """Where many clients share one broker user (a relay, the scale bench), the operator raises its quota."""
+    from fedq.cli import build_parser
+    from fedq.cli.aggregator import settings_from
+
+    def settings(*argv: str) -> tuple[int, int]:
+        args = build_parser().parse_args(["aggregator", "--init", "m.safetensors", *argv])
+        s = settings_from(args)
+        return s.max_streams_per_user, s.max_user_bytes
+
+    assert settings() == (16, 0)  # 0: 4x the shard's fp32 model + 64 MiB, sized when the model is known
+    assert settings("--max-streams-per-user", "800", "--max-user-bytes", "2GiB") == (800, 2 << 30)
+    with pytest.raises(FedqError, match="at least 1"):
+        settings("--max-streams-per-user", "0")

@@ -269,6 +269,10 @@ def one_run(
     cmd += ["--strategy", "fedbuff", "--buffer-size", str(args.buffer_size), "--init", str(init)]
     cmd += ["--state-dir", str(work / f"state-{names.namespace}"), "--device", "cpu"]
     cmd += ["--memory-budget", args.memory_budget] if args.memory_budget else []
+    # The bench's clients share one broker user; a federation's N clients have N users, each with its own
+    # staging quota: the shared user gets what N users would hold in all.
+    user_bytes = 4 * sum(math.prod(s) for s in shapes.values()) * 4 + (64 << 20)
+    cmd += ["--max-streams-per-user", str(16 * clients), "--max-user-bytes", str(clients * user_bytes)]
     ctx = mp.get_context("spawn")
     stop, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
     procs: list[Any] = []
@@ -315,9 +319,7 @@ def one_run(
             "clients": clients,
             "updates_per_s": len(in_window) / (t1 - t0),
             "aggregator_cpu_s_per_update": (cpu1 - cpu0) / max(1, len(in_window)),
-            "p99_commit_to_fold_s": delays[min(len(delays) - 1, int(0.99 * len(delays)))]
-            if delays
-            else math.nan,
+            "p99_commit_to_fold_s": _p99(delays),
             "aggregator_peak_rss": peak.bytes,
             "broker_peak_memory": broker.peak,
             "rejected_fraction": lost / max(1, len(committed_in)),
@@ -347,12 +349,17 @@ def _read_log(path: Path) -> tuple[dict[str, tuple[float, int]], set[str], list[
     for line in path.read_text(errors="replace").splitlines():
         if m := _FOLDED.match(line):
             for entry in filter(None, m.group(3).split(", ")):
-                folds[entry.split("@")[0]] = (_stamp(m.group(1)), int(m.group(2)) - 1)
+                folds[_update_id(entry.split("@")[0])] = (_stamp(m.group(1)), int(m.group(2)) - 1)
         elif m := _DROPPED.match(line):
-            dropped.add(m.group(2))
+            dropped.add(_update_id(m.group(2)))
         elif m := _REFUSED.match(line):
             refused.append(_stamp(m.group(1)))
     return folds, dropped, refused
+
+
+def _update_id(logged: str) -> str:
+    """The update id in the aggregator's log, where updates are keyed by their sender (``5:guest/ID``)."""
+    return logged.rsplit("/", 1)[-1]
 
 
 def _stamp(text: str) -> float:

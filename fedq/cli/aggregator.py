@@ -123,6 +123,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "window of the model stream)",
     )
     a(
+        "--max-streams-per-user",
+        type=int,
+        default=16,
+        help="update streams one broker user may have staged (incomplete or waiting for a plan); raise it "
+        "where many clients share one broker user",
+    )
+    a(
+        "--max-user-bytes",
+        type=size,
+        default=0,
+        help="bytes one broker user may have staged (default 0: 4x this shard's model in fp32 + 64 MiB)",
+    )
+    a(
         "--process-budget",
         type=size,
         default=None,
@@ -213,6 +226,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise ConfigError(f"--snapshot-every {args.snapshot_every}: must be at least 1 (1: every version)")
     if not 0 <= args.shard < args.shards:
         raise ConfigError(f"--shard {args.shard} outside 0..{args.shards - 1}")
+    if args.max_streams_per_user < 1:
+        raise ConfigError(f"--max-streams-per-user {args.max_streams_per_user}: at least 1 (a user's update)")
     strategy = make_strategy(
         args.strategy,
         buffer_size=args.buffer_size,
@@ -248,6 +263,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         **aggregation_rules.settings_from(args),
         max_samples=args.max_samples,
         max_share=args.max_share,
+        max_streams_per_user=args.max_streams_per_user,
+        max_user_bytes=args.max_user_bytes,
     )
 
 
