@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from fedq.device import host_buffer
+
 _ROUND_STEP = 1 << 20  # elements rounded to a model's dtype at a time (a 4 MiB temporary, not a tensor's)
 _IO_BYTES = 1 << 30  # per pread/pwrite call (Linux moves at most ~2 GiB per call)
 
@@ -71,19 +73,31 @@ class BaseStore(Mapping[str, torch.Tensor]):
         return out
 
     def delta(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """``local - stored`` in float32, computed in the one buffer the stored values are read into.
+        """``local - stored`` in float32 on local's device, one tensor at a time.
 
         The stored values are first rounded to ``local``'s dtype, as the model received them: a bf16 model
         that received float32 values (x̂, ``fedq.reconstruction``) holds their rounding, which is no update.
+        On the CPU this is computed in the one buffer the stored values are read into; on a GPU the stored
+        bytes are read into a pinned buffer and copied over asynchronously, and rounded there, so only this
+        tensor's base crosses, never the model.
         """
+        if local.device.type != "cpu":
+            return self._delta_on_device(name, local)
         base = self.read(name, torch.float32)
         if local.dtype != torch.float32:
             flat = base.view(-1)
             for lo in range(0, flat.numel(), _ROUND_STEP):
                 piece = flat[lo : lo + _ROUND_STEP]
                 piece.copy_(piece.to(local.dtype))
-        base = base.to(local.device)
         return torch.sub(local.detach(), base, out=base)
+
+    def _delta_on_device(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        start, stored, shape = self._index[name]
+        host = host_buffer(math.prod(shape) * _itemsize(stored))
+        pread_into(self._fd, _bytes_of(host.numpy()), start)
+        base = host.view(stored).view(shape).to(local.device, non_blocking=True)
+        base = base.to(local.dtype).to(torch.float32)  # rounded as the model received them
+        return torch.sub(local.detach(), base, out=base)  # base is this call's own device copy
 
     def keep(self, names: set[str]) -> None:
         """Show only ``names`` from now on (the tensors ``send`` may send); the others stay in the file."""

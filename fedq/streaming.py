@@ -26,7 +26,8 @@ import torch
 
 from fedq import wire
 from fedq.codecs import Codec, ErrorFeedback, get_codec
-from fedq.codecs.base import zeros
+from fedq.codecs.base import deferring, zeros
+from fedq.device import to_host
 from fedq.errors import StreamError, WireError
 from fedq.metrics import CHUNKS, FP32_BYTES, WIRE_BYTES, current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
@@ -238,9 +239,17 @@ def _encode_chunk(
     offset, count = entry.slice_of(index)
     if feedback is not None:
         piece = feedback.compensate(entry.name, piece, offset)
-    codec_meta, raw = codec.encode(piece)
-    if feedback is not None:  # the residual is what the receiver's decode will not reproduce
-        feedback.update(entry.name, piece, codec.decode(codec_meta, raw, count, piece.device), offset)
+    with deferring() as checks:
+        codec_meta, payload = codec.encode_on_device(piece)
+        # only the payload crosses to the host, with the encode's checks (a GPU: pinned, on the copy stream)
+        copy = to_host(payload, checks.flags())
+        # the residual is what the receiver's decode will not reproduce: decoded where the tensor is, from the
+        # payload still there, while the bytes cross
+        decoded = None if feedback is None else codec.decode(codec_meta, payload, count, piece.device)
+    raw, flags = copy.wait()
+    checks.raise_failed(flags)  # before the residual changes: a refused chunk leaves it as it was
+    if feedback is not None and decoded is not None:
+        feedback.update(entry.name, piece, decoded, offset)
     body = wire.frame_chunk(
         stream=manifest.stream,
         index=index,

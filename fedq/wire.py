@@ -21,7 +21,7 @@ import msgpack
 import torch
 
 from fedq.codecs import Codec, codec_from_header
-from fedq.codecs.base import all_finite
+from fedq.codecs.base import finite, require
 from fedq.errors import CodecError, WireError
 
 MAGIC = b"FEDQ"
@@ -78,7 +78,8 @@ class Message:
     count: int = 0
     codec: Codec | None = None
     codec_meta: dict[str, Any] = field(default_factory=dict)
-    payload: memoryview = field(default_factory=lambda: memoryview(b""))
+    # the bytes as received; the aggregator's GPU fold swaps in their copy on the device
+    payload: memoryview | torch.Tensor = field(default_factory=lambda: memoryview(b""))
     wire_bytes: int = 0
 
 
@@ -385,12 +386,10 @@ def decode_tensor(msg: Message, device: torch.device | str = "cpu") -> torch.Ten
     """The chunk as a 1-D float32 tensor on ``device``; NaN/Inf are refused (reason ``nonfinite``)."""
     with _chunk_codec(msg) as codec:
         x = codec.decode(msg.codec_meta, msg.payload, msg.count, torch.device(device))
-    if x.shape != (msg.count,) or x.dtype != torch.float32:
-        raise WireError(
-            f"codec returned {tuple(x.shape)} {x.dtype} for {msg.count} elements", reason="length_mismatch"
-        )
-    if not all_finite(x):
-        raise _nonfinite(msg)
+        if x.shape != (msg.count,) or x.dtype != torch.float32:
+            got = f"{tuple(x.shape)} {x.dtype}"
+            raise WireError(f"codec returned {got} for {msg.count} elements", reason="length_mismatch")
+        require(finite(x), lambda: CodecError(str(_nonfinite(msg)), reason="nonfinite"))
     return x
 
 
@@ -399,12 +398,10 @@ def decode_part(msg: Message, lo: int, hi: int, device: torch.device | str = "cp
     (``Codec.decode_part``); the same errors, for NaN/Inf within the part."""
     with _chunk_codec(msg) as codec:
         x = codec.decode_part(msg.codec_meta, msg.payload, msg.count, lo, hi, torch.device(device))
-    if x.shape != (hi - lo,) or x.dtype != torch.float32:
-        raise WireError(
-            f"codec returned {tuple(x.shape)} {x.dtype} for {hi - lo} elements", reason="length_mismatch"
-        )
-    if not all_finite(x):
-        raise _nonfinite(msg)
+        if x.shape != (hi - lo,) or x.dtype != torch.float32:
+            got = f"{tuple(x.shape)} {x.dtype}"
+            raise WireError(f"codec returned {got} for {hi - lo} elements", reason="length_mismatch")
+        require(finite(x), lambda: CodecError(str(_nonfinite(msg)), reason="nonfinite"))
     return x
 
 

@@ -17,9 +17,11 @@ shard's tensors, for the Gram rules (Krum, centered clipping), accumulated from 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,8 @@ from fedq.aggregation.privacy import window_noise
 from fedq.aggregation.robust import WindowRule, rule_from_config, sub_windows
 from fedq.aggregation.server_opt import ServerOptimizer
 from fedq.aggregation.staging import ChunkRef, StagingArea
+from fedq.codecs.base import DeferredChecks, deferring
+from fedq.device import DeviceCopy, ahead, to_device
 from fedq.errors import FedqError, WireError
 from fedq.protocol import Plan, PlanEntry
 from fedq.threads import ordered_map
@@ -39,6 +43,8 @@ from fedq.threads import ordered_map
 # A fold window: (tensor name, the tensor's flat view, lo, hi, the (row, fold factor, update, chunk) pieces
 # over it; row = the update's index in the plan)
 Window = tuple[str, torch.Tensor, int, int, list[tuple[int, float, Admitted, ChunkRef]]]
+# how a fold gets a piece's chunk: read again from staging, or already on its way to the fold device
+Read = Callable[[Admitted, ChunkRef], wire.Message]
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,16 @@ class BadWindow:
     lo: int
     hi: int
     pieces: list[tuple[int, float, Admitted, ChunkRef]]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What a plan folds with: K updates, the mean's scale, or a window rule; the version's DP noise."""
+
+    k: int
+    scale: float
+    rule: WindowRule | None
+    noise: tuple[int, float] | None
 
 
 class FoldError(FedqError):
@@ -92,32 +108,74 @@ class Folder:
         self.rows_budget = rows_budget
         # the largest magnitude each tensor may hold (what its dtype holds): a window beyond it is refused
         self.limits = limits or {}
+        # On a CPU, windows fold on ``threads`` threads at once; on a GPU, one after another on its stream,
+        # the next window's chunks on their way while this one folds (``_fold_pipelined``).
+        self.pipelined = device.type != "cpu"
 
     def fold(self, entries: list[tuple[PlanEntry, Admitted]], plan: Plan) -> int:
         """x += the plan's step over the planned updates; returns the number of update elements folded."""
-        local = threading.local()  # each fold thread's window sums, reused from window to window
         rule = rule_from_config(plan.rule)
         assert rule is None or isinstance(rule, WindowRule), "a Gram rule's plan is a weighted mean"
         noise = (int(plan.dp["seed"]), float(plan.dp["std"])) if plan.dp else None
-        k = len(entries)
+        step = _Step(len(entries), plan.scale, rule, noise)
+        if self.pipelined:
+            return self._fold_pipelined(entries, step)
+        local = threading.local()  # each fold thread's window sums, reused from window to window
 
         def fold(window: Window) -> int:
             if not hasattr(local, "acc"):
                 local.acc = Accumulator({}, self.device)
+            folded = self._fold_one(window, step, self._read, local.acc)
             name, flat, lo, hi, pieces = window
-            if rule is not None:
-                folded = self._fold_rows(name, flat, lo, hi, pieces, k, rule, noise, local.acc)
-            else:
-                folded = self._fold_window(name, flat, lo, hi, pieces, plan.scale, noise, local.acc)
-            if not self._holds(flat[lo:hi], name):
-                raise FoldError(
-                    f"folding {name}[{lo}:{hi}] gives NaN, Inf or values beyond what its dtype holds",
-                    reason="nonfinite_result",
-                    window=BadWindow(name, lo, hi, pieces),
-                )
+            if not bool(self._holds(flat[lo:hi], name)):
+                raise _bad_result(BadWindow(name, lo, hi, pieces))
             return folded
 
         return sum(ordered_map(fold, self._windows(entries), self.threads, "fedq-fold"))
+
+    def _fold_one(self, window: Window, step: _Step, read: Read, acc: Accumulator) -> int:
+        """One window of the plan's step, by the plan's rule; returns the number of update elements folded."""
+        name, flat, lo, hi, pieces = window
+        if step.rule is not None:
+            return self._fold_rows(name, flat, lo, hi, pieces, step.k, step.rule, step.noise, read, acc)
+        return self._fold_window(name, flat, lo, hi, pieces, step.scale, step.noise, read, acc)
+
+    def _fold_pipelined(self, entries: list[tuple[PlanEntry, Admitted]], step: _Step) -> int:
+        """The fold on a GPU: windows one after another on the compute stream while the next window's chunks
+        are read again on the host (checksums) and copied over on the copy stream (``fedq.device.ahead``), and
+        nothing reads the device until the whole plan is queued: the codecs' value checks (``deferring``) and
+        each window's result check are read together at the end. A failure found then is the same
+        ``FoldError`` as on the CPU; the model is restored from its checkpoint either way."""
+        acc = Accumulator({}, self.device)
+        results: list[tuple[torch.Tensor, BadWindow]] = []
+        folded = 0
+        with deferring() as checks:
+            for window, staged in ahead(self._windows(entries), self._stage):
+                read = functools.partial(_ready, checks, staged)
+                folded += self._fold_one(window, step, read, acc)
+                name, flat, lo, hi, pieces = window
+                results.append((self._holds(flat[lo:hi], name), BadWindow(name, lo, hi, pieces)))
+        if failed := checks.failed():
+            raise FoldError(
+                f"a staged chunk read again was refused: {failed[0][1]}",
+                reason="unreadable",
+                update_ids=sorted({str(tag) for tag, _ in failed}),
+            )
+        held = torch.stack([ok for ok, _ in results]).tolist() if results else []
+        for ok, bad in zip(held, results, strict=True):
+            if not ok:
+                raise _bad_result(bad[1])
+        return folded
+
+    def _stage(self, window: Window) -> tuple[Window, dict[tuple[str, int], _Staged]]:
+        """A window's staged chunks read again (and checked) on the host, their payloads started on their way
+        to the fold device."""
+        staged = {}
+        for _, _, c, ref in window[4]:
+            msg = self._read(c, ref)
+            assert isinstance(msg.payload, memoryview)  # read from disk: host bytes
+            staged[(c.update_id, ref.pos)] = (msg, to_device(msg.payload, self.device))
+        return window, staged
 
     def gram(self, entries: list[tuple[PlanEntry, Admitted]]) -> np.ndarray:
         """Gᵢⱼ = ⟨Δᵢ, Δⱼ⟩ over this shard's tensors (float64), for the planned updates in plan order."""
@@ -130,19 +188,20 @@ class Folder:
             _, _, lo, hi, pieces = window
             total = np.zeros((k, k))
             for a, b in sub_windows(lo, hi, k, self.rows_budget):
-                rows = self._rows(local.acc, pieces, k, a, b, unit=True)
+                rows = self._rows(local.acc, pieces, k, a, b, self._read, unit=True)
                 total += (rows @ rows.T).double().cpu().numpy()
             return total
 
         return sum(ordered_map(part, self._windows(entries), self.threads, "fedq-gram"), np.zeros((k, k)))
 
-    def _holds(self, values: torch.Tensor, name: str) -> bool:
-        """Finite, and within the tensor's limit (one reduction: NaN and Inf show in the min and max)."""
+    def _holds(self, values: torch.Tensor, name: str) -> torch.Tensor:
+        """Finite, and within the tensor's limit, as a 0-d bool on the values' device (one reduction: NaN and
+        Inf show in the min and max; the limits are what the dtype holds, so exact in it)."""
         if not values.numel():
-            return True
-        lo, hi = (float(v) for v in torch.aminmax(values))
+            return torch.ones((), dtype=torch.bool, device=values.device)
+        lo, hi = torch.aminmax(values)
         limit = self.limits.get(name, math.inf)
-        return math.isfinite(lo) and math.isfinite(hi) and -limit <= lo and hi <= limit
+        return torch.isfinite(lo) & torch.isfinite(hi) & (lo >= -limit) & (hi <= limit)
 
     def culprits(self, window: BadWindow, scale: float) -> list[str]:
         """The updates to refuse for a bad window, measured against the (restored) model: each update that
@@ -152,9 +211,9 @@ class Folder:
         moves: dict[str, float] = {}
         for _, factor, c, ref in window.pieces:
             start, end = max(ref.offset, window.lo), min(ref.offset + ref.count, window.hi)
-            step = self._decode(c, ref, start, end) * (scale * factor)
+            step = self._decode(c, ref, start, end, self._read) * (scale * factor)
             after = x[start - window.lo : end - window.lo] + step
-            if not self._holds(after, window.name) or not self._holds(step, window.name):
+            if not bool(self._holds(after, window.name)) or not bool(self._holds(step, window.name)):
                 alone.append(c.update_id)
             moves[c.update_id] = max(
                 moves.get(c.update_id, 0.0), float(step.abs().max()) if step.numel() else 0.0
@@ -197,6 +256,7 @@ class Folder:
         pieces: list[tuple[int, float, Admitted, ChunkRef]],
         scale: float,
         noise: tuple[int, float] | None,
+        read: Read,
         acc: Accumulator,
     ) -> int:
         """x[lo:hi] += scale · Σ fᵢ Δᵢ[lo:hi] (then noise and server optimizer); returns the number of update
@@ -211,16 +271,16 @@ class Folder:
         if len(pieces) == 1 and plain:
             _, factor, c, ref = pieces[0]
             if c.kind == "delta" and (ref.offset, ref.offset + ref.count) == (lo, hi):
-                wire.add_tensor(self._read(c, ref), flat[lo:hi], scale * factor)
+                wire.add_tensor(read(c, ref), flat[lo:hi], scale * factor)
                 return hi - lo
         window = acc.window(hi - lo)
         folded = 0
         for _, factor, c, ref in pieces:
             start, end = max(ref.offset, lo), min(ref.offset + ref.count, hi)
             if c.kind == "delta" and (start, end) == (ref.offset, ref.offset + ref.count):
-                wire.add_tensor(self._read(c, ref), window[start - lo : end - lo], factor)
+                wire.add_tensor(read(c, ref), window[start - lo : end - lo], factor)
             else:
-                values = self._decode(c, ref, start, end)
+                values = self._decode(c, ref, start, end, read)
                 window[start - lo : end - lo].add_(values, alpha=factor)
             folded += end - start
         if plain:
@@ -239,12 +299,13 @@ class Folder:
         k: int,
         rule: WindowRule,
         noise: tuple[int, float] | None,
+        read: Read,
         acc: Accumulator,
     ) -> int:
         """x[lo:hi] += rule(the K rows fᵢΔᵢ[lo:hi]), a sub-window of at most ``rows_budget`` bytes at a
         time."""
         for a, b in sub_windows(lo, hi, k, self.rows_budget):
-            rows = self._rows(acc, pieces, k, a, b, unit=False)
+            rows = self._rows(acc, pieces, k, a, b, read, unit=False)
             self._step(name, flat, a, rule.reduce(rows), noise)
         return (hi - lo) * k
 
@@ -255,6 +316,7 @@ class Folder:
         k: int,
         a: int,
         b: int,
+        read: Read,
         *,
         unit: bool,
     ) -> torch.Tensor:
@@ -265,7 +327,7 @@ class Folder:
             start, end = max(ref.offset, a), min(ref.offset + ref.count, b)
             if start >= end:
                 continue
-            values = self._decode(c, ref, start, end)
+            values = self._decode(c, ref, start, end, read)
             rows[row, start - a : end - a].add_(values, alpha=1.0 if unit else factor)
         return rows
 
@@ -281,15 +343,35 @@ class Folder:
             d = self.server_opt.step(name, lo, d)
         flat[lo : lo + d.numel()].add_(d)
 
-    def _decode(self, c: Admitted, ref: ChunkRef, start: int, end: int) -> torch.Tensor:
+    def _decode(self, c: Admitted, ref: ChunkRef, start: int, end: int, read: Read) -> torch.Tensor:
         """Elements ``start .. end`` of a staged chunk's tensor as a delta on the fold device (full weights
         minus the current global). A part decodes only the codec's blocks that hold it: a window rule takes a
         chunk in several sub-windows when K whole chunks exceed ``rows_budget``."""
-        msg = self._read(c, ref)
-        values = wire.decode_part(msg, start - ref.offset, end - ref.offset, self.device)
+        values = wire.decode_part(read(c, ref), start - ref.offset, end - ref.offset, self.device)
         if c.kind == "full":
             values = values - self.model[ref.name].reshape(-1)[start:end]
         return values
+
+
+_Staged = tuple[wire.Message, DeviceCopy]
+
+
+def _ready(
+    checks: DeferredChecks, staged: dict[tuple[str, int], _Staged], c: Admitted, ref: ChunkRef
+) -> wire.Message:
+    """A staged piece's chunk with its payload on the fold device, for work queued from now on."""
+    checks.tag = c.update_id  # a failed check refuses the update it came from
+    msg, copy = staged[(c.update_id, ref.pos)]
+    return dataclasses.replace(msg, payload=copy.ready())
+
+
+def _bad_result(window: BadWindow) -> FoldError:
+    where = f"{window.name}[{window.lo}:{window.hi}]"
+    return FoldError(
+        f"folding {where} gives NaN, Inf or values beyond what its dtype holds",
+        reason="nonfinite_result",
+        window=window,
+    )
 
 
 def windows(numel: int, parts: list[list[ChunkRef]]) -> list[tuple[int, int]]:

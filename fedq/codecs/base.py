@@ -6,16 +6,19 @@ import abc
 import contextlib
 import math
 import mmap
-import warnings
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 
+from fedq.device import to_device, to_host
 from fedq.errors import CodecError
 from fedq.threads import kernel
 
-Buffer = bytes | bytearray | memoryview
+# What a decoder takes: host bytes, or a 1-D uint8 tensor on any device (an ``encode_on_device`` result, or
+# bytes already copied to the fold device)
+Buffer = bytes | bytearray | memoryview | torch.Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,8 +48,20 @@ class Codec(abc.ABC):
         """Exact payload size in bytes for ``count`` elements, metadata included."""
 
     @abc.abstractmethod
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
-        """Encode a 1-D float tensor; return (per-chunk meta, payload bytes on the CPU)."""
+    def encode_on_device(self, x: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        """Encode a 1-D float tensor where it lies; return (per-chunk meta, the payload as a 1-D uint8 tensor
+        on x's device). Value checks on a GPU go to the caller's ``deferring`` scope when one is open (each
+        read of a device value would stall the queue); without one they are read before this returns."""
+
+    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
+        """Encode a 1-D float tensor; return (per-chunk meta, payload bytes on the host). On a GPU only the
+        payload crosses to the host, with the deferred value checks, in one copy."""
+        with deferring() as checks:
+            meta, payload = self.encode_on_device(x)
+            copy = to_host(payload, checks.flags())
+        data, flags = copy.wait()
+        checks.raise_failed(flags)
+        return meta, data
 
     @abc.abstractmethod
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
@@ -79,13 +94,14 @@ class Codec(abc.ABC):
         1-D tensor of ``count`` elements on the fold device.
 
         Raises ``CodecError`` where ``decode`` would, and for NaN/Inf in the decoded values (reason
-        ``nonfinite``), always before ``out`` is touched. This default decodes; a codec that can decodes in
-        cache-sized steps straight into ``out``, so that a fold neither allocates nor writes a decoded copy.
+        ``nonfinite``), before ``out`` is touched; on a GPU inside ``deferring``, the value checks are the
+        scope's, read after ``out`` has changed. This default decodes; a codec that can decodes in cache-sized
+        steps straight into ``out``, so that a fold neither allocates nor writes a decoded copy.
         """
         check_out(self.name, out, count)
         values = self.decode(meta, payload, count, out.device)
-        if not all_finite(values):
-            raise CodecError(f"{self.name}: payload decodes to NaN or Inf", reason="nonfinite")
+        nonfinite = f"{self.name}: payload decodes to NaN or Inf"
+        require(finite(values), lambda: CodecError(nonfinite, reason="nonfinite"))
         out.add_(values, alpha=alpha)
 
     def decode_part(
@@ -138,12 +154,15 @@ class Codec(abc.ABC):
             raise CodecError(
                 f"{self.name}: unexpected chunk meta {meta!r}; accepted keys {sorted(self.meta_keys)}"
             )
-        if not isinstance(payload, bytes | bytearray | memoryview):
+        if isinstance(payload, torch.Tensor):
+            if payload.dtype != torch.uint8 or payload.dim() != 1:
+                raise CodecError(f"{self.name}: a payload tensor must be 1-D uint8, got {_describe(payload)}")
+        elif not isinstance(payload, bytes | bytearray | memoryview):
             raise CodecError(f"{self.name}: payload must be bytes, got {type(payload).__name__}")
         expected = self.payload_nbytes(count)
-        if memoryview(payload).nbytes != expected:
+        if nbytes(payload) != expected:
             raise CodecError(
-                f"{self.name}: payload of {memoryview(payload).nbytes} bytes does not match {count} elements "
+                f"{self.name}: payload of {nbytes(payload)} bytes does not match {count} elements "
                 f"({expected} bytes expected)",
                 reason="codec_size",
             )
@@ -156,12 +175,13 @@ def check_out(name: str, out: torch.Tensor, count: int) -> None:
         )
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """NaN propagates through min/max and Inf shows in them: one reduction, ~20x faster than isfinite."""
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """Whether x holds no NaN or Inf, as a 0-d bool tensor on x's device. NaN propagates through min/max and
+    Inf shows in them: one reduction, ~20x faster than isfinite."""
     if not x.numel():
-        return True
+        return torch.ones((), dtype=torch.bool, device=x.device)
     lo, hi = torch.aminmax(x)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def sum_sq(values: torch.Tensor) -> float:
@@ -179,18 +199,34 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def as_uint8(payload: Buffer, device: torch.device) -> torch.Tensor:
-    """A payload as a read-only uint8 tensor on ``device``: a view on the CPU, a copy on another device.
+def nbytes(payload: Buffer) -> int:
+    return payload.numel() if isinstance(payload, torch.Tensor) else memoryview(payload).nbytes
+
+
+def span(payload: Buffer, lo: int, hi: int) -> Buffer:
+    """Bytes ``lo .. hi`` of a payload, without a copy, where the payload is."""
+    return payload[lo:hi] if isinstance(payload, torch.Tensor) else memoryview(payload).cast("B")[lo:hi]
+
+
+def join(payload: Buffer, spans: list[tuple[int, int]]) -> Buffer:
+    """The bytes of ``spans`` of a payload one after another, where the payload is (a tensor's on its
+    device)."""
+    if isinstance(payload, torch.Tensor):
+        return torch.cat([payload[lo:hi] for lo, hi in spans])
+    view = memoryview(payload).cast("B")
+    return b"".join(view[lo:hi] for lo, hi in spans)
+
+
+def as_uint8(payload: Buffer, device: torch.device | str) -> torch.Tensor:
+    """A payload as a read-only uint8 tensor on ``device``: a view where it already is there, else a copy
+    (host bytes to a GPU through a pinned buffer, ``fedq.device.to_device``).
 
     Decoders only read it and always write their result to new memory, so a caller's bytes are never aliased.
     """
-    view = memoryview(payload).cast("B")
-    if not len(view):
-        return torch.empty(0, dtype=torch.uint8, device=device)
-    with warnings.catch_warnings():  # torch warns that the buffer is read-only; it is never written
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(view, dtype=torch.uint8)
-    return t.to(device) if torch.device(device).type != "cpu" else t
+    dev = torch.device(device)
+    if isinstance(payload, torch.Tensor):
+        return payload if payload.device == dev else payload.to(dev)
+    return to_device(payload, dev).ready()
 
 
 def empty(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -227,12 +263,73 @@ def zeros(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize, flags=flags), dtype=dtype)
 
 
-def to_payload(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes on the CPU as a memoryview; no copy for a contiguous CPU tensor."""
-    t = t.detach().contiguous()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    return t.view(torch.uint8).numpy().data.cast("B")
+_scope = threading.local()
+
+
+class DeferredChecks:
+    """A codec's value checks on a GPU, gathered as device booleans and read together.
+
+    Reading a device value is a host round trip that waits for every kernel queued before it; a codec checks a
+    few values per step, so a GPU encode or fold that read each at once would run at the speed of those round
+    trips. Inside ``deferring`` a check on a GPU is kept here, tagged with ``tag`` (the caller says what was
+    being worked on), and the owner of the scope reads them all in one go. On the CPU a check is read at once,
+    which costs nothing there, so a CPU payload is refused before anything is written, as before.
+    """
+
+    def __init__(self) -> None:
+        self.tag: object = None
+        self._flags: list[torch.Tensor] = []
+        self._errors: list[tuple[object, Callable[[], CodecError]]] = []
+
+    def add(self, ok: torch.Tensor, error: Callable[[], CodecError]) -> None:
+        self._flags.append(ok.reshape(()))
+        self._errors.append((self.tag, error))
+
+    def flags(self) -> torch.Tensor | None:
+        """The checks so far as one device bool tensor (no round trip), or None when there are none."""
+        return torch.stack(self._flags) if self._flags else None
+
+    def failed(self) -> list[tuple[object, CodecError]]:
+        """(tag, error) of each check that failed: one round trip for all of them."""
+        flags = self.flags()
+        return self._failed([] if flags is None else [bool(v) for v in flags.tolist()])
+
+    def raise_failed(self, flags: list[bool]) -> None:
+        """Raise the first failed check's error, given ``flags()`` as the caller read them (with a copy it
+        waited for anyway). They cover the checks made before ``flags()`` was taken; a sender then decodes
+        its own payload for error feedback, whose checks those of the encode already imply."""
+        if failed := self._failed(flags):
+            raise failed[0][1]
+
+    def _failed(self, flags: list[bool]) -> list[tuple[object, CodecError]]:
+        made = self._errors[: len(flags)]
+        return [(tag, error()) for (tag, error), ok in zip(made, flags, strict=True) if not ok]
+
+
+@contextlib.contextmanager
+def deferring() -> Iterator[DeferredChecks]:
+    """Defer the GPU value checks of the codec calls made in this scope (and this thread) to the returned
+    ``DeferredChecks``, which the caller reads; an enclosing scope gets none of them."""
+    outer = getattr(_scope, "checks", None)
+    _scope.checks = checks = DeferredChecks()
+    try:
+        yield checks
+    finally:
+        _scope.checks = outer
+
+
+def deferred(device: torch.device) -> bool:
+    """Whether a check on ``device`` made now would be deferred (a GPU, inside ``deferring``)."""
+    return device.type != "cpu" and getattr(_scope, "checks", None) is not None
+
+
+def require(ok: torch.Tensor, error: Callable[[], CodecError]) -> None:
+    """Raise ``error()`` unless ``ok`` (a 0-d bool tensor) holds: at once, or, for a GPU tensor inside
+    ``deferring``, when the scope's owner reads its checks."""
+    if deferred(ok.device):
+        _scope.checks.add(ok, error)
+    elif not bool(ok):
+        raise error()
 
 
 def slices(count: int, step: int) -> Iterator[tuple[int, int]]:

@@ -6,7 +6,7 @@ the tensor size, and no Python code runs per block or per element. Steps write d
 so they run on several threads at one torch thread each (``fedq.threads.for_each_step``), and a payload is
 the same bytes whatever the thread count.
 
-Payload layouts (little-endian; fp32 sections first so that they can be viewed in place):
+Buffer layouts (little-endian; fp32 sections first so that they can be viewed in place):
 
 - int8:  absmax fp32[nblocks] | codes int8[count]                       x ~= code * absmax / 127
 - nf4/fp4: group_step fp32[ngroups] | group_min fp32[ngroups] | scale codes uint8[nblocks]
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, empty, slices, to_payload
+from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, deferred, empty, join, require, slices, span
 from fedq.errors import CodecError
 from fedq.threads import for_each_step, kernel
 
@@ -66,14 +66,23 @@ def _fp32_rows(x: torch.Tensor, lo: int, hi: int, block: int, buf: torch.Tensor 
     return out.view(rows, block)
 
 
+def _fits(absmax: torch.Tensor) -> torch.Tensor:
+    """Whether every code, -128 included, times its block's absmax/127 is finite (0-d bool, on the device)."""
+    if not absmax.numel():
+        return torch.ones((), dtype=torch.bool, device=absmax.device)
+    return torch.isfinite(absmax.amax() * (128.0 / 127.0))
+
+
 def _needs_copy(x: torch.Tensor, block: int) -> bool:
     return x.dtype != torch.float32 or x.numel() % block != 0
 
 
-def _check_finite(name: str, absmax: torch.Tensor) -> None:
+def _check_finite(name: str, values: torch.Tensor) -> None:
     # a NaN would otherwise become an arbitrary code
-    if not bool(torch.isfinite(absmax).all()):
-        raise CodecError(f"{name}: cannot encode NaN or Inf", reason="nonfinite")
+    require(
+        torch.isfinite(values).all(),
+        lambda: CodecError(f"{name}: cannot encode NaN or Inf", reason="nonfinite"),
+    )
 
 
 def _check_scales(name: str, scales: torch.Tensor) -> None:
@@ -83,8 +92,10 @@ def _check_scales(name: str, scales: torch.Tensor) -> None:
     if not scales.numel():
         return
     low, high = torch.aminmax(scales)
-    if not (float(low) >= 0.0 and float(high) < math.inf):
-        raise CodecError(f"{name}: payload holds a negative, NaN or infinite scale")
+    require(
+        (low >= 0.0) & (high < math.inf),
+        lambda: CodecError(f"{name}: payload holds a negative, NaN or infinite scale"),
+    )
 
 
 class Int8(Codec):
@@ -113,13 +124,12 @@ class Int8(Codec):
 
     def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
         """absmax of the blocks of a..b | their codes."""
-        buf = memoryview(payload)
         nblocks = -(-count // self.block)
         first, last = a // self.block, -(-b // self.block)
-        return b"".join((buf[4 * first : 4 * last], buf[4 * nblocks + a : 4 * nblocks + b]))
+        return join(payload, [(4 * first, 4 * last), (4 * nblocks + a, 4 * nblocks + b)])
 
     @kernel
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
+    def encode_on_device(self, x: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         x = self.check_input(x)
         n, b = x.numel(), self.block
         nblocks = -(-n // b)
@@ -143,7 +153,7 @@ class Int8(Codec):
             codes[lo:hi].copy_(t.view(-1)[: hi - lo].round_())
 
         for_each_step(encode_step, scratch, n, step, x.device)
-        return {}, to_payload(out)
+        return {}, out
 
     def _unpack(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device
@@ -159,7 +169,7 @@ class Int8(Codec):
     @staticmethod
     def _may_overflow(absmax: torch.Tensor) -> bool:
         """Whether a code of -128 (-128/127 of its absmax) could overflow float32."""
-        return bool(absmax.numel()) and not bool(torch.isfinite(absmax.amax() * (128.0 / 127.0)))
+        return bool(absmax.numel()) and not bool(_fits(absmax))
 
     @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
@@ -186,7 +196,11 @@ class Int8(Codec):
         check_out(self.name, out, count)
         b = self.block
         absmax, codes = self._unpack(meta, payload, count, out.device)
-        if self._may_overflow(absmax):  # the generic path checks the decoded values themselves
+        if deferred(out.device):
+            # no host decision on a GPU: a block maximum within 1/128 of the float32 limit (no real update
+            # has one) is refused there instead of being decoded the generic way
+            require(_fits(absmax), lambda: CodecError(f"{self.name}: block maximum near the float32 limit"))
+        elif self._may_overflow(absmax):  # the generic path checks the decoded values themselves
             super().decode_add(meta, payload, count, out, alpha)
             return
         scale = absmax * (alpha / 127.0)
@@ -326,22 +340,22 @@ class FourBit(Codec):
 
     def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
         """Each section cut to the groups, blocks and bytes of a..b (``a`` starts a group, so a byte too)."""
-        buf = memoryview(payload)
         nblocks, ngroups = self._sizes(count)
         blocks = slice(a // self.block, -(-b // self.block))
         groups = slice(a // self.alignment, -(-b // self.alignment))
         codes = 8 * ngroups + nblocks
-        return b"".join(
-            (
-                buf[4 * groups.start : 4 * groups.stop],
-                buf[4 * (ngroups + groups.start) : 4 * (ngroups + groups.stop)],
-                buf[8 * ngroups + blocks.start : 8 * ngroups + blocks.stop],
-                buf[codes + a // 2 : codes + -(-b // 2)],
-            )
+        return join(
+            payload,
+            [
+                (4 * groups.start, 4 * groups.stop),
+                (4 * (ngroups + groups.start), 4 * (ngroups + groups.stop)),
+                (8 * ngroups + blocks.start, 8 * ngroups + blocks.stop),
+                (codes + a // 2, codes + -(-b // 2)),
+            ],
         )
 
     @kernel
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
+    def encode_on_device(self, x: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         x = self.check_input(x)
         n, b = x.numel(), self.block
         nblocks, ngroups = self._sizes(n)
@@ -371,6 +385,8 @@ class FourBit(Codec):
             t.add_(_CELLS + 0.5).clamp_(0, 2 * _CELLS)
             cells = t.view(-1).view(torch.int32)
             cells.copy_(t.view(-1))  # in place, element by element: truncating a non-negative value
+            if x.device.type != "cpu":  # NaN (refused by a deferred check) must not index out of the table
+                cells.clamp_(0, 2 * _CELLS)
             c = torch.index_select(lut, 0, cells, out=codes[: t.numel()])
             # two codes per byte, the even element's in the high nibble. As int16 a pair is even + 256 * odd
             # (little-endian), so (pair << 4) + (pair >> 8) has the packed byte as its low byte.
@@ -381,7 +397,7 @@ class FourBit(Codec):
             packed[lo // 2 : lo // 2 + m].copy_(h)  # int16 -> uint8 keeps the low byte
 
         for_each_step(encode_step, scratch, n, step, x.device)
-        return {}, to_payload(out)
+        return {}, out
 
     def _quantize_scales(
         self, target: torch.Tensor, codes: torch.Tensor, g_step: torch.Tensor, g_low: torch.Tensor
@@ -392,8 +408,7 @@ class FourBit(Codec):
         low, high = rows.amin(dim=1), rows.amax(dim=1)
         step = (high - low) / 255.0
         # NaN and Inf reach the group extremes: checked here, before any table index is built from them
-        if not bool(torch.isfinite(step).all()):
-            raise CodecError(f"{self.name}: cannot encode NaN or Inf", reason="nonfinite")
+        _check_finite(self.name, step)
         q = ((rows - low[:, None]) / step.clamp_min(_TINY)[:, None]).round_().clamp_(0, 255)
         codes.copy_(q.view(-1)[: len(target)])
         g_step.copy_(step)
@@ -415,8 +430,11 @@ class FourBit(Codec):
 
     def _check_overflow(self, scales: torch.Tensor) -> None:
         """Levels lie in [-1, 1], so finite block scales are all the finiteness check there is to make."""
-        if scales.numel() and not bool(torch.isfinite(scales.amax())):
-            raise CodecError(f"{self.name}: block scale overflows", reason="nonfinite")
+        if scales.numel():
+            require(
+                torch.isfinite(scales.amax()),
+                lambda: CodecError(f"{self.name}: block scale overflows", reason="nonfinite"),
+            )
 
     @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
@@ -507,7 +525,7 @@ class FourBit(Codec):
         self.check_payload(meta, payload, count)
         _, ngroups = self._sizes(count)
         # steps, then minima: only these bytes go to the check's device
-        groups = as_uint8(memoryview(payload).cast("B")[: 8 * ngroups], dev).view(torch.float32)
+        groups = as_uint8(span(payload, 0, 8 * ngroups), dev).view(torch.float32)
         _check_scales(self.name, groups)
         if ngroups and float(torch.add(groups[ngroups:], groups[:ngroups], alpha=255.0).amax()) < _SAFE_SCALE:
             return

@@ -64,7 +64,8 @@ class ErrorFeedback:
 
 class EncodedErrorFeedback(ErrorFeedback):
     """Error feedback with its residuals kept encoded (by default nf4: ~0.56 bytes per parameter, a seventh
-    of float32): the lean client's choice, so that fedq's state stays a fraction of the model.
+    of float32): the lean client's choice, so that fedq's state stays a fraction of the model. An encoded
+    residual stays on its tensor's device (a GPU client's never crosses to the host).
 
     The stored residual is the residual's own quantization, so what it drops (a few percent of a residual,
     itself a few percent of an update) is lost; a residual is never encoded twice, so that loss does not
@@ -75,7 +76,7 @@ class EncodedErrorFeedback(ErrorFeedback):
     def __init__(self, codec: Codec | None = None) -> None:
         super().__init__(torch.float32)
         self.codec = codec if codec is not None else get_codec("nf4")
-        self._encoded: dict[tuple[str, int], tuple[dict[str, Any], bytes, int]] = {}
+        self._encoded: dict[tuple[str, int], tuple[dict[str, Any], torch.Tensor, int]] = {}
 
     def compensate(self, name: str, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         stored = self._encoded.get((name, offset))
@@ -93,9 +94,9 @@ class EncodedErrorFeedback(ErrorFeedback):
 
     def update(self, name: str, sent: torch.Tensor, decoded: torch.Tensor, offset: int = 0) -> None:
         residual = torch.sub(sent, decoded).reshape(-1)
-        meta, payload = self.codec.encode(residual)
-        self._encoded[(name, offset)] = (meta, bytes(payload), residual.numel())
+        meta, payload = self.codec.encode_on_device(residual)
+        self._encoded[(name, offset)] = (meta, payload, residual.numel())
 
     @property
     def nbytes(self) -> int:
-        return sum(len(payload) for _, payload, _ in self._encoded.values())
+        return sum(payload.numel() for _, payload, _ in self._encoded.values())

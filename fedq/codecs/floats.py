@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedq.codecs.base import Buffer, Codec, all_finite, as_uint8, check_out, empty, slices, to_payload
+from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, empty, finite, require, slices, span
 from fedq.errors import CodecError
 from fedq.threads import kernel
 
@@ -28,12 +28,12 @@ class Fp32(Codec):
         return 4 * count
 
     def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
-        return memoryview(payload)[4 * a : 4 * b]
+        return span(payload, 4 * a, 4 * b)
 
     @kernel
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
+    def encode_on_device(self, x: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         x = self.check_input(x)
-        return {}, to_payload(x.to(torch.float32))
+        return {}, x.to(torch.float32).view(torch.uint8)
 
     @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
@@ -50,8 +50,7 @@ class Fp32(Codec):
         self.check_payload(meta, payload, count)
         check_out(self.name, out, count)
         values = as_uint8(payload, out.device).view(torch.float32)
-        if not all_finite(values):
-            raise CodecError("fp32: payload holds NaN or Inf", reason="nonfinite")
+        require(finite(values), lambda: CodecError("fp32: payload holds NaN or Inf", reason="nonfinite"))
         out.add_(values, alpha=alpha)
 
 
@@ -62,12 +61,12 @@ class Bf16(Codec):
         return 2 * count
 
     def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
-        return memoryview(payload)[2 * a : 2 * b]
+        return span(payload, 2 * a, 2 * b)
 
     @kernel
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
+    def encode_on_device(self, x: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         x = self.check_input(x)
-        return {}, to_payload(empty(x.numel(), torch.bfloat16, x.device).copy_(x))
+        return {}, empty(x.numel(), torch.bfloat16, x.device).copy_(x).view(torch.uint8)
 
     @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
@@ -85,10 +84,10 @@ class Fp16(Codec):
         return 2 * count
 
     def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
-        return memoryview(payload)[2 * a : 2 * b]
+        return span(payload, 2 * a, 2 * b)
 
     @kernel
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], Buffer]:
+    def encode_on_device(self, x: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         x = self.check_input(x)
         low, high = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)  # no |x| temporary
         if not (math.isfinite(low) and math.isfinite(high)):
@@ -99,7 +98,7 @@ class Fp16(Codec):
         out = empty(x.numel(), torch.float16, x.device)
         for lo, hi in slices(x.numel(), _STEP):
             torch.mul(x[lo:hi].to(torch.float32), 1.0 / scale, out=out[lo:hi])
-        return {"scale": scale}, to_payload(out)
+        return {"scale": scale}, out.view(torch.uint8)
 
     @kernel
     def decode(self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device) -> torch.Tensor:
