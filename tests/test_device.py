@@ -4,6 +4,7 @@ and results bit-for-bit equal to the existing paths."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,15 @@ import torch
 
 from fedq.aggregation import fold
 from fedq.aggregation.robust import Median
+from fedq.aggregation.staging import StagingArea
 from fedq.aggregation.strategies import FedBuff
+from fedq.bench import device as bench_device
+from fedq.bench.device import stage_updates
 from fedq.codecs import ErrorFeedback, get_codec
 from fedq.codecs.base import DeferredChecks, deferring, require
 from fedq.device import ahead, host_buffer, resolve, to_device, to_host
 from fedq.errors import CodecError, ConfigError
+from fedq.protocol import Plan
 from fedq.streaming import iter_container
 from fedq.transport import connect
 from tests.aggregation_helpers import (
@@ -167,3 +172,31 @@ def test_the_pipelined_fold_gives_the_threaded_folds_model_bit_for_bit(
     for name in x0:
         assert torch.equal(threaded[name], pipelined[name]), name
         assert not torch.equal(threaded[name], x0[name])
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["threaded", "pipelined"])
+def test_a_result_beyond_float32_is_refused_with_its_window_on_either_path(
+    tmp_path: Path, pipelined: bool
+) -> None:
+    delta = {"a": torch.full((300_000,), 1e-3), "b": torch.full((200_000,), 3e38)}
+    staging = StagingArea(tmp_path)
+    entries = stage_updates(staging, delta, get_codec("fp32"), 2)
+    model = {"a": torch.zeros(300_000, device=DEVICE), "b": torch.full((200_000,), 3e38, device=DEVICE)}
+    folder = fold.Folder(model, staging, DEVICE, 1)
+    folder.pipelined = pipelined
+    plan = Plan(version=1, scale=1.0, updates=[e for e, _ in entries])
+    with pytest.raises(fold.FoldError) as caught:
+        folder.fold(entries, plan)
+    assert caught.value.reason == "nonfinite_result"
+    assert caught.value.window is not None and caught.value.window.name == "b"
+    assert caught.value.window.lo == 0  # the first window it went wrong in, whatever the path
+    staging.close()
+
+
+def test_bench_device_prints_each_figure_on_the_device_found(capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(shapes="lora-r4-w32", codec="nf4", updates=2, device="auto", threads=0)
+    assert bench_device.run(args) == 0
+    out = capsys.readouterr().out
+    assert f"device {DEVICE}" in out
+    for measure in ("| encode + copy | G elem/s |", "| send path | G elem/s |", "| fold | G params/s |"):
+        assert measure in out
