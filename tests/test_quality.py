@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from fedq.bench import quality
 from fedq.cli import bench_quality
 
 
@@ -39,7 +38,7 @@ def test_quality_bench_writes_rows_with_real_wire_bytes(tmp_path: Path) -> None:
             ),
         ]
     )
-    assert quality.run(args) == 0
+    assert bench_quality.run(args) == 0
     rows = {r["setting"]: r for r in json.loads(out.read_text())["results"]}
     assert list(rows) == ["fp32", "int8", "nf4+ef", "central"]
     assert all({"setting", "val_loss", "wire_bytes"} <= set(r) for r in rows.values())
