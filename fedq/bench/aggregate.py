@@ -157,6 +157,11 @@ def _one_run(
         str(args.chunk_bytes),
         "--threads",
         str(args.threads),
+        # the N updates come from one broker user: it gets the staging quota N users would have
+        "--max-streams-per-user",
+        str(clients),
+        "--max-user-bytes",
+        str(clients * (init.stat().st_size + (64 << 20))),
     ]
     try:
         with open(log, "wb") as out:
