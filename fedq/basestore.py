@@ -20,7 +20,7 @@ import torch
 
 from fedq.device import host_buffer
 
-_ROUND_STEP = 1 << 20  # elements rounded to a model's dtype at a time (a 4 MiB temporary, not a tensor's)
+_ROUND_STEP = 1 << 20  # elements converted to or from a model's dtype at a time (4 MiB temporaries)
 _IO_BYTES = 1 << 30  # per pread/pwrite call (Linux moves at most ~2 GiB per call)
 
 
@@ -55,6 +55,11 @@ class BaseStore(Mapping[str, torch.Tensor]):
         target = out.detach()
         if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
             pread_into(self._fd, _bytes_of(target.view(-1).view(torch.uint8).numpy()), start)
+        elif target.is_contiguous():  # converted a slice at a time: no tensor-sized temporary
+            flat = target.view(-1)
+            for lo in range(0, flat.numel(), _ROUND_STEP):
+                piece = flat[lo : lo + _ROUND_STEP]
+                piece.copy_(self.read_slice(name, lo, piece.numel()))
         else:
             target.copy_(self.read(name))
 

@@ -158,6 +158,12 @@ def receive_version(
     the tensor count. ``options`` go to ``streaming.receive_file`` (timeout, memory budget, prefetch)."""
     from fedq.streaming import receive_file
 
+    if announcement.snapshot is not None:
+        raise ConfigError(
+            f"version {announcement.version} travels as a delta against what clients hold (the aggregator's "
+            "--model-codec is int8 or nf4): this command writes whole versions only; receive it with "
+            "fedq.Client.receive into a state dict, or run fedq export on the aggregator's state directory"
+        )
     parts: list[tuple[Path, list[str] | None]] = []
     try:
         for shard in range(announcement.shards):

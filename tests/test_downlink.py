@@ -184,3 +184,28 @@ def test_a_trimmed_chain_says_so(tmp_path: Path) -> None:
     ):
         client.receive(tiny_gpt(), timeout=30)
     assert caught.value.reason == "version_gone"
+
+
+@pytest.mark.broker
+def test_nf4_versions_through_the_broker(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    """The real broker, --model-codec nf4, a snapshot every 2 versions: a client that stays reads one delta
+    per version; one that joins late reads the snapshot and the delta since; both hold identical models."""
+    model = tiny_gpt(seed=3)
+    fp32_bytes = 4 * gpt.num_parameters(model)
+    with (
+        federation(amqp_url, namespace, tmp_path, every_update(), model_codec="nf4", snapshot_every=2),
+        Client("stays", amqp_url=amqp_url, namespace=namespace, codec="nf4") as stays,
+    ):
+        stays.receive(model, timeout=60)
+        for seed in range(3):
+            perturb(model, 0.01, seed=seed)
+            stays.send(model, num_samples=1)
+            before = stays.received_bytes
+            assert stays.receive(model, timeout=60).version == seed + 1
+            assert stays.received_bytes - before < 0.2 * fp32_bytes
+        with Client("late", amqp_url=amqp_url, namespace=namespace) as late:
+            joined = tiny_gpt(seed=8)
+            assert late.receive(joined, timeout=60).version == 3
+            assert late.received_bytes < 1.25 * fp32_bytes
+    for (name, mine), theirs in zip(model.state_dict().items(), joined.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), name

@@ -7,10 +7,11 @@ in place, slice by slice), ``send`` (``--codec``), and ``receive`` version 1. Th
 
 Measured: ``round_seconds`` from the clients' start to the last client holding version 1; ``bytes_up`` the
 update bytes the clients published, ``bytes_down`` the bytes they read from the models stream for version 1
-(the round's new version; version 0 is the same size), both against the fp32 bytes of the same tensors
-(``fp32_bytes_up``, ``fp32_bytes_down`` = N × the model); peak RSS of each process as its own ``VmHWM`` (a
-spawned child's ``ru_maxrss`` starts at its parent's). ``codec`` is the clients' upload codec; versions
-travel in ``--model-codec`` (whole versions: fp32, bf16 or fp16).
+(the round's new version: a whole version, or with ``--model-codec int8/nf4`` one delta), both against the
+fp32 bytes of the same tensors (``fp32_bytes_up``, ``fp32_bytes_down`` = N × the model); peak RSS of each
+process as its own ``VmHWM`` (a spawned child's ``ru_maxrss`` starts at its parent's). ``codec`` is the
+clients' upload codec; versions travel in ``--model-codec`` (whole in fp32, bf16 or fp16; as deltas with
+error feedback in int8 or nf4).
 """
 
 from __future__ import annotations
