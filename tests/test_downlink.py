@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from fedq import wire
+from fedq.aggregation import service
 from fedq.aggregation.state import load
 from fedq.client import Client
 from fedq.codecs import choose_codec
 from fedq.errors import StreamError
-from fedq.reconstruction import Reconstruction, advance, is_delta_codec
-from fedq.safetensors import SafetensorsReader
+from fedq.reconstruction import Reconstruction, ReconstructionStep, advance, file_name, is_delta_codec
+from fedq.safetensors import SafetensorsReader, save_file
 from fedq.streaming import Assembler, iter_container
+from fedq.topology import Names
+from fedq.transport import connect
+from tests.aggregation_helpers import Worker, settings
 from tests.test_client import every_update, federation, memory_url, perturb, tiny_gpt
 from workers import gpt
 
@@ -171,9 +175,6 @@ def record_streams(client: Client) -> list[wire.Message]:
 
 def test_a_trimmed_chain_says_so(tmp_path: Path) -> None:
     """The snapshot a late joiner needs was trimmed: the error says the version can no longer be read."""
-    from fedq.topology import Names
-    from fedq.transport import connect
-
     url = memory_url()
     with connect(url) as transport:
         transport.declare(Names("ns"), 1, models_retention_bytes=100_000)  # tiny_gpt: 239 kB in fp32
@@ -209,3 +210,86 @@ def test_nf4_versions_through_the_broker(amqp_url: str, namespace: str, tmp_path
             assert late.received_bytes < 1.25 * fp32_bytes
     for (name, mine), theirs in zip(model.state_dict().items(), joined.state_dict().values(), strict=True):
         assert torch.equal(mine, theirs), name
+
+
+class Crash(BaseException):
+    """The aggregator dies here (a BaseException: nothing on the way catches it)."""
+
+
+@pytest.mark.parametrize(
+    ("where", "snapshot_every"),
+    [("mid_delta", 3), ("after_reconstruction", 3), ("mid_snapshot", 2)],
+)
+def test_a_crash_while_publishing_republishes_the_same_reconstruction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, snapshot_every: int
+) -> None:
+    """The aggregator dies while publishing version 2 (part of its delta on the stream, or x̂_2 on disk but the
+    state not committed, or part of its snapshot out) and restarts: the client that stayed reads the
+    republished delta, a late joiner reads the snapshot and the deltas since (through the partial publication
+    and the full one), and both hold the aggregator's x̂_2 exactly."""
+    url, names = memory_url(), Names("ns")
+    init = save_file(tiny_gpt().state_dict(), tmp_path / "init.safetensors")
+    with connect(url) as transport:
+        transport.declare(names, 1)
+    config = settings(
+        names,
+        every_update(),
+        init,
+        tmp_path / "state",
+        model_codec="nf4",
+        snapshot_every=snapshot_every,
+        chunk_bytes=16384,
+    )
+    model = tiny_gpt(seed=4)
+    worker = Worker(url, config)
+    with Client("stays", amqp_url=url, namespace="ns") as stays:
+        stays.receive(model, timeout=30)
+        perturb(model, 0.01, seed=0)
+        stays.send(model, num_samples=1)
+        assert stays.receive(model, timeout=30).version == 1
+        arm_crash(monkeypatch, where)
+        perturb(model, 0.01, seed=1)
+        stays.send(model, num_samples=1)
+        with pytest.raises(Crash):
+            worker.join(30)
+        monkeypatch.undo()
+        worker = Worker(url, config)
+        assert stays.receive(model, timeout=30).version == 2
+        with Client("late", amqp_url=url, namespace="ns") as late:
+            joined = tiny_gpt(seed=9)
+            assert late.receive(joined, timeout=30).version == 2
+    worker.stop.set()
+    worker.join(30)
+    theirs = joined.state_dict()
+    with SafetensorsReader(tmp_path / "state" / "shard-0" / file_name(2)) as reconstruction:
+        for name, mine in model.state_dict().items():
+            assert torch.equal(mine, theirs[name]), name
+            assert torch.equal(mine, reconstruction[name]), name
+
+
+def arm_crash(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Make the next publication (version 2's) die at ``where``: after x̂_2 is renamed into place, or after
+    five messages of its delta or of its snapshot."""
+    if where == "after_reconstruction":
+        commit = ReconstructionStep.commit
+
+        def commit_then_die(self: ReconstructionStep) -> None:
+            commit(self)
+            raise Crash
+
+        monkeypatch.setattr(ReconstructionStep, "commit", commit_then_die)
+        return
+    suffix = "/delta" if where == "mid_delta" else "/s0"
+    send = service.send_container
+
+    def send_then_die(*args: object, **kwargs: object) -> object:
+        if str(kwargs["stream"]).endswith(suffix):
+            sent = iter(range(4))
+            kwargs["on_message"] = lambda _: next(sent, None) is None and _die()
+        return send(*args, **kwargs)
+
+    monkeypatch.setattr(service, "send_container", send_then_die)
+
+
+def _die() -> None:
+    raise Crash
