@@ -15,10 +15,11 @@ from fedq.aggregation.state import load
 from fedq.client import Client
 from fedq.codecs import choose_codec
 from fedq.errors import StreamError
+from fedq.protocol import Announcement
 from fedq.reconstruction import Reconstruction, ReconstructionStep, advance, file_name, is_delta_codec
 from fedq.safetensors import SafetensorsReader, save_file
 from fedq.streaming import Assembler, iter_container
-from fedq.topology import Names
+from fedq.topology import MODELS_SEGMENT_BYTES, Names, models_retention_bytes
 from fedq.transport import connect
 from tests.aggregation_helpers import Worker, settings
 from tests.test_client import every_update, federation, memory_url, perturb, tiny_gpt
@@ -293,3 +294,74 @@ def arm_crash(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
 def _die() -> None:
     raise Crash
+
+
+def test_two_shards_each_publish_the_deltas_of_their_tensors(tmp_path: Path) -> None:
+    """Two aggregator shards, nf4 versions: each keeps x̂ of its own tensors; a continuing client and a late
+    joiner (snapshot of version 2 from both shards, then version 3's deltas) hold identical models, and each
+    shard's x̂ file holds exactly its tensors' values."""
+    url, names = memory_url(), Names("ns")
+    init = save_file(tiny_gpt().state_dict(), tmp_path / "init.safetensors")
+    with connect(url) as transport:
+        transport.declare(names, 2)
+    workers = [
+        Worker(
+            url,
+            settings(
+                names,
+                every_update(),
+                init,
+                tmp_path / "state",
+                shard=shard,
+                shards=2,
+                model_codec="nf4",
+                snapshot_every=2,
+            ),
+        )
+        for shard in range(2)
+    ]
+    model = tiny_gpt(seed=5)
+    fp32_bytes = 4 * gpt.num_parameters(model)
+    with Client("stays", amqp_url=url, namespace="ns") as stays:
+        stays.receive(model, timeout=30)
+        for seed in range(3):
+            perturb(model, 0.01, seed=seed)
+            stays.send(model, num_samples=1)
+            before = stays.received_bytes
+            assert stays.receive(model, timeout=30).version == seed + 1
+            assert stays.received_bytes - before < 0.2 * fp32_bytes
+        with Client("late", amqp_url=url, namespace="ns") as late:
+            joined = tiny_gpt(seed=9)
+            assert late.receive(joined, timeout=30).version == 3
+    for worker in workers:
+        worker.stop.set()
+        worker.join(30)
+    theirs = joined.state_dict()
+    held: dict[str, torch.Tensor] = {}
+    for shard in range(2):
+        with SafetensorsReader(tmp_path / "state" / f"shard-{shard}" / file_name(3)) as reconstruction:
+            held.update({name: reconstruction[name].clone() for name in reconstruction})
+    mine = model.state_dict()
+    assert held.keys() == mine.keys()
+    for name, value in mine.items():
+        assert torch.equal(value, theirs[name]), name
+        assert torch.equal(value, held[name]), name
+
+
+def test_retention_holds_two_snapshots_and_the_announced_deltas() -> None:
+    llama_1b = 4 * 1_498_482_688
+    delta = llama_1b // 7  # nf4
+    whole = models_retention_bytes(llama_1b)
+    chained = models_retention_bytes(llama_1b, delta, 11)
+    assert whole + 11 * delta < chained < whole + 11 * (delta + 2 * MODELS_SEGMENT_BYTES)
+
+
+def test_an_announcement_with_a_malformed_chain_is_refused() -> None:
+    good = Announcement(3, 1, 10, [("w", (2, 2))], snapshot=(2, 5), deltas=[(2, 4), (3, 10)])
+    assert Announcement.parse(good.encode()) == good
+    meta = wire.decode(good.encode()).meta
+    for bad in ({"snapshot": [2]}, {"deltas": [[3, -1]]}, {"deltas": "3"}):
+        body = wire.encode_control(wire.MANIFEST, "version/v3", {**meta, **bad})
+        with pytest.raises(StreamError) as caught:
+            Announcement.parse(body)
+        assert caught.value.reason == "bad_announcement"
