@@ -23,13 +23,13 @@ MODEL_DEFAULTS: dict[str, dict[str, float]] = {
         "eval_batches": 8,
     },
     "llama": {
-        "rounds": 20,
+        "rounds": 30,
         "local_steps": 2,
         "batch_size": 16,
         "lr": 3e-3,
         "n_embd": 256,
         "n_layer": 6,
-        "block_size": 64,
+        "block_size": 32,
         "eval_batches": 4,
     },
 }
