@@ -108,24 +108,21 @@ class Codec(abc.ABC):
         self, meta: dict[str, Any], payload: Buffer, count: int, lo: int, hi: int, device: torch.device
     ) -> torch.Tensor:
         """Elements ``lo .. hi`` of ``decode(meta, payload, count)``, decoding only the alignment units that
-        hold them where the payload can be cut (``cut``): a window rule's fold takes a chunk in several
-        sub-windows when K whole chunks would exceed its memory, and would otherwise decode it once per piece.
-        """
+        hold them (``cut``): a window rule's fold takes a chunk in several sub-windows when K whole chunks
+        would exceed its memory, and would otherwise decode it once per piece."""
         self.check_payload(meta, payload, count)
         if not 0 <= lo <= hi <= count:
             raise CodecError(f"{self.name}: part {lo}..{hi} outside {count} elements", reason="codec_size")
         a = lo - lo % self.alignment
         b = min(count, -(-hi // self.alignment) * self.alignment)
-        part = None if (a, b) == (0, count) else self.cut(payload, count, a, b)
-        if part is None:
+        if (a, b) == (0, count):
             return self.decode(meta, payload, count, device)[lo:hi]
-        return self.decode(meta, part, b - a, device)[lo - a : hi - a]
+        return self.decode(meta, self.cut(payload, count, a, b), b - a, device)[lo - a : hi - a]
 
-    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer | None:
+    @abc.abstractmethod
+    def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
         """The payload of elements ``a .. b`` of a checked payload of ``count`` (``a`` a multiple of
-        ``alignment``, ``b`` one too or ``count``), decodable on its own with the chunk's meta; None where the
-        payload cannot be cut (this default)."""
-        return None
+        ``alignment``, ``b`` one too or ``count``), decodable on its own with the chunk's meta."""
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
