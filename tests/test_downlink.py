@@ -298,8 +298,9 @@ def _die() -> None:
 
 def test_two_shards_each_publish_the_deltas_of_their_tensors(tmp_path: Path) -> None:
     """Two aggregator shards, nf4 versions: each keeps x̂ of its own tensors; a continuing client and a late
-    joiner (snapshot of version 2 from both shards, then version 3's deltas) hold identical models, and each
-    shard's x̂ file holds exactly its tensors' values."""
+    joiner (the snapshot of version 3 from both shards) hold identical models, and each shard's x̂ file holds
+    exactly its tensors' values. At a snapshot version the continuing client may also read the part of one
+    shard's snapshot published while the other shard's delta was still coming (one stream carries both)."""
     url, names = memory_url(), Names("ns")
     init = save_file(tiny_gpt().state_dict(), tmp_path / "init.safetensors")
     with connect(url) as transport:
@@ -315,7 +316,7 @@ def test_two_shards_each_publish_the_deltas_of_their_tensors(tmp_path: Path) -> 
                 shard=shard,
                 shards=2,
                 model_codec="nf4",
-                snapshot_every=2,
+                snapshot_every=3,
             ),
         )
         for shard in range(2)
@@ -329,7 +330,8 @@ def test_two_shards_each_publish_the_deltas_of_their_tensors(tmp_path: Path) -> 
             stays.send(model, num_samples=1)
             before = stays.received_bytes
             assert stays.receive(model, timeout=30).version == seed + 1
-            assert stays.received_bytes - before < 0.2 * fp32_bytes
+            bound = 0.2 if seed + 1 < 3 else 1.2  # version 3 has a snapshot
+            assert stays.received_bytes - before < bound * fp32_bytes
         with Client("late", amqp_url=url, namespace="ns") as late:
             joined = tiny_gpt(seed=9)
             assert late.receive(joined, timeout=30).version == 3
