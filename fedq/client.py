@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,7 @@ from fedq.codecs import Codec, EncodedErrorFeedback, ErrorFeedback, choose_codec
 from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError
 from fedq.protocol import Announcement, UpdateMeta, delta_stream, model_stream, update_stream
 from fedq.reconstruction import advance
-from fedq.streaming import Assembler, CodecFor, TensorEntry, send_container, shard_of
+from fedq.streaming import Assembler, CodecFor, LazyTensors, TensorEntry, send_container, shard_of
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
 from fedq.transport import Delivery, Transport, connect
 
@@ -107,32 +107,17 @@ def below_16_bits(codec: str) -> bool:
     return get_codec(codec).payload_nbytes(n) * 8 / n < 16
 
 
-class LazyTensors(Mapping[str, torch.Tensor]):
-    """A mapping whose values are computed when read, so an update is materialised one tensor at a time."""
-
-    def __init__(self, names: list[str], compute: Callable[[str], torch.Tensor]) -> None:
-        self._names = names
-        self._compute = compute
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._compute(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
 def delta(local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> LazyTensors:
-    """local - base per tensor, in float32 (a bf16 difference would round small updates away).
+    """local - base per tensor, in float32 (a bf16 difference would round small updates away), each computed
+    when the chunker reaches it: never more than one tensor's delta in memory."""
+    return LazyTensors(
+        list(local), lambda name: local[name].detach().float() - base[name].float(), _float32_like(local)
+    )
 
-    The streaming planner reads each value once for its shape before the chunker reads it again, so a delta is
-    computed twice: one subtraction more, never more than one tensor's delta in memory.
-    """
-    return LazyTensors(list(local), lambda name: local[name].detach().float() - base[name].float())
+
+def _float32_like(local: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """A delta's shape and dtype (float32) without computing it: a tensor on the meta device."""
+    return lambda name: torch.empty(local[name].shape, dtype=torch.float32, device="meta")
 
 
 def tensors_of(model: Model, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -444,7 +429,11 @@ class Client:
         local = self._local_tensors(model, full)
         base = self._base
         assert base is not None  # _local_tensors refuses a send before a receive
-        tensors = local if full else LazyTensors(list(local), lambda name: base.delta(name, local[name]))
+        tensors = (
+            LazyTensors(list(local), local.__getitem__, local.__getitem__)
+            if full
+            else LazyTensors(list(local), lambda name: base.delta(name, local[name]), _float32_like(local))
+        )
         update_id = uuid.uuid4().hex
         meta = UpdateMeta(
             update_id,
@@ -463,7 +452,7 @@ class Client:
                 self.transport,
                 self.names.updates_exchange,
                 self.names.shard_key(shard),
-                LazyTensors(names, tensors.__getitem__),
+                LazyTensors(names, tensors.__getitem__, tensors.spec),
                 stream=update_stream(self.label, update_id, shard),
                 meta=meta,
                 codec_for=self.codec_for,

@@ -165,6 +165,38 @@ def chunk_elements_for(codec: Codec, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // codec.payload_nbytes(unit)) * unit
 
 
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A mapping whose values are computed when read (a client's deltas), so that a container is materialised
+    one tensor at a time. ``spec(name)`` gives a value's shape and dtype without computing it (a tensor on the
+    meta device, or the value itself where it is at hand): all that ``plan`` reads, so each value is computed
+    once, when the chunker reaches it (for a delta: one read of the base from disk, one subtraction)."""
+
+    def __init__(
+        self, names: list[str], compute: Callable[[str], torch.Tensor], spec: Callable[[str], torch.Tensor]
+    ) -> None:
+        self._names = names
+        self._compute = compute
+        self.spec = spec
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _specs(tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, a tensor with the value's shape and dtype): a lazy value's spec, without computing it."""
+    if isinstance(tensors, LazyTensors):
+        return ((name, tensors.spec(name)) for name in tensors)
+    return iter(tensors.items())
+
+
 def plan(
     tensors: Mapping[str, torch.Tensor],
     *,
@@ -177,7 +209,7 @@ def plan(
     if clash := [k for k in RESERVED_META if k in meta]:
         raise StreamError(f"meta keys {clash} are reserved for the manifest", reason="bad_manifest")
     entries, codecs, first = [], {}, 0
-    for name, t in tensors.items():
+    for name, t in _specs(tensors):
         codec = codec_for(name, t)
         per_chunk = chunk_elements_for(codec, chunk_bytes)
         dtype = wire.DTYPE_NAMES.get(t.dtype)

@@ -437,3 +437,20 @@ def test_wait_for_memory_gives_up_with_a_clear_error() -> None:
     with pytest.raises(StreamError) as info:
         streaming.wait_for_memory(current_rss_bytes() // 2, timeout=0.1)
     assert info.value.reason == "memory_budget"
+
+
+def test_a_lazy_container_computes_each_value_once_and_plans_from_its_spec() -> None:
+    """The planner reads shapes and dtypes from ``spec``; a client's delta is computed only when chunked."""
+    values = {"a": torch.randn(300, 70), "b": torch.randn(5000)}
+    computed: list[str] = []
+
+    def compute(name: str) -> torch.Tensor:
+        computed.append(name)
+        return values[name]
+
+    lazy = streaming.LazyTensors(
+        list(values), compute, lambda n: torch.empty(values[n].shape, dtype=values[n].dtype, device="meta")
+    )
+    eager = list(streaming.iter_container(values, stream="s", meta={}, chunk_bytes=1 << 14))
+    assert list(streaming.iter_container(lazy, stream="s", meta={}, chunk_bytes=1 << 14)) == eager
+    assert computed == ["a", "b"]
