@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import random
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,13 +26,14 @@ from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedAvg, FedBuff, Strategy
 from fedq.broker import Management, add_client, management_url_for
+from fedq.cli.aggregator import max_message_bytes
 from fedq.codecs import get_codec
 from fedq.errors import TransportError
 from fedq.metrics import current_rss_bytes
 from fedq.protocol import UpdateMeta
 from fedq.safetensors import save_file
 from fedq.streaming import iter_container, shard_of
-from fedq.topology import DELIVERY_LIMIT, Names
+from fedq.topology import DEFAULT_CHUNK_BYTES, DELIVERY_LIMIT, Names
 from fedq.transport import Transport, connect
 from fedq.transport.base import REASON_HEADER, USER_HEADER
 from tests.aggregation_helpers import (
@@ -492,6 +495,102 @@ def test_finding_12_a_client_reads_nothing_but_the_model_and_version_streams(
         assert (answer.method.message_count, answer.method.consumer_count) == (0, 0)
     finally:
         connection.close()
+
+
+BUDGET = 32 << 20  # the aggregator's --memory-budget in the flood below
+JUNK = 24  # largest junk messages in the flood, 6 between each two of the 4 valid updates
+# Above the budget: the dead-letter copies' publish window (a quarter of the budget) and 6 largest messages
+# (the one being handled: received, staged copy, decoded check; and what the allocator keeps of freed ones).
+FLOOD_OVERHEAD = BUDGET // 4 + 6 * max_message_bytes(DEFAULT_CHUNK_BYTES)
+
+
+def _rss(pid: int) -> int:
+    """A process's resident set (VmRSS), in bytes; 0 once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("VmRSS:"))) << 10
+
+
+@pytest.mark.slow
+def test_finding_10_a_flood_of_largest_messages_stays_within_the_memory_budget(
+    federation: dict[str, Any],
+) -> None:
+    """Intake is bounded in bytes: the aggregator (a process of its own, ``--memory-budget 32MiB``) prefetches
+    budget / the largest message the broker accepts (``max_message_size`` in broker_config/rabbitmq.conf,
+    5 MiB for 4 MiB chunks: 6 deliveries). Mallory floods it with 24 junk messages of exactly that size
+    (refused and dead-lettered, body and all) and 4 valid updates of 4 MiB chunks (staged to disk): its
+    resident set grows by at most the budget plus a fixed overhead (``FLOOD_OVERHEAD``, 38 MiB). It used to
+    prefetch a message count: five 100 MiB messages took it from 237 to 788 MiB against a budget of 64 MiB;
+    16 of these would be 80 MiB in flight."""
+    fed, names = federation, federation["names"]
+    conf = (Path(__file__).parent.parent / "broker_config" / "rabbitmq.conf").read_text()
+    size = max_message_bytes(DEFAULT_CHUNK_BYTES)
+    assert f"max_message_size = {size}" in conf
+    x0 = {"w": torch.zeros(4 << 20)}  # 16 MiB: one 4 MiB chunk is the largest valid message
+    init = save_file(x0, fed["tmp"] / "init.safetensors")
+    log = fed["tmp"] / "aggregator.log"
+    command = [
+        *("-m", "workers.aggregator", "--amqp-url", fed["amqp_url"], "--namespace", names.namespace),
+        *("--strategy", "fedbuff", "--buffer-size", "100", "--init", str(init)),
+        *("--state-dir", str(fed["tmp"] / "state"), "--device", "cpu", "--memory-budget", str(BUDGET)),
+    ]
+    rng = random.Random(10)
+    junk = [rng.randbytes(size) for _ in range(JUNK)]
+    updates = [
+        list(
+            iter_container(
+                {"w": torch.full((4 << 20,), float(i))},
+                stream=f"s/flood{i}",
+                meta=UpdateMeta(f"flood{i}", 0, 1).to_meta(),
+                codec_for=lambda n, t: get_codec("fp32"),
+                chunk_bytes=DEFAULT_CHUNK_BYTES,
+            )
+        )
+        for i in range(4)
+    ]
+    assert max(len(b) for u in updates for b in u) <= size
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, *command], stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
+        )
+    peak, samples, stop = [0], [], threading.Event()
+    try:
+        _wait(lambda: "version 0 from" in log.read_text(), 60, "the aggregator's start")
+        time.sleep(1.0)
+        baseline = _rss(worker.pid)
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append(_rss(worker.pid))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        with connect(fed["urls"]["mallory"]) as mallory:
+            for i, update in enumerate(updates):
+                publish(mallory, names, junk[i * JUNK // 4 : (i + 1) * JUNK // 4])
+                publish(mallory, names, update)
+        _wait(lambda: log.read_text().count(" complete (base version") == 4, 120, "the 4 updates staged")
+        _wait(lambda: log.read_text().count("refused a message from") == JUNK, 60, "the junk refused")
+        stop.set()
+        sampler.join(5)
+        peak[0] = max(samples)
+        assert worker.poll() is None, log.read_text()[-2000:]
+    finally:
+        stop.set()
+        worker.terminate()
+        worker.wait(30)
+    reasons = Counter(r for r, _ in dead_letters(fed["amqp_url"], names))
+    assert sum(reasons.values()) == JUNK, reasons
+    growth = peak[0] - baseline
+    print(
+        f"\nflood: {JUNK} x {size >> 20} MiB junk + 16 x 4 MiB chunks; aggregator RSS "
+        f"{baseline >> 20} MiB -> peak {peak[0] >> 20} MiB (growth {growth >> 20} MiB; budget "
+        f"{BUDGET >> 20} MiB + overhead {FLOOD_OVERHEAD >> 20} MiB; {len(samples)} samples)"
+    )
+    assert growth <= BUDGET + FLOOD_OVERHEAD
 
 
 # ----------------------------------------------------------------------------------------------------------
