@@ -14,6 +14,16 @@ The update is a real one (``send_container``, the client's codec policy, nf4 by 
 random step) with the metadata ``fedq.Client.send`` writes; what a client does not do here is download the
 model (a receive is the concern of ``fedq bench round``): the bench measures the update path.
 
+The clients share one broker user (the bench's connection's), so the aggregator gives that user the staging
+quota N users of their own would hold in all (``--max-streams-per-user``, ``--max-user-bytes``).
+
+``--queue-bytes`` bounds the update queue's backlog with a broker policy. With hundreds of clients sending
+without pause on the broker's machine, a backlog as deep as the declared bound (512 MiB: ~800 updates of the
+demo model) starves the one consumer: the broker shares its CPU among its connections' processes, and two
+dozen publishing connections outweigh the aggregator's one (measured: 20 updates/s going in, 2 coming out,
+the aggregator idle 68% of its time with 409 deliveries granted). A bound of a few versions' worth makes the
+clients wait for room (reject-publish, retried with backoff) instead.
+
 After a warm-up, a window of ``--seconds`` is measured from the aggregator's log (every folded update and
 dropped one is named there, with a timestamp), its /proc entries and the broker's management API. Every
 aggregator setting is its default but K (and ``--memory-budget`` when given):
@@ -59,6 +69,7 @@ import torch
 from fedq import wire
 from fedq.bench.aggregate import _PeakRss, _wait_for, _write_model
 from fedq.bench.stream import delete_namespace
+from fedq.broker import Management, management_url_for, q, vhost_of
 from fedq.client import codec_policy
 from fedq.streaming import send_container
 from fedq.topology import Names, versions_names
@@ -95,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"demo model: {params / 1e6:.2f} M parameters; one {args.codec} update: {len(bodies)} messages, "
         f"{update_bytes / 1e6:.2f} MB; FedBuff K = {args.buffer_size}; {args.processes} client processes; "
-        f"window {args.seconds:g} s; load average {os.getloadavg()[0]:.2f}",
+        f"window {args.seconds:g} s; update queue bound "
+        f"{f'{args.queue_bytes / 2**20:g} MiB (policy)' if args.queue_bytes else 'as declared'}; "
+        f"load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     raw = raw_rate(url, bodies, args.processes, args.seconds)
@@ -104,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     for clients in [int(c) for c in args.clients.split(",")]:
         row = one_run(url, work, init, shapes, clients, args)
         row |= {"raw_updates_per_s": raw, "update_wire_bytes": update_bytes, "params": params}
+        row |= {"queue_bytes": args.queue_bytes, "load_average": os.getloadavg()[0]}
         rows.append(row)
         print(describe(row), flush=True)
     if args.dir is None:
@@ -277,6 +291,7 @@ def one_run(
     stop, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
     procs: list[Any] = []
     agg: subprocess.Popen[bytes] | None = None
+    bound = _QueueBound(url, names, args.queue_bytes) if args.queue_bytes else None
     try:
         with open(log_path, "wb") as out:
             agg = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -334,7 +349,30 @@ def one_run(
         if agg is not None:
             agg.terminate()
             agg.wait(30)
+        if bound is not None:
+            bound.remove()
         delete_namespace(url, names)
+
+
+class _QueueBound:
+    """A RabbitMQ policy bounding one namespace's update queues to ``nbytes`` (the lower of a policy's
+    ``max-length-bytes`` and the queue's own argument applies; overflow stays reject-publish): how an operator
+    bounds the backlog of an existing federation's queue, whose declared arguments cannot change."""
+
+    def __init__(self, url: str, names: Names, nbytes: int) -> None:
+        self._api = Management(management_url_for(url))
+        self._path = f"/policies/{q(vhost_of(url))}/{q('fedq-bench-' + names.namespace)}"
+        pattern = f"^{re.escape(names.namespace)}\\.updates\\."
+        body = {
+            "pattern": pattern,
+            "apply-to": "queues",
+            "priority": 1,
+            "definition": {"max-length-bytes": nbytes},
+        }
+        self._api.put(self._path, body)
+
+    def remove(self) -> None:
+        self._api.delete(self._path)
 
 
 def _p99(values: list[float]) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedq.cli.options import add_amqp_url
+from fedq.cli.options import add_amqp_url, size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-budget",
         help="the aggregator's --memory-budget (default: its own), which sets its prefetch; with an update's "
         "many small messages a larger one keeps more of them coming",
+    )
+    parser.add_argument(
+        "--queue-bytes",
+        type=size,
+        default=0,
+        help="bound the update queue's backlog to this many bytes with a broker policy (default 0: the queue "
+        "as declared, 512 MiB); the raw broker rate is measured on a queue as declared either way",
     )
     add_amqp_url(parser)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
