@@ -71,6 +71,7 @@ from fedq.bench.aggregate import _PeakRss, _wait_for, _write_model
 from fedq.bench.stream import delete_namespace
 from fedq.broker import Management, management_url_for, q, vhost_of
 from fedq.client import codec_policy
+from fedq.protocol import UpdateMeta
 from fedq.streaming import send_container
 from fedq.topology import Names, versions_names
 from fedq.transport import Delivery, Transport, connect, default_url
@@ -147,15 +148,8 @@ def _delta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
 
 
 def _meta(client: str, update_id: str, base_version: int) -> dict[str, Any]:
-    """What ``fedq.Client.send`` writes for a delta update."""
-    return {
-        "update_id": update_id,
-        "client": client,
-        "base_version": base_version,
-        "kind": "delta",
-        "num_samples": 1,
-        "metrics": {},
-    }
+    """What ``fedq.Client.send`` writes for a delta update (``protocol.UpdateMeta``: built in one place)."""
+    return UpdateMeta(update_id, base_version, client=client).to_meta()
 
 
 def update_bodies(shapes: dict[str, tuple[int, ...]], codec: str) -> list[bytes]:
