@@ -26,7 +26,6 @@ same and clients that read either publication hold the same x̂.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import shutil
@@ -36,8 +35,9 @@ from pathlib import Path
 import torch
 
 from fedq.basestore import pread_into, pwrite_all
-from fedq.codecs import ErrorFeedback, choose_codec, get_codec
+from fedq.codecs import ErrorFeedback, get_codec
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec, layout
+from fedq.topology import models_retention_bytes
 
 SNAPSHOT_CODEC = "fp32"
 _COMPARE_STEP = 1 << 22  # elements compared at a time when looking for unchanged tensors (16 MiB of float32)
@@ -163,9 +163,16 @@ class ReconstructionStep(ErrorFeedback):
         self._part.unlink(missing_ok=True)
 
 
-def delta_bytes(shapes: Mapping[str, tuple[int, ...]], codec: str) -> int:
-    """The largest payload of one whole delta (every tensor changed) in ``codec``, by the codec policy."""
-    return sum(choose_codec(n, s, codec).payload_nbytes(math.prod(s)) for n, s in shapes.items())
+def retention_bytes(model_bytes: int, codec: str, snapshot_every: int) -> int:
+    """The models stream's byte limit for a model of ``model_bytes`` (fp32) whose versions travel in
+    ``codec``: two whole versions; with versions as deltas, two snapshots and the announced deltas plus the
+    one being written. From the model's size alone, so that the aggregator's shards and ``fedq broker
+    definitions --model-size`` declare the same figure (1-D tensors, which stay fp32, are counted at the
+    codec's size: at most a few kB per version, well inside each delta's segment of slack)."""
+    if not is_delta_codec(codec):
+        return models_retention_bytes(model_bytes)
+    delta = get_codec(codec).payload_nbytes(model_bytes // 4)
+    return models_retention_bytes(model_bytes, delta, snapshot_every + 1)
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -4,6 +4,7 @@ from a snapshot, frozen tensors never travel again, and a restart republishes th
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -15,11 +16,19 @@ from hypothesis import strategies as st
 from fedq import wire
 from fedq.aggregation import service
 from fedq.aggregation.state import load
+from fedq.cli import main
 from fedq.client import Client
 from fedq.codecs import choose_codec
 from fedq.errors import StreamError
 from fedq.protocol import Announcement
-from fedq.reconstruction import Reconstruction, ReconstructionStep, advance, file_name, is_delta_codec
+from fedq.reconstruction import (
+    Reconstruction,
+    ReconstructionStep,
+    advance,
+    file_name,
+    is_delta_codec,
+    retention_bytes,
+)
 from fedq.safetensors import SafetensorsReader, save_file
 from fedq.streaming import Assembler, iter_container
 from fedq.topology import MODELS_SEGMENT_BYTES, Names, models_retention_bytes
@@ -384,12 +393,21 @@ def test_two_shards_each_publish_the_deltas_of_their_tensors(tmp_path: Path) -> 
         assert torch.equal(value, held[name]), name
 
 
-def test_retention_holds_two_snapshots_and_the_announced_deltas() -> None:
-    llama_1b = 4 * 1_498_482_688
-    delta = llama_1b // 7  # nf4
+def test_retention_holds_two_snapshots_and_the_announced_deltas(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two fp32 snapshots and K + 1 nf4 deltas; ``fedq broker definitions`` declares what the aggregator
+    does."""
+    params = 1_498_482_688
+    llama_1b = 4 * params
     whole = models_retention_bytes(llama_1b)
-    chained = models_retention_bytes(llama_1b, delta, 11)
-    assert whole + 11 * delta < chained < whole + 11 * (delta + 2 * MODELS_SEGMENT_BYTES)
+    chained = retention_bytes(llama_1b, "nf4", 10)
+    # nf4: 0.516 bytes per parameter (4 bits and the block scales), each delta with a segment of slack
+    assert whole + 11 * (0.5 * params + MODELS_SEGMENT_BYTES) < chained
+    assert chained < whole + 11 * (0.53 * params + MODELS_SEGMENT_BYTES)
+    assert retention_bytes(llama_1b, "bf16", 10) == whole
+    args = ["broker", "definitions", "--model-size", str(llama_1b), "--model-codec", "nf4"]
+    assert main(args) == 0
+    queues = {q["name"]: q["arguments"] for q in json.loads(capsys.readouterr().out)["queues"]}
+    assert queues["fedq.models"]["x-max-length-bytes"] == chained
 
 
 def test_an_announcement_with_a_malformed_chain_is_refused() -> None:

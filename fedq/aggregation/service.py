@@ -88,11 +88,11 @@ from fedq.protocol import (
     PlanEntry,
     Stepped,
 )
-from fedq.reconstruction import SNAPSHOT_CODEC, Reconstruction, delta_bytes, is_delta_codec
+from fedq.reconstruction import SNAPSHOT_CODEC, Reconstruction, is_delta_codec, retention_bytes
 from fedq.safetensors import SafetensorsReader
 from fedq.streaming import send_container, shard_of
 from fedq.threads import cpu_workers
-from fedq.topology import DEFAULT_SNAPSHOT_EVERY, Names, models_retention_bytes, versions_names
+from fedq.topology import DEFAULT_SNAPSHOT_EVERY, Names, versions_names
 from fedq.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class Aggregator:
             self.s.names,
             self.s.shards,
             quorum=self.s.quorum,
-            models_retention_bytes=self._retention(model_bytes),
+            models_retention_bytes=retention_bytes(model_bytes, self.s.model_codec, self.s.snapshot_every),
         )
         # Exclusive: a second worker of this shard (another machine, another state dir) is refused here.
         names, shard = self.s.names, self.s.shard
@@ -303,14 +303,6 @@ class Aggregator:
         if self.state.published < self.state.version:
             self._publish_model()
         self._report_stepped()
-
-    def _retention(self, model_bytes: int) -> int:
-        """The models stream's byte limit: two whole versions, and with versions as deltas, two snapshots
-        and the announced deltas plus the one being written (every shard computes the same figure)."""
-        if self.recon is None:
-            return models_retention_bytes(model_bytes)
-        delta = delta_bytes(self.all_shapes, self.s.model_codec)
-        return models_retention_bytes(model_bytes, delta, self.s.snapshot_every + 1)
 
     # main loop ----------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedq.cli.aggregator import MODEL_CODECS
 from fedq.cli.options import add_amqp_url, add_namespace, size
+from fedq.topology import DEFAULT_SNAPSHOT_EVERY
 
 if TYPE_CHECKING:
     from fedq.broker import Management
@@ -34,6 +36,16 @@ def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="the model's fp32 size, e.g. 5.6GiB: the models stream keeps two versions of it, as the "
         "aggregator declares it (default: the 4 GiB floor)",
+    )
+    parser.add_argument(
+        "--model-codec",
+        choices=MODEL_CODECS,
+        default="fp32",
+        help="the aggregator's --model-codec: with int8 or nf4 the models stream also keeps the deltas "
+        "between snapshots",
+    )
+    parser.add_argument(
+        "--snapshot-every", type=int, default=DEFAULT_SNAPSHOT_EVERY, help="the aggregator's --snapshot-every"
     )
 
 
@@ -96,12 +108,13 @@ def management(args: argparse.Namespace) -> Management:
 
 def topology_definitions(args: argparse.Namespace) -> dict[str, Any]:
     from fedq.broker import vhost_of
-    from fedq.topology import Names, definitions, models_retention_bytes
+    from fedq.reconstruction import retention_bytes
+    from fedq.topology import Names, definitions
 
     return definitions(
         Names(args.namespace),
         args.shards,
         quorum=args.quorum,
-        models_retention_bytes=models_retention_bytes(args.model_size),
+        models_retention_bytes=retention_bytes(args.model_size, args.model_codec, args.snapshot_every),
         vhost=vhost_of(args.amqp_url),
     )
