@@ -16,6 +16,9 @@ size as all the clients took together, is the reference row.
 Bytes are what the clients counted: ``wire_bytes_up`` every update message body they published,
 ``wire_bytes_down`` every models-stream message they read (version 0 included), each against the float32
 bytes of the same tensors (``fp32_bytes_up``, ``fp32_bytes_down``).
+
+The table in docs/benchmarks.md was made with ``fedq bench quality --model llama --threads 1 --json
+fedq/docs/results/quality-llama.json --plot docs/quality-llama.png`` on the shared 2-core CPU.
 """
 
 from __future__ import annotations
