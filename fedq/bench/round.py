@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fedq.aggregation import checkpoint
 from fedq.bench.aggregate import _PeakRss, _wait_for, _write_model
 from fedq.bench.stream import SHAPES, delete_namespace
 from fedq.topology import Names
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         "workers.aggregator",
         *("--amqp-url", url, "--namespace", names.namespace, "--strategy", "fedavg"),
         *("--min-clients", str(args.clients), "--max-versions", "1", "--init", str(init)),
+        # the round is every client's update: on a loaded machine one client can lag the others by minutes
+        *("--round-timeout", str(args.timeout)),
         *("--state-dir", str(work / "state"), "--threads", str(args.threads)),
         *("--model-codec", args.model_codec),
     ]
@@ -86,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         if proc.wait(timeout=args.timeout) != 0:
             raise RuntimeError(f"aggregator failed; see {log}")
         aggregator_peak.stop()
+        folded = _folded_updates(work / "state")
+        if folded != args.clients:
+            raise RuntimeError(f"version 1 folded {folded} of {args.clients} updates; see {log}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -109,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(row, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _folded_updates(state_dir: Path) -> int:
+    """How many updates the last version folded, from shard 0's checkpoint (its last plan)."""
+    state = json.loads((state_dir / "shard-0" / checkpoint.STATE).read_text())
+    return len((state.get("last_plan") or {}).get("updates", []))
 
 
 def _describe(row: dict[str, Any], args: argparse.Namespace) -> str:

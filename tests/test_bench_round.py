@@ -1,0 +1,28 @@
+"""``fedq bench round`` end to end on the real broker, at tiny shapes: the row the issue names, every client's
+update in the version, both directions compressed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedq import cli
+
+pytestmark = pytest.mark.broker
+
+
+def test_a_tiny_round_folds_every_client_and_reports_both_directions(amqp_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "round.json"
+    argv = ["bench", "round", "--shapes", "tiny", "--clients", "2", "--codec", "nf4", "--model-codec", "nf4"]
+    assert cli.main([*argv, "--amqp-url", amqp_url, "--json", str(out)]) == 0  # refuses a partial fold
+    row = json.loads(out.read_text())
+    assert set(row) == {
+        "clients", "codec", "round_seconds", "bytes_up", "bytes_down", "fp32_bytes_up", "fp32_bytes_down",
+        "aggregator_peak_rss", "client_peak_rss", "model_fp32_bytes",
+    }  # fmt: skip
+    assert row["clients"] == 2 and row["fp32_bytes_up"] == 2 * row["model_fp32_bytes"]
+    # nf4 both ways: about an eighth of fp32 plus block scales, in each direction
+    assert 0.10 < row["bytes_up"] / row["fp32_bytes_up"] < 0.16
+    assert 0.10 < row["bytes_down"] / row["fp32_bytes_down"] < 0.16
