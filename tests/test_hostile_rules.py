@@ -1,5 +1,6 @@
 """The hostile-client rules at their honest level (issue 12): share limits and distinct clients (pure), the
-bounded state, per-user quotas, the absolute stream deadline and the journal repair (in-memory broker)."""
+bounded state, per-user quotas, the absolute stream deadline, the journal repair and a follower's commit after
+a restart (in-memory broker)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,26 @@ from pathlib import Path
 
 import torch
 
+from fedq import protocol
+from fedq.aggregation import checkpoint
 from fedq.aggregation.planner import Planner
+from fedq.aggregation.staging import stream_key
 from fedq.aggregation.state import ShardState
 from fedq.aggregation.strategies import Candidate, FedAvg, FedBuff, NormBound, limit_shares
 from fedq.codecs import get_codec
 from fedq.protocol import Plan, PlanEntry, UpdateMeta
 from fedq.streaming import iter_container
-from fedq.transport import connect
+from fedq.transport import Transport, connect
 from fedq.transport.base import REASON_HEADER
 from tests.aggregation_helpers import (
+    Worker,
     assert_close,
     delta_for,
     memory_broker,
     model_of,
     one_step_worker,
     send_update,
+    settings,
     small_model,
     state,
     wait_version,
@@ -184,3 +190,47 @@ def test_a_journaled_plan_the_leader_cannot_apply_is_repaired_not_a_crash_loop(t
     worker.join(30)
     assert "5:alice/gone" in state(tmp_path / "state")["finished_updates"]
     assert_close(model_of(tmp_path / "state"), {n: x0[n] + delta_for(2, x0)[n] for n in x0})
+
+
+def _next_report(lead: Transport, kind: type) -> protocol.Control:
+    """The next report of ``kind`` on the leader's control queue (others passed over: "stepped" at start)."""
+    while (delivery := lead.get(30)) is not None:
+        lead.ack(delivery)
+        message = protocol.parse_control(delivery.body)
+        if isinstance(message, kind) and not (isinstance(message, protocol.Stepped) and message.version == 0):
+            return message
+    raise AssertionError(f"no {kind.__name__} report")
+
+
+def test_a_follower_that_lost_its_fold_folds_the_commit_again(tmp_path: Path) -> None:
+    """Shard 1 answered "folded" and restarted before the leader's commit came (its fold was in memory only):
+    the commit carries the plan, so the follower folds it again and steps, instead of waiting for a plan that
+    is not sent again. The test plays the leader on the control queue of shard 0."""
+    broker, names = memory_broker(2)
+    x0 = small_model()
+    d = delta_for(1, x0)
+    config = settings(
+        names,
+        FedBuff(buffer_size=1, server_lr=1.0, staleness="constant"),
+        write_init(tmp_path, x0),
+        tmp_path / "state",
+        shard=1,
+        shards=2,
+        max_versions=1,
+    )
+    worker = Worker(f"memory://aggregator@{broker}", config)
+    with connect(f"memory://leader@{broker}") as lead:
+        lead.consume(names.control_queue(0), prefetch=8)
+        with connect(f"memory://client@{broker}") as client:
+            send_update(client, names, d, shards=2, update_id="u", base_version=0)
+        assert isinstance(_next_report(lead, protocol.Committed), protocol.Committed)
+        plan = Plan(1, 1.0, [PlanEntry(stream_key("client", "u"), 1.0, "client", 0)])
+        body = protocol.encode_control(protocol.Commit(plan))  # no Plan before it: as after a restart
+        lead.publish(names.control_exchange, names.shard_key(1), body, persistent=True)
+        lead.flush()
+        stepped = _next_report(lead, protocol.Stepped)
+        assert isinstance(stepped, protocol.Stepped) and stepped.version == 1
+    worker.join(30)
+    loaded = checkpoint.load(tmp_path / "state" / "shard-1", torch.device("cpu"))
+    assert loaded is not None and loaded[0]
+    assert_close(loaded[0], {n: x0[n] + d[n] for n in loaded[0]})
