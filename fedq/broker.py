@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
@@ -39,6 +40,11 @@ def vhost_of(amqp_url: str) -> str:
     return unquote(path) or "/"
 
 
+IDEMPOTENT = frozenset({"GET", "PUT"})
+SERVER_ERRORS = frozenset({"http_500", "http_502", "http_503"})
+RETRY_DELAYS = (0.5, 2.0)
+
+
 class Management:
     """A small client of the RabbitMQ management API; errors are ``TransportError`` with the HTTP status."""
 
@@ -51,6 +57,19 @@ class Management:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        """One call; a GET or PUT is tried again after a server error, which a loaded management plugin
+        answers now and then (HTTP 500, seen twice in one afternoon's test runs). A DELETE is not: a retry
+        of one that took effect would report the thing missing."""
+        for delay in RETRY_DELAYS if method in IDEMPOTENT else ():
+            try:
+                return self._request_once(method, path, body)
+            except TransportError as exc:
+                if exc.reason not in SERVER_ERRORS:
+                    raise
+                time.sleep(delay)
+        return self._request_once(method, path, body)
+
+    def _request_once(self, method: str, path: str, body: Any) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Authorization", self._auth)
