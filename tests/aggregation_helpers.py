@@ -174,3 +174,17 @@ def one_step_worker(broker: str, names: Names, init: Path, state_dir: Path, **op
     """An in-memory aggregator that steps after every update with weight 1 (x += Δ): easy to predict."""
     strategy = FedBuff(buffer_size=1, server_lr=1.0, staleness="constant")
     return Worker(f"memory://aggregator@{broker}", settings(names, strategy, init, state_dir, **options))
+
+
+def wait_aggregator_started(log: Path, offset: int, timeout: float = 60) -> None:
+    """Until the newest aggregator process in ``log`` (from byte ``offset`` on) has loaded its state, so that
+    a kill lands in its work, not in its imports."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if "resumed at version" in text or "version 0 from" in text:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"aggregator did not start: {log.read_text()[-2000:]}")

@@ -31,7 +31,15 @@ import torch
 from fedq.aggregation.server_opt import DEFAULT_LR, ServerOptConfig
 from fedq.topology import Names
 from fedq.transport import connect
-from tests.aggregation_helpers import delta_for, model_of, send_update, small_model, state, write_init
+from tests.aggregation_helpers import (
+    delta_for,
+    model_of,
+    send_update,
+    small_model,
+    state,
+    wait_aggregator_started,
+    write_init,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -82,19 +90,6 @@ def _start(
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
 
 
-def _wait_started(log: Path, offset: int, timeout: float = 60) -> None:
-    """Until the newest process has loaded its state (so a kill lands in its work, not in its imports)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        if "resumed at version" in text or "version 0 from" in text:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"aggregator did not start: {log.read_text()[-2000:]}")
-
-
 @pytest.mark.parametrize("server_opt", ["none", "adam"])
 def test_sigkill_at_random_points_gives_the_fault_free_model(
     tmp_path: Path, amqp_url: str, namespace: str, server_opt: str
@@ -126,7 +121,7 @@ def test_sigkill_at_random_points_gives_the_fault_free_model(
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     publisher = threading.Thread(target=publish, daemon=True)
     proc = _start(amqp_url, namespace, init, state_dir, log, server_opt)
-    _wait_started(log, 0)
+    wait_aggregator_started(log, 0)
     publisher.start()
     deadline = time.monotonic() + 150
     kills = 0
@@ -140,7 +135,7 @@ def test_sigkill_at_random_points_gives_the_fault_free_model(
             kills += 1
             offset = log.stat().st_size
             proc = _start(amqp_url, namespace, init, state_dir, log, server_opt)
-            _wait_started(log, offset)
+            wait_aggregator_started(log, offset)
         publisher.join(max(1.0, deadline - time.monotonic()))
         assert not publisher.is_alive(), "publisher did not finish"
         rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))

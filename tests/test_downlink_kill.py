@@ -22,7 +22,7 @@ from fedq.reconstruction import file_name
 from fedq.safetensors import SafetensorsReader
 from fedq.topology import Names
 from fedq.transport import connect
-from tests.aggregation_helpers import small_model, write_init
+from tests.aggregation_helpers import small_model, wait_aggregator_started, write_init
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -39,19 +39,6 @@ def _start(amqp_url: str, namespace: str, init: Path, state_dir: Path, log: Path
     ]
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
-
-
-def _wait_started(log: Path, offset: int, timeout: float = 60) -> None:
-    """Until the newest process has loaded its state (so a kill lands in its work, not in its imports)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        if "resumed at version" in text or "version 0 from" in text:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"aggregator did not start: {log.read_text()[-2000:]}")
 
 
 def test_sigkill_never_makes_reconstructions_diverge(tmp_path: Path, amqp_url: str, namespace: str) -> None:
@@ -78,7 +65,7 @@ def test_sigkill_never_makes_reconstructions_diverge(tmp_path: Path, amqp_url: s
 
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     proc = _start(amqp_url, namespace, init, state_dir, log)
-    _wait_started(log, 0)
+    wait_aggregator_started(log, 0)
     client = threading.Thread(target=stay, daemon=True)
     client.start()
     kills = 0
@@ -92,7 +79,7 @@ def test_sigkill_never_makes_reconstructions_diverge(tmp_path: Path, amqp_url: s
             kills += 1
             offset = log.stat().st_size
             proc = _start(amqp_url, namespace, init, state_dir, log)
-            _wait_started(log, offset)
+            wait_aggregator_started(log, offset)
         client.join(240)
         rc = proc.wait(timeout=120)
     finally:
