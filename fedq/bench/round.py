@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import queue
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         for p in clients:
             p.start()
-        rows = [results.get(timeout=args.timeout) for _ in clients]
+        rows = _gather(results, clients, start + args.timeout)
         for p in clients:
             p.join()
         if failed := [r["error"] for r in rows if "error" in r]:
@@ -115,6 +116,24 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(row, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _gather(results: mp.Queue[dict[str, Any]], clients: list[Any], deadline: float) -> list[dict[str, Any]]:
+    """Every client's row; a client that died without one (the OOM killer's SIGKILL leaves no traceback) ends
+    the bench at once, instead of at its timeout."""
+    rows: list[dict[str, Any]] = []
+    while len(rows) < len(clients):
+        try:
+            rows.append(results.get(timeout=2.0))
+            continue
+        except queue.Empty:
+            pass
+        if dead := [(i, p.exitcode) for i, p in enumerate(clients) if p.exitcode not in (None, 0)]:
+            i, code = dead[0]
+            raise RuntimeError(f"client c{i} died with exit code {code} (-9: killed, e.g. by the OOM killer)")
+        if time.time() > deadline:
+            raise RuntimeError(f"{len(clients) - len(rows)} client(s) not done by the bench's --timeout")
+    return rows
 
 
 def _folded_updates(state_dir: Path) -> int:
