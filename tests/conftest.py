@@ -58,7 +58,7 @@ def cleanup_namespace(management: Management, vhost: str, ns: str) -> None:
     """Delete what a test declared or created under ``ns``; tolerate what is already gone."""
     for kind in ("queues", "exchanges"):
         for item in management.get(f"/{kind}/{q(vhost)}?columns=name"):
-            if item["name"].startswith(ns + "."):
+            if item["name"].startswith((ns + ".", ns + "-")):  # a test may derive namespaces: f"{ns}-2"
                 _delete_quietly(management, f"/{kind}/{q(vhost)}/{q(item['name'])}")
     for user in management.get("/users"):
         if user["name"].startswith(ns + "-"):
