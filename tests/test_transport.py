@@ -374,7 +374,7 @@ def test_connect_to_a_dead_port_fails_with_transport_error() -> None:
 
 @pytest.mark.broker
 def test_large_messages_arrive_whole_with_wide_reads_on_our_connection_only(
-    amqp_url: str, ns_names: Names
+    amqp_url: str, names: Names
 ) -> None:
     """Our connections read the socket in 256 KiB pieces (pika: 4 KiB); multi-frame messages still arrive
     byte for byte, and a plain pika connection in the same process keeps pika's own read size."""
@@ -384,11 +384,11 @@ def test_large_messages_arrive_whole_with_wide_reads_on_our_connection_only(
 
     bodies = [os.urandom((4 << 20) + 5), os.urandom(131_067), os.urandom(1)]
     with connect(amqp_url) as t:
-        t.declare(ns_names, 1)
+        t.declare(names, 1)
         for body in bodies:
-            t.publish(ns_names.updates_exchange, ns_names.shard_key(0), body)
+            t.publish(names.updates_exchange, names.shard_key(0), body)
         t.flush()
-        t.consume(ns_names.updates_queue(0), prefetch=4)
+        t.consume(names.updates_queue(0), prefetch=4)
         got = []
         for _ in bodies:
             delivery = t.get(timeout=30)
