@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 VERSIONS = 6
 KILLS = 3
+ROUND_PAUSE = 0.6  # s; an idle machine once finished the run after 1 kill with pauses of up to 1.5 s
 
 
 def _start(amqp_url: str, namespace: str, init: Path, state_dir: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -60,6 +61,7 @@ def test_sigkill_never_makes_reconstructions_diverge(tmp_path: Path, amqp_url: s
                     for tensor in held.values():
                         tensor.add_(torch.randn(tensor.shape, generator=g), alpha=0.01)
                     client.send(held, num_samples=1)
+                    time.sleep(ROUND_PAUSE)  # the run needs VERSIONS x ROUND_PAUSE of aggregator uptime
         except BaseException as exc:
             failures.append(exc)
 
@@ -71,7 +73,7 @@ def test_sigkill_never_makes_reconstructions_diverge(tmp_path: Path, amqp_url: s
     kills = 0
     try:
         while kills < KILLS and proc.poll() is None:
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, ROUND_PAUSE))  # so the kills land before the run can finish
             if proc.poll() is not None:
                 break  # finished before all kills were spent
             proc.send_signal(signal.SIGKILL)
