@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,3 +170,31 @@ def test_one_aggregator_per_shard_and_a_clean_stop_on_sigterm(
         _, err = resumed.communicate(timeout=60)
     err = "".join(lines) + err
     assert resumed.returncode == 0 and "shard 0: resumed at version 0" in err, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
+def test_a_worker_waiting_for_its_broker_stops_at_once_on_a_signal(signum: int, tmp_path: Path) -> None:
+    """A supervisor stopping a worker whose broker is down must not wait out its minute of retries."""
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init = tmp_path / "init.safetensors"
+    save_file({"w": torch.zeros(4)}, init)
+    url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+    worker = _start_aggregator(url, "waiting", init, tmp_path / "state")
+    assert worker.stderr is not None
+    lines = []
+    for line in worker.stderr:  # until its first attempt failed: it is retrying now
+        lines.append(line)
+        if "(attempt 1;" in line:
+            break
+    worker.send_signal(signum)
+    started = time.monotonic()
+    _, err = worker.communicate(timeout=60)
+    err = "".join(lines) + err
+    assert time.monotonic() - started < 10, err
+    assert worker.returncode == 0, err
+    name = signal.Signals(signum).name
+    assert f"shard 0: {name} received, stopping" in err, err
+    assert "shard 0 stopped before its broker answered" in err, err
+    assert "Traceback" not in err

@@ -269,8 +269,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    import threading
-
     import torch
 
     from fedq import metrics
@@ -287,8 +285,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     _serve_metrics(args.metrics_port, settings.names.namespace)
     metrics.record_process("aggregator", args.process_budget)
-    stop = threading.Event()
-    _stop_on_signals(stop, settings.shard)
+    stop = _Stop(settings.shard)
     log.info(
         "shard %d/%d, %s on %s, state in %s",
         settings.shard,
@@ -300,13 +297,20 @@ def run(args: argparse.Namespace) -> int:
     # The model stream is published from the model tensors chunk by chunk; what is in flight meanwhile (the
     # unconfirmed bodies, and pika's copies of them) is bounded by the window, not by the model size.
     window_bytes = max(2 * settings.chunk_bytes, args.memory_budget // 4)
-    with connect(
-        args.amqp_url,
-        role="aggregator",
-        window_bytes=window_bytes,
-        window_messages=max(2, window_bytes // max(1, settings.chunk_bytes) * 4),
-    ) as transport:
-        Aggregator(transport, settings).run(stop)
+    try:
+        transport = connect(
+            args.amqp_url,
+            role="aggregator",
+            window_bytes=window_bytes,
+            window_messages=max(2, window_bytes // max(1, settings.chunk_bytes) * 4),
+        )
+        stop.connected()
+    except KeyboardInterrupt:
+        lock.release()
+        log.info("shard %d stopped before its broker answered", settings.shard)
+        return 0
+    with transport:
+        Aggregator(transport, settings).run(stop.event)
     lock.release()
     log.info("shard %d stopped; peak RSS %d bytes", settings.shard, _peak_rss())
     if settings.device.type == "cuda":
@@ -340,18 +344,29 @@ def _serve_metrics(port: int, namespace: str) -> None:
         raise OSError(exc.errno, exc.strerror, f"--metrics-port {port}") from exc
 
 
-def _stop_on_signals(stop: threading.Event, shard: int) -> None:
-    """SIGTERM and SIGINT stop the worker between two batches (what it staged is durable, what it folded is
-    checkpointed); a second signal interrupts at once."""
+class _Stop:
+    """SIGTERM and SIGINT stop the worker with a log line. Once it is connected, it stops between two
+    batches (what it staged is durable, what it folded is checkpointed); while it still waits for its broker
+    (the first connection is retried for a minute), at once: nothing is staged yet, and a supervisor stopping
+    a worker whose broker is down must not wait out the retries. A second signal interrupts at once."""
 
-    def handler(signum: int, frame: types.FrameType | None) -> None:
-        if stop.is_set():
+    def __init__(self, shard: int) -> None:
+        self.event = threading.Event()
+        self._shard = shard
+        self._connecting = True
+        signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, self._handler)
+
+    def connected(self) -> None:
+        self._connecting = False
+
+    def _handler(self, signum: int, frame: types.FrameType | None) -> None:
+        again = self.event.is_set()
+        if not again:
+            log.info("shard %d: %s received, stopping", self._shard, signal.Signals(signum).name)
+            self.event.set()
+        if again or self._connecting:
             raise KeyboardInterrupt
-        log.info("shard %d: %s received, stopping", shard, signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 def _peak_rss() -> int:
