@@ -347,7 +347,10 @@ def _send_regular(transport: Any, names: Names, tensors: dict[str, torch.Tensor]
     step = job["chunk_bytes"]
     for lo in range(0, len(data), step):
         transport.publish(
-            names.updates_exchange, names.shard_key(0), data[lo : lo + step], headers={"total": len(data)}
+            names.updates_exchange,
+            names.shard_key(0),
+            data[lo : lo + step],
+            headers={"total": len(data), "offset": lo},
         )
     transport.flush()
     return len(data)
@@ -383,8 +386,11 @@ def _receive(job: dict[str, Any], ready: Any) -> dict[str, Any]:
 
 
 def _receive_regular(transport: Any, queue_name: str, flow: Flow) -> dict[str, torch.Tensor]:
+    """Each slice goes to its offset and a slice seen before is skipped: the broker may redeliver a message
+    (after a reconnect) or hand slices over out of order, as it may for any stream."""
     tag = transport.consume(queue_name, prefetch=flow.prefetch)
     buf: bytearray | None = None
+    offsets: set[int] = set()
     got = 0
     while buf is None or got < len(buf):
         delivery = transport.get(timeout=120)
@@ -392,8 +398,11 @@ def _receive_regular(transport: Any, queue_name: str, flow: Flow) -> dict[str, t
             raise TimeoutError("regular receive: the sender went silent")
         if buf is None:
             buf = bytearray(int(delivery.headers["total"]))
-        buf[got : got + len(delivery.body)] = delivery.body
-        got += len(delivery.body)
+        offset = int(delivery.headers["offset"])
+        if offset not in offsets:
+            offsets.add(offset)
+            buf[offset : offset + len(delivery.body)] = delivery.body
+            got += len(delivery.body)
         transport.ack(delivery)
     transport.cancel(tag)
     obj = torch.load(io.BytesIO(buf), weights_only=True)
