@@ -82,12 +82,14 @@ class Management:
             if exc.code == 401:
                 raise TransportError(
                     f"the management API at {self.base} refused the login of user {self.user!r} (HTTP 401): "
-                    "broker commands need a user tagged administrator "
-                    f"(`rabbitmqctl set_user_tags {self.user} administrator`)",
+                    "a wrong user or password, or a user not tagged administrator (broker commands need it: "
+                    f"`rabbitmqctl set_user_tags {self.user} administrator`)",
                     reason="http_401",
                 ) from exc
+            # named with the API's address: a proxy or another web server on that port answers too
             raise TransportError(
-                f"{method} {path}: HTTP {exc.code} {detail}", reason=f"http_{exc.code}"
+                f"the management API at {self.base} answered {method} {path} with HTTP {exc.code} {detail}",
+                reason=f"http_{exc.code}",
             ) from exc
         except OSError as exc:
             raise TransportError(self._unreachable(exc), reason="management_unreachable") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,23 @@ def test_a_missing_file_is_one_line_and_exit_4(tmp_path: Path) -> None:
     result = run_fedq("send", str(missing), "--amqp-url", "memory://x")
     assert result.returncode == 4, result.stderr
     assert result.stderr.strip() == f"fedq send: error: {missing}: No such file or directory"
+
+
+@pytest.mark.parametrize("command", ["receive", "export"])
+def test_an_output_file_that_cannot_be_written_is_refused_before_anything_is_received(
+    command: str, tmp_path: Path
+) -> None:
+    """One line naming the operator's path (not a temporary file), exit 4, before waiting for a version."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [(blocker / "model.safetensors", "Not a directory"), (tmp_path, "a directory is in the way")]
+    for out, why in cases:
+        where = ["--amqp-url", "memory://nothing", "--timeout", "30"] if command == "receive" else []
+        started = time.monotonic()
+        result = run_fedq(command, str(out), *where)
+        assert result.returncode == 4, result.stderr
+        assert result.stderr.strip() == f"fedq {command}: error: cannot write {out}: {why}"
+        assert time.monotonic() - started < 20
 
 
 def test_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:

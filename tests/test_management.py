@@ -67,6 +67,8 @@ def test_a_third_server_error_and_any_delete_error_reach_the_caller(flaky: Flaky
     with pytest.raises(TransportError) as err:
         Management(flaky.url).get("/users")
     assert err.value.reason == "http_500" and len(flaky.seen) == 3
+    base = flaky.url.replace("guest:guest@", "").rstrip("/")
+    assert str(err.value).startswith(f"the management API at {base}/api answered GET /users with HTTP 500")
     flaky.reset(failures=1)
     with pytest.raises(TransportError):
         Management(flaky.url).delete("/users/a")

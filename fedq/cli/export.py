@@ -29,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from fedq.cli.options import check_writable
     from fedq.results import export
 
+    check_writable(args.out)
     meta = export(args.state_dir or [Path("fedq-state")], args.out, args.version)
     contributors = json.loads(meta["fedq.contributors"])
     print(

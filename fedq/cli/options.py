@@ -6,7 +6,10 @@ Nothing here imports torch or pika: ``fedq --help`` builds every parser, and mus
 from __future__ import annotations
 
 import argparse
+import errno
 import re
+import tempfile
+from pathlib import Path
 
 from fedq.errors import ConfigError
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE
@@ -64,3 +67,16 @@ def add_namespace(parser: argparse.ArgumentParser) -> None:
 
 def add_chunk_bytes(parser: argparse.ArgumentParser, what: str = "payload bytes per chunk") -> None:
     parser.add_argument("--chunk-bytes", type=size, default=DEFAULT_CHUNK_BYTES, help=what)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output file that cannot be created (a missing or read-only directory, a directory in its
+    place) before anything is received: otherwise the command fails only at the end, naming a temporary file.
+    A file is created and removed to find out, since permission bits do not tell (root, read-only mounts)."""
+    if path.is_dir():
+        raise OSError(errno.EISDIR, "a directory is in the way", f"cannot write {path}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, f"cannot write {path}") from exc

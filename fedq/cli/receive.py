@@ -32,12 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedq.cli.options import check_writable
     from fedq.cli.progress import add_to_total, byte_bar
     from fedq.results import newest_announcement, receive_version
     from fedq.streaming import flow_for_budget, receive_file
     from fedq.topology import Names
     from fedq.transport import connect
 
+    check_writable(args.out)
     flow = flow_for_budget(args.memory_budget, args.chunk_bytes)
     names = Names(args.namespace)
     options = {"timeout": args.timeout, "memory_budget": args.memory_budget, "prefetch": flow.prefetch}

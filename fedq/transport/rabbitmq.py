@@ -959,7 +959,7 @@ def open_failure(exc: BaseException, where: str, user: str, vhost: str) -> tuple
     if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
         message = (
             f"the broker at {where} refused the login of user {user!r}: wrong user or password "
-            "(`fedq broker add-client NAME` prints a URL that works)"
+            "(`fedq broker add-client NAME` or `add-aggregator NAME` prints a URL that works)"
         )
         return TransportError(message, reason="auth"), True
     if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) and "limit" in _reply_text(exc):
