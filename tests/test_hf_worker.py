@@ -23,7 +23,7 @@ def test_hf_client_trains_lora_adapters_until_the_final_version(
 ) -> None:
     assert hf_client.main(["--save-init", str(tmp_path / "init"), *SMALL]) == 0
     command = [
-        *(sys.executable, "-m", "workers.hf_client", "--amqp-url", amqp_url, "--namespace", namespace),
+        *(sys.executable, "-m", "workers.hf_client", "--amqp-url", amqp_url),
         *("--batch-size", "4", "--eval-batches", "1", *SMALL),
     ]
     with aggregator(
@@ -35,7 +35,13 @@ def test_hf_client_trains_lora_adapters_until_the_final_version(
         client_config={"local_steps": 2},
     ) as state_dir:
         done = subprocess.run(
-            command, env={**os.environ}, capture_output=True, text=True, timeout=240, check=False
+            # the namespace from the environment, as `fedq aggregator` takes it
+            command,
+            env={**os.environ, "FEDQ_NAMESPACE": namespace},
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
         )
         global_model = model_of(state_dir)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,12 +13,15 @@ aggregator:
 Each client prints one line per version it receives, as the demo does: the version, the time, the loss of
 that global model on held-out text, what this client has sent so far (wire and fp32-equivalent MB, ratio) and
 its peak RSS. It stops when the aggregator announces its final version (``--max-versions``), or on Ctrl-C.
+Every option may also come from ``FEDQ_<OPTION>`` (``FEDQ_NAMESPACE``, ``FEDQ_CODEC``), as for ``fedq``
+commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -32,6 +35,7 @@ from torch.nn import functional as F
 
 from fedq import metrics
 from fedq.cli import configure_logging
+from fedq.cli.config import defaults_from
 from fedq.cli.options import add_amqp_url, add_namespace
 from fedq.client import Round
 from fedq.hf import FedqCallback
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
+    # the same FEDQ_<OPTION> environment as the aggregator it joins: one FEDQ_NAMESPACE for both
+    parser.set_defaults(**defaults_from(parser, {}, os.environ))
     args = parser.parse_args(argv)
     configure_logging(verbose=False)
     return run(args)
