@@ -38,6 +38,7 @@ WRAPPER_SEGMENTS = ("_orig_mod", "module")
 # ignored anywhere in a name: torch.compile's wrapper, PEFT's trained copy of a module (``modules_to_save``)
 IGNORED_SEGMENTS = frozenset({"_orig_mod", "modules_to_save"})
 DEFAULT_ADAPTERS = frozenset({"default"})
+PEFT_PREFIX = "base_model.model."  # a PeftModel's names for its base model's tensors
 HINTS = (
     "names are matched exactly, then without torch.compile/DDP prefixes (_orig_mod., module.) and PEFT "
     "adapter segments (.default.); a frozen base that the global does not hold needs "
@@ -140,6 +141,19 @@ def bind(
         slots[name] = Slot(name, tensor.detach(), aliases, trainable)
     missing = {n: tuple(s) for n, s in shapes.items() if n not in slots}
     return Binding(slots, missing, unbound)
+
+
+def missing_hint(binding: Binding) -> str:
+    """What to do about global tensors the model lacks: a PeftModel facing a plain model's global cannot be
+    fixed by a name rule (the global has no adapters to train), so that case is named; else the rules."""
+    peft_model = any(name.startswith(PEFT_PREFIX) for name in binding.unbound)
+    if peft_model and not any(name.startswith(PEFT_PREFIX) or "lora_" in name for name in binding.missing):
+        return (
+            "this is a PEFT model and the global is a plain model without adapters: to federate the "
+            "adapters, start the aggregator with --init the adapter directory (the PeftModel's "
+            "save_pretrained); to federate the whole model, pass the base model or model.merge_and_unload()"
+        )
+    return HINTS
 
 
 def alias_groups(state: Mapping[str, torch.Tensor]) -> list[tuple[str, ...]]:

@@ -33,7 +33,8 @@ as the delta base) sends only tensors that require gradients: the frozen base of
 It needs a module (or ``state_dict(keep_vars=True)``): a plain state dict has no ``requires_grad``.
 
 When the aggregator reaches its last version (``--max-versions``) it announces it as final: ``receive``
-returns it with ``Round.final`` set, and a later ``receive`` raises ``FederationEnded`` at once.
+returns it with ``Round.final`` set, and a later ``receive`` or ``send`` raises ``FederationEnded`` at once
+(an update sent then would sit in the queue, never folded).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from torch import nn
 
 from fedq import metrics, wire
 from fedq.basestore import BaseStore
-from fedq.binding import HINTS, Binding, bind
+from fedq.binding import HINTS, Binding, bind, missing_hint
 from fedq.codecs import Codec, EncodedErrorFeedback, ErrorFeedback, choose_codec, get_codec
 from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError
 from fedq.protocol import Announcement, UpdateMeta, delta_stream, model_stream, update_stream
@@ -198,7 +199,7 @@ class Client:
         if binding.missing and not may_add:
             raise ConfigError(
                 f"version {version}: the model has no tensor for {len(binding.missing)} global tensor(s): "
-                f"{sorted(binding.missing)[:5]} ({HINTS})"
+                f"{sorted(binding.missing)[:5]} ({missing_hint(binding)})"
             )
         if announcement.snapshot is None:
             store = self._receive_whole(binding, announcement, deadline)
@@ -425,6 +426,7 @@ class Client:
         """Send the update (delta vs the received version, or ``full`` tensors) weighted by ``num_samples``.
 
         ``metrics`` (numbers, e.g. the local loss) travel in the manifest; the client's peak RSS is added.
+        Raises ``FederationEnded`` after the final version: no aggregator would fold the update.
         """
         local = self._local_tensors(model, full)
         base = self._base
@@ -470,6 +472,10 @@ class Client:
     def _local_tensors(self, model: Model, full: bool) -> dict[str, torch.Tensor]:
         """The model's tensors to send, by global name; everything that would make the update wrong or empty
         is refused here, before anything is published."""
+        if self.final:
+            raise FederationEnded(
+                f"the federation ended with version {self.version}: an update sent now would never be folded"
+            )
         if self.version < 0:
             raise ConfigError("send() needs a version: call receive() first (and again after a failed one)")
         if full and below_16_bits(self.codec):

@@ -4,6 +4,7 @@ federation. Every model is built from a config (tests/hf_models.py); nothing is 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -116,6 +117,23 @@ def test_peft_adapter_directory_and_adapter_names(amqp_url: str, namespace: str,
     assert any(float(t.abs().max()) > 0 for n, t in global_model.items() if "lora_B" in n)  # B trained
     for name, tensor in frozen.items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_a_peft_model_against_a_plain_global_is_told_what_to_start_from(
+    amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """The aggregator started from the base model's save_pretrained directory holds no adapters: a PeftModel
+    is refused before anything is written, with the two ways out (the adapter directory, the base model)."""
+    init = save_init(tiny_llama(seed=0), "save_pretrained", tmp_path)
+    model = with_lora(tiny_llama(seed=1))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with (
+        aggregator(amqp_url, namespace, init, tmp_path / "state"),
+        Client("peft", amqp_url=amqp_url, namespace=namespace, trainable_only=True) as client,
+        pytest.raises(ConfigError, match=r"--init the adapter directory.*merge_and_unload"),
+    ):
+        client.receive(model, timeout=60)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
 
 
 def test_state_dicts_wrappers_and_empty_updates(amqp_url: str, namespace: str, tmp_path: Path) -> None:
@@ -248,6 +266,8 @@ def test_a_client_learns_that_the_federation_ended(amqp_url: str, namespace: str
                 client.send(model, num_samples=1, full=True)  # nf4 weights would replace the global's
             perturb(model, 0.01, seed=2)
             client.send(model, num_samples=1)
+        with pytest.raises(FederationEnded, match="never be folded"):
+            client.send(model, num_samples=1)  # after the final version: said, not queued for no one
         started = time.monotonic()
         with pytest.raises(FederationEnded):
             client.receive(model, timeout=60)
@@ -301,3 +321,29 @@ def test_the_aggregator_refuses_an_update_without_tensors(
         assert delivery is not None and delivery.headers.get(REASON_HEADER) == "empty_update"
         t.ack(delivery)
         assert state(state_dir)["version"] == 0
+
+
+def test_an_update_that_claims_tensors_it_lacks_is_never_folded(
+    amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """A hand-made update whose manifest claims tensors (``update_tensors``) but whose stream has none passes
+    the shard's check (one shard's stream of a real update may be empty) and is refused by the leader's plan:
+    the next version folds only the honest update and records the lie as dropped."""
+    init = save_init(tiny_llama(seed=0), "pt", tmp_path)
+    names = Names(namespace)
+    with aggregator(amqp_url, namespace, init, tmp_path / "state") as state_dir, connect(amqp_url) as t:
+        wait_version(state_dir, 0)
+        meta = UpdateMeta("liar", 0, 10, update_tensors=3).to_meta()
+        send_container(t, names.updates_exchange, names.shard_key(0), {}, stream="x/liar/s0", meta=meta)
+        t.flush()
+        model = tiny_llama(seed=1)
+        with Client("honest", amqp_url=amqp_url, namespace=namespace, codec="fp32") as client:
+            client.receive(model, timeout=60)
+            perturb(model, 0.01, seed=2)
+            honest = client.send(model, num_samples=1)
+            assert client.receive(model, timeout=60).version == 1
+        record = json.loads((state_dir / "shard-0" / "model-v1.json").read_text())
+    assert [c["update_id"].endswith(honest.update_id) for c in record["contributors"]] == [True]
+    assert [(update.endswith("/liar"), reason) for update, reason in record["dropped"]] == [
+        (True, "empty_update")
+    ]
