@@ -198,3 +198,18 @@ def test_a_worker_waiting_for_its_broker_stops_at_once_on_a_signal(signum: int, 
     assert f"shard 0: {name} received, stopping" in err, err
     assert "shard 0 stopped before its broker answered" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.broker
+def test_a_namespace_without_its_topology_names_the_command_that_applies_it(
+    amqp_url: str, namespace: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(4)}, model)
+    absent = f"{namespace}-never-applied"
+    common = ("--namespace", absent, "--amqp-url", amqp_url, "--memory-budget", "64GiB")
+    for argv in (("send", str(model)), ("receive", str(tmp_path / "out.safetensors"), "--timeout", "5")):
+        code, line = fails(capsys, *argv, *common)
+        assert code == 3, line
+        assert f"no exchange '{absent}." in line or f"no queue '{absent}." in line, line
+        assert "`fedq broker apply --namespace NS`" in line, line

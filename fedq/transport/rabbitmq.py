@@ -120,6 +120,10 @@ def _error_from(exc: BaseException, what: str) -> TransportError:
     code = getattr(exc, "reply_code", None)
     reason = _REPLY_REASONS.get(code, f"amqp_{code}") if isinstance(code, int) else "connection_lost"
     text = getattr(exc, "reply_text", None) or repr(exc)
+    if reason == "not_found":  # an operator's usual cause: a namespace whose topology was never applied
+        text += (
+            " (a wrong --namespace, or one whose topology is not applied: `fedq broker apply --namespace NS`)"
+        )
     return TransportError(f"{what}: {text}", reason=reason)
 
 
