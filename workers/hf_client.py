@@ -38,6 +38,7 @@ from fedq.cli import configure_logging
 from fedq.cli.config import defaults_from
 from fedq.cli.options import add_amqp_url, add_namespace
 from fedq.client import Round
+from fedq.errors import FedqError
 from fedq.hf import FedqCallback
 from workers import shakespeare
 
@@ -197,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(**defaults_from(parser, {}, os.environ))
     args = parser.parse_args(argv)
     configure_logging(verbose=False)
-    return run(args)
+    try:
+        return run(args)
+    except FedqError as exc:  # as `fedq` commands end: one line and the error's exit code, no traceback
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":
