@@ -347,3 +347,27 @@ def test_an_update_that_claims_tensors_it_lacks_is_never_folded(
     assert [(update.endswith("/liar"), reason) for update, reason in record["dropped"]] == [
         (True, "empty_update")
     ]
+
+
+def test_peft_modules_to_save_travel_with_the_adapters(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    """A PEFT model that trains a whole copy of ``lm_head`` (``modules_to_save``) next to its adapters: the
+    copy travels under its saved name and lands in the copy; the frozen original stays as it was."""
+    lora = {"modules_to_save": ["lm_head"]}
+    with_lora(tiny_llama(seed=0), **lora).save_pretrained(tmp_path / "adapter")  # type: ignore[operator]
+    model = with_lora(tiny_llama(seed=0), **lora)
+    original = model.base_model.model.lm_head.original_module.weight.detach().clone()
+    with (
+        aggregator(amqp_url, namespace, tmp_path / "adapter", tmp_path / "state") as state_dir,
+        Client("copy", amqp_url=amqp_url, namespace=namespace, codec="fp32", trainable_only=True) as client,
+    ):
+        client.receive(model, timeout=60)
+        perturb(model, 0.01, seed=4)
+        trained = model.base_model.model.lm_head.modules_to_save.default.weight.detach().clone()
+        assert client.send(model, num_samples=1).tensors == 5  # 4 adapter matrices and the head's copy
+        client.receive(model, timeout=60)
+        global_model = model_of(state_dir)
+    head = "base_model.model.lm_head.weight"
+    assert set(global_model) - {head} == {n for n in global_model if "lora_" in n} and head in global_model
+    torch.testing.assert_close(global_model[head], trained, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.base_model.model.lm_head.modules_to_save.default.weight, trained)
+    assert torch.equal(model.base_model.model.lm_head.original_module.weight, original)
