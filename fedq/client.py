@@ -219,6 +219,18 @@ class Client:
         self.final = announcement.final
         return Round(version, announcement.config, announcement.strategy, self.final)
 
+    def restore(self, model: Model) -> None:
+        """Put the last received version back into ``model``, as ``receive`` left it.
+
+        For a training loop that cannot help taking steps after the final version: a ``Trainer`` that joins
+        after the federation ended checks for a stop only after its first step (``fedq.hf``).
+        """
+        if self._base is None:
+            raise ConfigError("restore() needs a version: call receive() first")
+        with torch.no_grad():
+            for name, slot in bind(model, self._shapes).slots.items():
+                self._base.read_into(name, slot.tensor)
+
     def _receive_whole(self, binding: Binding, announcement: Announcement, deadline: float) -> BaseStore:
         """A version that travels whole, into a new store in the model's dtypes (the old base is released
         first: the client never holds two)."""

@@ -12,11 +12,13 @@ it in the three calls of ``fedq.Client``:
 - **train begin**: connect, and load the newest global version into the model (in place, so the optimizer
   the Trainer built keeps its parameters);
 - **every round**: after ``local_steps`` optimizer steps (the version's ``local_steps`` setting from
-  ``fedq aggregator --client-config``, else the callback's), send the update (the delta against the received
-  version, weighted by the samples trained on, with the last logged loss), then load the next version and go
-  on training from it, optimizer state kept (as the demo's clients do);
+  ``fedq aggregator --config local_steps=N``, else the callback's), send the update (the delta against the
+  received version, weighted by the samples trained on, with the last logged loss), then load the next
+  version and go on training from it, optimizer state kept (as the demo's clients do);
 - **the final version** (``--max-versions``): training stops (``should_training_stop``) with the final global
-  model loaded, so what the Trainer saves at the end is the federation's model;
+  model loaded, so what the Trainer saves at the end is the federation's model. A Trainer that joins after
+  the end gets the final model too: it cannot help taking one step (it checks for a stop only after a step),
+  and that step is undone at train end;
 - **train end**: steps trained since the last send are sent as one more update (unless the federation
   ended), and the connection is closed.
 
@@ -114,8 +116,11 @@ class FedqCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.client is not None and self.steps and not self.client.final:
-            self._closing_on_error(lambda: self._send(args, kwargs["model"]))
+        if self.client is not None and self.steps:
+            if self.client.final:  # joined after the end: the Trainer took its one step from the final model
+                self._closing_on_error(lambda: self._restore(kwargs["model"]))
+            else:
+                self._closing_on_error(lambda: self._send(args, kwargs["model"]))
         self.close()
 
     def close(self) -> None:
@@ -140,6 +145,11 @@ class FedqCallback(TrainerCallback):
         self.on_round(self.round, model)
         if self.round.final:
             control.should_training_stop = True
+
+    def _restore(self, model: torch.nn.Module) -> None:
+        assert self.client is not None
+        self.client.restore(model)
+        self.steps = 0
 
     def _send(self, args: TrainingArguments, model: torch.nn.Module) -> None:
         assert self.client is not None

@@ -74,6 +74,14 @@ def test_trainer_with_peft_adapters_joins_a_federation(amqp_url: str, namespace:
     ) as state_dir:
         trainer.train()
         global_model = model_of(state_dir)
+        late_model = with_lora(tiny_llama(seed=0))  # a Trainer that joins after the end ...
+        late = transformers.Trainer(
+            model=late_model,
+            args=training_args(tmp_path),
+            train_dataset=Pattern(),
+            callbacks=[FedqCallback("late", amqp_url=amqp_url, namespace=namespace)],
+        )
+        late.train()
         wrong = FedqCallback("wrong", amqp_url=amqp_url, namespace=namespace)
         other = with_lora(tiny_llama(seed=0, width=48))  # another configuration: refused, connection closed
         with pytest.raises(ConfigError, match="shape"):
@@ -88,6 +96,10 @@ def test_trainer_with_peft_adapters_joins_a_federation(amqp_url: str, namespace:
     assert set(local) == set(global_model)  # only the adapters travelled
     for name, tensor in global_model.items():  # the model ends as the federation's final model
         assert torch.equal(local[name], tensor), name
+    assert late.state.global_step == 1  # ... takes the one step a Trainer takes before it checks for a stop
+    late_local = {n.replace(".default", ""): t for n, t in late_model.state_dict().items() if "lora_" in n}
+    for name, tensor in global_model.items():  # ... and still ends on the final model
+        assert torch.equal(late_local[name], tensor), name
     assert pattern_loss(model) < before - 0.15  # measured: 4.566 -> 4.321
 
 
