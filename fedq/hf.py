@@ -27,6 +27,8 @@ with adapters) sends only what trains, so only the adapters travel; the aggregat
 (``--init`` a PEFT adapter directory) or the whole model. Tied weights, ``.default`` adapter names and
 compile/DDP wrappers are handled by ``fedq.binding``.
 
+One process per client: a Trainer launched on several processes (torchrun, DDP) is refused at train begin.
+
 Requires the ``hf`` extra (``pip install 'fedq[hf]'``).
 """
 
@@ -43,6 +45,7 @@ except ImportError as exc:  # the optional extra is missing: say which
     raise ImportError(f"fedq.hf needs transformers: pip install 'fedq[hf]' ({exc})") from exc
 
 from fedq.client import DEFAULT_TIMEOUT, Client, Round
+from fedq.errors import ConfigError
 
 DEFAULT_LOCAL_STEPS = 50
 
@@ -86,6 +89,13 @@ class FedqCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if args.world_size > 1:
+            raise ConfigError(
+                "FedqCallback federates a Trainer that runs in one process; this one runs in "
+                f"{args.world_size} (torchrun/DDP): each would join as a client of its own and send the same "
+                "update, and each could load a different version. Run each federation client as a "
+                "single-process Trainer"
+            )
         model = kwargs["model"]
         if self.client is None:
             trainable_only = self.trainable_only

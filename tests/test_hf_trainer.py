@@ -3,6 +3,9 @@ broker against a real aggregator, with tiny Llama models built from configs and 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -130,3 +133,34 @@ def test_sft_trainer_with_peft_config_joins_a_federation(
     for name, tensor in global_model.items():
         assert torch.equal(local[name], tensor), name
     assert any(float(t.abs().max()) > 0 for n, t in global_model.items() if "lora_B" in n)
+
+
+DDP_TRAINER = """
+import torch, transformers
+from fedq.hf import FedqCallback
+from tests.hf_models import tiny_llama
+from tests.test_hf_trainer import Pattern
+args = transformers.TrainingArguments(output_dir=OUT, max_steps=4, per_device_train_batch_size=4,
+    save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, ddp_backend="gloo")
+transformers.Trainer(model=tiny_llama(0), args=args, train_dataset=Pattern(),
+                     callbacks=[FedqCallback("ddp", amqp_url=URL)]).train()
+"""
+
+
+def test_a_trainer_on_several_processes_is_refused(amqp_url: str, tmp_path: Path) -> None:
+    """torchrun with two processes (CPU, gloo): each would be a client sending the same update; both refuse
+    at train begin, before connecting."""
+    script = tmp_path / "ddp_trainer.py"
+    script.write_text(f"OUT, URL = {str(tmp_path / 'out')!r}, {amqp_url!r}\n" + DDP_TRAINER)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(script)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if "runs in 2 (torchrun/DDP)" in line]
+    assert {line.split("]")[0] for line in refusals} >= {"[rank0", "[rank1"}, done.stderr[-3000:]
