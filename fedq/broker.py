@@ -299,8 +299,14 @@ def teardown(management: Management, namespace: str, vhost: str, *, force: bool 
     """
     prefix = namespace + "."
     queues = [r for r in management.get(f"/queues/{q(vhost)}?columns=name") if r["name"].startswith(prefix)]
-    # Live consumers, not the queues' statistics (those lag by seconds).
-    consumed = {c.get("queue", {}).get("name", "") for c in management.get(f"/consumers/{q(vhost)}")}
+    # Live consumers, not the queues' statistics (those lag by seconds). A stream consumer whose connection
+    # died stays listed without a channel (RabbitMQ 3.10: every killed client left one on {ns}.versions),
+    # and would block the teardown for ever: only consumers on a channel count.
+    consumed = {
+        c.get("queue", {}).get("name", "")
+        for c in management.get(f"/consumers/{q(vhost)}")
+        if c.get("channel_details")
+    }
     busy = [r["name"] for r in queues if r["name"] in consumed]
     if busy and not force:
         raise ConfigError(

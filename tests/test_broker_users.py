@@ -4,6 +4,9 @@ namespace down."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from fedq import cli
 from fedq.broker import Management, fedq_role, find_user, q
 from fedq.errors import TransportError
-from fedq.topology import Names
+from fedq.topology import Names, versions_names
 from fedq.transport import connect
 
 pytestmark = pytest.mark.broker
@@ -145,3 +148,36 @@ def test_teardown_deletes_a_namespace_and_only_fedq_users_of_it(
     ]
     assert find_user(management, f"{ns}-carol") is None and find_user(management, f"{ns}-agg") is None
     assert find_user(management, f"{ns}-other") is not None
+
+
+def test_teardown_is_not_blocked_by_the_stream_consumer_of_a_killed_client(
+    amqp_url: str, management: Management, vhost: str, topology: Names, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RabbitMQ 3.10 keeps listing, without a channel, the stream consumer of a client killed while it
+    started consuming: it must not block the teardown for ever."""
+    waits = (
+        "import torch, fedq; "
+        f"fedq.Client('c', amqp_url={amqp_url!r}, namespace={topology.namespace!r})"
+        ".receive({'w': torch.zeros(1)}, timeout=600)"
+    )
+    root = str(Path(__file__).parent.parent)
+    client = subprocess.Popen([sys.executable, "-c", waits], env=os.environ | {"PYTHONPATH": root})
+    versions = versions_names(topology)[1]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            str(c.get("client_properties", {}).get("connection_name", "")).startswith(
+                f"fedq-client-{client.pid}-"
+            )
+            for c in management.get("/connections")
+        ):
+            time.sleep(0.02)
+    finally:
+        client.kill()
+        client.wait()
+    time.sleep(3)  # the broker has noticed the closed connection
+    left = [c for c in management.get(f"/consumers/{q(vhost)}") if c["queue"]["name"] == versions]
+    assert left and not any(c.get("channel_details") for c in left), left  # the broker's leftover
+    teardown = ["broker", "teardown", topology.namespace, "--amqp-url", amqp_url]
+    assert cli.main(teardown) == 0, capsys.readouterr()
+    assert f"deleted {topology.namespace}: " in capsys.readouterr().out
