@@ -19,6 +19,7 @@ from fedq import cli
 from fedq.broker import Management, q
 from fedq.safetensors import save_file
 from fedq.topology import Names
+from fedq.transport import connect
 
 ROOT = Path(__file__).parent.parent
 
@@ -213,3 +214,23 @@ def test_a_namespace_without_its_topology_names_the_command_that_applies_it(
         assert code == 3, line
         assert f"no exchange '{absent}." in line or f"no queue '{absent}." in line, line
         assert "`fedq broker apply --namespace NS`" in line, line
+
+
+@pytest.mark.broker
+def test_ctrl_c_on_a_command_is_one_line_and_exit_130(
+    amqp_url: str, management: Management, vhost: str, names: Names, tmp_path: Path
+) -> None:
+    with connect(amqp_url) as operator:
+        operator.declare(names, 1)
+    command = [sys.executable, "-m", "fedq", "receive", str(tmp_path / "m.safetensors"), "--offset", "next",
+               "--namespace", names.namespace, "--amqp-url", amqp_url, "--timeout", "120"]  # fmt: skip
+    receiver = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}
+    )
+    try:
+        _wait_for_consumer(management, vhost, names.models_stream)  # it waits for a model now
+    finally:
+        receiver.send_signal(signal.SIGINT)
+        _, err = receiver.communicate(timeout=60)
+    assert receiver.returncode == 130 and err.strip() == "fedq receive: interrupted", err
+    assert not list(tmp_path.iterdir())
