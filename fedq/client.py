@@ -473,6 +473,7 @@ class Client:
                 chunk_bytes=self.chunk_bytes,
                 feedback=self.feedback,
                 role=ROLE,
+                pack=True,  # a small update is one message (wire format version 2: aggregators read it)
             )
             wire_bytes += stats.wire_bytes
             fp32_bytes += stats.fp32_bytes

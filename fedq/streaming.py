@@ -316,6 +316,40 @@ def _pieces(
             yield entry, index, flat[offset : offset + count]
 
 
+Outgoing = Iterator[tuple[bytes, list[tuple[TensorEntry, int]]]]  # a body, its chunks and their own bytes
+
+
+def _single(messages: Iterator[tuple[bytes, TensorEntry | None]]) -> Outgoing:
+    for body, entry in messages:
+        yield body, [] if entry is None else [(entry, len(body))]
+
+
+def _packed(messages: Iterator[tuple[bytes, TensorEntry | None]], stream: str, limit: int) -> Outgoing:
+    """Consecutive messages gathered into batches of at most ``limit`` bytes of parts (and the decoder's
+    part limit); a batch of one is sent as its message."""
+    max_parts = wire.Limits().max_batch_parts
+    parts: list[bytes] = []
+    chunks: list[tuple[TensorEntry, int]] = []
+
+    def batch() -> tuple[bytes, list[tuple[TensorEntry, int]]]:
+        body = parts[0] if len(parts) == 1 else wire.encode_batch(stream, parts)
+        out = body, list(chunks)
+        parts.clear()
+        chunks.clear()
+        return out
+
+    size = 0
+    for body, entry in messages:
+        if parts and (size + len(body) > limit or len(parts) == max_parts):
+            yield batch()
+            size = 0
+        parts.append(body)
+        chunks += [] if entry is None else [(entry, len(body))]
+        size += len(body)
+    if parts:
+        yield batch()
+
+
 @dataclass
 class SendStats:
     wire_bytes: int = 0
@@ -338,8 +372,14 @@ def send_container(
     role: str = "client",
     on_message: Callable[[int], None] | None = None,
     encoders: int | None = None,
+    pack: bool = False,
 ) -> SendStats:
     """Publish a container and wait for every confirm; ``on_message(wire_bytes)`` can drive a progress bar.
+
+    ``pack``: consecutive messages that fit ``chunk_bytes`` together travel as one batch (wire format
+    version 2), so a small update is one message instead of one per tensor; its receiver must read version 2
+    (``wire.decode_all``: the aggregator and ``Receiver`` do). A message that fills a batch alone is sent as
+    itself, so a large model's 4 MiB chunks are the same bytes either way.
 
     ``encoders``: chunks encoded at once, each in a thread at one torch thread (default ``cpu_workers()``:
     the caller's torch thread count, at most the cores and 4).
@@ -350,12 +390,13 @@ def send_container(
     stats = SendStats(fp32_bytes=manifest.fp32_bytes)
     start = time.perf_counter()
     workers = cpu_workers() if encoders is None else encoders
-    for body, entry in _messages(tensors, manifest, codecs, feedback, workers):
+    messages = _messages(tensors, manifest, codecs, feedback, workers)
+    for body, chunks in _packed(messages, stream, chunk_bytes) if pack else _single(messages):
         transport.publish(exchange, routing_key, body)
         stats.wire_bytes += len(body)
-        if entry is not None:
+        for entry, nbytes in chunks:
             stats.chunks += 1
-            WIRE_BYTES.labels(role, "sent", entry.codec).inc(len(body))
+            WIRE_BYTES.labels(role, "sent", entry.codec).inc(nbytes)
             CHUNKS.labels(role, "published").inc()
         if on_message is not None:
             on_message(len(body))
@@ -666,25 +707,28 @@ class Receiver:
             self.transport.ack(delivery)
 
     def _take(self, delivery: Delivery) -> list[Chunk]:
+        """The chunks a delivery completes: its message's, or those of every part of a batch (one stream)."""
         try:
-            msg = wire.decode(delivery.body)
+            parts = wire.decode_all(delivery.body)
         except WireError as exc:
             self.transport.dead_letter(delivery, exc.reason, str(exc))
             return []
-        if self.stream is None and msg.kind == wire.MANIFEST:
-            self.stream = msg.stream
-        if msg.stream != self.stream:
+        if self.stream is None and any(msg.kind == wire.MANIFEST for msg, _ in parts):
+            self.stream = parts[0][0].stream
+        if parts[0][0].stream != self.stream:
             self.skipped += 1
             return []
         self.wire_bytes += len(delivery.body)
-        if msg.kind == wire.CHUNK and msg.codec is not None:
-            WIRE_BYTES.labels(self.role, "received", msg.codec.name).inc(len(delivery.body))
-            FP32_BYTES.labels(self.role, "received", msg.codec.name).inc(4 * msg.count)
         if self.on_message is not None:
             self.on_message(len(delivery.body))
-        chunks = self.assembler.add(msg)
-        if msg.kind == wire.MANIFEST and self.on_manifest is not None and self.manifest is not None:
-            self.on_manifest(self.manifest)
+        chunks: list[Chunk] = []
+        for msg, part in parts:
+            if msg.kind == wire.CHUNK and msg.codec is not None:
+                WIRE_BYTES.labels(self.role, "received", msg.codec.name).inc(len(part))
+                FP32_BYTES.labels(self.role, "received", msg.codec.name).inc(4 * msg.count)
+            chunks += self.assembler.add(msg)
+            if msg.kind == wire.MANIFEST and self.on_manifest is not None and self.manifest is not None:
+                self.on_manifest(self.manifest)
         return chunks
 
 

@@ -25,13 +25,15 @@ from fedq.codecs.base import finite, require
 from fedq.errors import CodecError, WireError
 
 MAGIC = b"FEDQ"
-VERSION = 1
-_PREAMBLE = struct.Struct(">4sBBH")  # magic, format version, flags (0 in version 1), header length
+VERSION = 1  # chunks, manifests and commits are written as version 1, as before version 2 existed
+BATCH_VERSION = 2  # version 2 adds one kind, the batch; a batch is always version 2
+_PREAMBLE = struct.Struct(">4sBBH")  # magic, format version, flags (0), header length
 PREAMBLE_BYTES = _PREAMBLE.size
 
 CHUNK = "chunk"
 MANIFEST = "manifest"
 COMMIT = "commit"
+BATCH = "batch"
 CONTROL_KINDS = (MANIFEST, COMMIT)
 
 # Tensor dtypes a chunk may declare (the dtype of the original tensor, not of the payload).
@@ -61,6 +63,7 @@ class Limits:
     max_chunk_elements: int = 1 << 26  # decoded size of one chunk: 256 MiB of float32
     max_payload_bytes: int = 64 << 20
     max_name_bytes: int = 1024
+    max_batch_parts: int = 4096
 
 
 @dataclass(frozen=True)
@@ -162,11 +165,20 @@ def encode_control(kind: str, stream: str, meta: dict[str, Any]) -> bytes:
     return _frame({"kind": kind, "stream": stream, "meta": meta}, b"")
 
 
-def _frame(header: dict[str, Any], payload: bytes | memoryview) -> bytes:
+def encode_batch(stream: str, parts: list[bytes]) -> bytes:
+    """Pack several messages of one stream into one body (format version 2): a small update's tensors then
+    cost the broker, the transports and the receiver one message instead of one each."""
+    if not parts:
+        raise WireError("a batch needs at least one message", reason="bad_header")
+    header = {"kind": BATCH, "stream": stream, "lens": [len(p) for p in parts]}
+    return _frame(header, b"".join(parts), BATCH_VERSION)
+
+
+def _frame(header: dict[str, Any], payload: bytes | memoryview, version: int = VERSION) -> bytes:
     packed = msgpack.packb(header, use_bin_type=True)
     if len(packed) > 0xFFFF:
         raise WireError(f"header of {len(packed)} bytes exceeds the 65535-byte limit", reason="too_large")
-    return b"".join((_PREAMBLE.pack(MAGIC, VERSION, 0, len(packed)), packed, payload))
+    return b"".join((_PREAMBLE.pack(MAGIC, version, 0, len(packed)), packed, payload))
 
 
 def _maybe_lz4(raw: memoryview) -> tuple[memoryview, bool]:
@@ -186,19 +198,71 @@ def _maybe_lz4(raw: memoryview) -> tuple[memoryview, bool]:
 
 
 def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Message:
-    """Parse and validate one message; raise ``WireError`` (with a reason slug) for anything malformed."""
+    """Parse and validate one message; raise ``WireError`` (with a reason slug) for anything malformed.
+
+    A batch is not one message: ``decode_all`` reads it (here it is ``bad_kind``)."""
     view = memoryview(data).cast("B")
+    version, header, payload = _open(view, limits)
+    kind = header.get("kind")
+    if version == BATCH_VERSION and kind != BATCH:
+        raise WireError(f"a version-2 message must be a batch, not {kind!r}", reason="version")
+    if kind in CONTROL_KINDS:
+        return _control(header, payload, limits, len(view))
+    if kind == CHUNK:
+        return _chunk(header, payload, limits, len(view))
+    raise WireError(f"unknown message kind {kind!r}", reason="bad_kind")
+
+
+def decode_all(
+    data: bytes | bytearray | memoryview, limits: Limits = Limits()
+) -> list[tuple[Message, memoryview]]:
+    """The messages one body carries, each validated, with its own bytes: the message itself, or a batch's
+    parts. A batch's parts all belong to the batch's stream and none is a batch; any part that fails makes
+    the whole body fail, so a receiver acts on a batch all or nothing."""
+    view = memoryview(data).cast("B")
+    version, header, payload = _open(view, limits)
+    if header.get("kind") != BATCH:
+        return [(decode(view, limits), view)]
+    if version != BATCH_VERSION:
+        raise WireError(f"a batch must be a version-2 message, not version {version}", reason="version")
+    _check_fields(header, _BATCH_FIELDS, limits)
+    lens = header["lens"]
+    if not 0 < len(lens) <= limits.max_batch_parts:
+        raise WireError(
+            f"a batch of {len(lens)} messages; expected 1 to {limits.max_batch_parts}", reason="bad_header"
+        )
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lens):
+        raise WireError("batch lens must be non-negative integers", reason="bad_header")
+    if sum(lens) != len(payload):
+        raise WireError(
+            f"batch payload is {len(payload)} bytes, its lens add up to {sum(lens)}", reason="length_mismatch"
+        )
+    out, start = [], 0
+    for n in lens:
+        part = payload[start : start + n]
+        start += n
+        msg = decode(part, limits)
+        if msg.stream != header["stream"]:
+            what = f"batch of stream {header['stream']!r} carries a message of {msg.stream!r}"
+            raise WireError(what, reason="bad_header")
+        out.append((msg, part))
+    return out
+
+
+def _open(view: memoryview, limits: Limits) -> tuple[int, dict[str, Any], memoryview]:
+    """The preamble and header checked: (format version, header, payload)."""
     if len(view) < PREAMBLE_BYTES:
         raise WireError(f"message of {len(view)} bytes is shorter than the preamble", reason="truncated")
     magic, version, flags, header_len = _PREAMBLE.unpack_from(view)
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}; not a fedq message", reason="bad_magic")
-    if version != VERSION:
+    if version not in (VERSION, BATCH_VERSION):
         raise WireError(
-            f"unknown format version {version}; this decoder reads version {VERSION}", reason="version"
+            f"unknown format version {version}; this decoder reads versions {VERSION} and {BATCH_VERSION}",
+            reason="version",
         )
     if flags != 0:
-        raise WireError(f"unknown flags {flags:#04x} in a version-1 message", reason="bad_flags")
+        raise WireError(f"unknown flags {flags:#04x} in a version-{version} message", reason="bad_flags")
     if header_len > limits.max_header_bytes:
         raise WireError(
             f"header of {header_len} bytes exceeds the limit {limits.max_header_bytes}", reason="too_large"
@@ -206,14 +270,7 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> M
     end = PREAMBLE_BYTES + header_len
     if len(view) < end:
         raise WireError(f"message truncated inside its {header_len}-byte header", reason="truncated")
-    header = _unpack_header(view[PREAMBLE_BYTES:end])
-    payload = view[end:]
-    kind = header.get("kind")
-    if kind in CONTROL_KINDS:
-        return _control(header, payload, limits, len(view))
-    if kind == CHUNK:
-        return _chunk(header, payload, limits, len(view))
-    raise WireError(f"unknown message kind {kind!r}", reason="bad_kind")
+    return version, _unpack_header(view[PREAMBLE_BYTES:end]), view[end:]
 
 
 def _unpack_header(raw: memoryview) -> dict[str, Any]:
@@ -227,6 +284,7 @@ def _unpack_header(raw: memoryview) -> dict[str, Any]:
 
 
 _CONTROL_FIELDS = {"kind": str, "stream": str, "meta": dict}
+_BATCH_FIELDS = {"kind": str, "stream": str, "lens": list}
 _CHUNK_FIELDS = {
     "kind": str,
     "stream": str,

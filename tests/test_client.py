@@ -71,7 +71,7 @@ def record_published(client: Client) -> list[wire.Message]:
     publish = client.transport.publish
 
     def spy(exchange: str, routing_key: str, body: bytes, **kwargs: object) -> None:
-        seen.append(wire.decode(body))
+        seen.extend(msg for msg, _ in wire.decode_all(body))  # a small update is one batch
         publish(exchange, routing_key, body, **kwargs)  # type: ignore[arg-type]
 
     client.transport.publish = spy  # type: ignore[method-assign]

@@ -51,9 +51,7 @@ def record_names(client: Client) -> list[str]:
     publish = client.transport.publish
 
     def spy(exchange: str, routing_key: str, body: bytes, **kwargs: object) -> None:
-        msg = wire.decode(body)
-        if msg.kind == wire.CHUNK:
-            seen.append(msg.name)
+        seen.extend(msg.name for msg, _ in wire.decode_all(body) if msg.kind == wire.CHUNK)
         publish(exchange, routing_key, body, **kwargs)  # type: ignore[arg-type]
 
     client.transport.publish = spy  # type: ignore[method-assign]

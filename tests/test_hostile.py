@@ -21,7 +21,7 @@ import pika.data
 import pytest
 import torch
 
-from fedq import metrics
+from fedq import metrics, wire
 from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedAvg, FedBuff, Strategy
@@ -175,6 +175,43 @@ def test_findings_1_5_6_no_message_touches_another_clients(federation: dict[str,
     assert_close(model_of(fed["tmp"] / "state"), {n: x0[n] + (a[n] + b[n]) / 2 for n in x0})
     reasons = sorted(r for r, _ in dead_letters(fed["amqp_url"], names))
     assert reasons == ["manifest_mismatch", "unknown_tensor"]
+
+
+def test_batches_are_settled_whole_and_reach_only_their_senders_stream(federation: dict[str, Any]) -> None:
+    """Packed updates (wire format version 2) fold like unpacked ones; a batch that carries another stream's
+    message or a bad part is dead-lettered whole; a batch whose last part contradicts the stream it completes
+    is dead-lettered while the stream it completed folds (its parts count as if each came alone)."""
+    fed, names = federation, federation["names"]
+    x0 = small_model()
+    a, b = delta_for(1, x0), delta_for(2, x0)
+    worker = start(fed, fedbuff(2), x0)
+    alice_parts = messages(a, "a")
+    bob_parts = messages(b, "b")
+    foreign = wire.encode_batch("s/m", [*messages(b, "m")[:2], bob_parts[1]])
+    broken = wire.encode_batch("s/m2", [*messages(b, "m2")[:2], b"FEDQ\x01junk"])
+    finer = iter_container(
+        b, stream="s/b", meta={}, codec_for=lambda n, t: get_codec("fp32"), chunk_bytes=256
+    )
+    stray = list(finer)[-2]  # a chunk index bob's complete stream does not have: a change to it
+    assert wire.decode(stray).index >= len(bob_parts) - 2
+    try:
+        with connect(fed["urls"]["mallory"]) as mallory:
+            publish(mallory, names, [foreign, broken])
+        with connect(fed["urls"]["alice"]) as alice:
+            publish(
+                alice,
+                names,
+                [wire.encode_batch("s/a", alice_parts[:3]), wire.encode_batch("s/a", alice_parts[3:])],
+            )
+        with connect(fed["urls"]["bob"]) as bob:
+            publish(bob, names, [wire.encode_batch("s/b", [*bob_parts, stray])])
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        assert worker.alive()
+    finally:
+        worker.close()
+    assert_close(model_of(fed["tmp"] / "state"), {n: x0[n] + (a[n] + b[n]) / 2 for n in x0})
+    reasons = sorted(r for r, _ in dead_letters(fed["amqp_url"], names))
+    assert reasons == ["bad_flags", "bad_header", "stream_complete"]
 
 
 class Raw:

@@ -454,3 +454,50 @@ def test_a_lazy_container_computes_each_value_once_and_plans_from_its_spec() -> 
     eager = list(streaming.iter_container(values, stream="s", meta={}, chunk_bytes=1 << 14))
     assert list(streaming.iter_container(lazy, stream="s", meta={}, chunk_bytes=1 << 14)) == eager
     assert computed == ["a", "b"]
+
+
+def _sent_bodies(tensors: Mapping[str, torch.Tensor], chunk_bytes: int, pack: bool) -> list[bytes]:
+    names = Names("packing")
+    with connect(f"memory://{names.namespace}") as t:
+        t.declare(names, 1)
+        streaming.send_container(
+            t,
+            names.updates_exchange,
+            names.shard_key(0),
+            tensors,
+            stream="s",
+            meta={"update_id": "u"},
+            codec_for=lambda n, x: get_codec("nf4"),
+            chunk_bytes=chunk_bytes,
+            pack=pack,
+        )
+        t.consume(names.updates_queue(0), prefetch=1 << 20)
+        out = []
+        while (d := t.get(0)) is not None:
+            out.append(bytes(d.body))
+            t.ack(d)
+    return out
+
+
+@pytest.mark.parametrize("chunk_bytes", [2048, 4 << 20])
+def test_packed_small_messages_are_the_same_parts_in_fewer_messages(chunk_bytes: int) -> None:
+    """Packing changes how many messages carry a stream, not what they carry: a 4 MiB limit sends this
+    container as one batch, a 2 KiB one as batches and single messages of at most 2 KiB of parts."""
+    tensors = {n: t.float() for n, t in _state_dict().items()}
+    single = _sent_bodies(tensors, chunk_bytes, pack=False)
+    packed = _sent_bodies(tensors, chunk_bytes, pack=True)
+    parts = [bytes(p) for body in packed for _, p in wire.decode_all(body)]
+    assert parts == single and len(packed) < len(single)
+    if chunk_bytes > 1 << 20:
+        assert len(packed) == 1
+    for body in packed:
+        inner = wire.decode_all(body)
+        assert len(inner) == 1 or sum(len(p) for _, p in inner) <= chunk_bytes
+    names = Names("packing-rx")
+    with connect(f"memory://{names.namespace}") as t:
+        t.declare(names, 1)
+        for body in packed:
+            t.publish(names.updates_exchange, names.shard_key(0), body)
+        got = streaming.receive_container(t, names.updates_queue(0), "s", timeout=10)
+    _, expected = _assemble(single)
+    assert all(torch.equal(got.tensors[n].reshape(-1), expected[n]) for n in tensors)

@@ -74,6 +74,16 @@ def _golden() -> dict[str, Callable[[], bytes]]:
             },
         ),
         "commit.bin": lambda: wire.encode_control("commit", "golden", {"chunks": 3}),
+        "batch.bin": lambda: wire.encode_batch(
+            "golden",
+            [
+                wire.encode_control(
+                    "manifest", "golden", {"tensors": [["w", "float32", [3, 4], "fp32", 1, 12]], "chunks": 1}
+                ),
+                _chunk("fp32", values.reshape(3, 4), name="w"),
+                wire.encode_control("commit", "golden", {"chunks": 1}),
+            ],
+        ),
     }
 
 
@@ -125,6 +135,53 @@ def test_golden_vectors_decode() -> None:
     assert manifest.meta["tensors"][1] == ["layer.bias", "float16", [12], "fp16", 1, 12]
     commit = wire.decode((VECTORS / "commit.bin").read_bytes())
     assert (commit.kind, commit.stream, commit.meta) == ("commit", "golden", {"chunks": 3})
+
+
+def test_batch_vector_decodes_to_its_version_1_parts() -> None:
+    """Version 2 adds the batch; its parts are version-1 messages, byte for byte as sent alone."""
+    data = (VECTORS / "batch.bin").read_bytes()
+    assert struct.unpack(">4sBBH", data[:8])[:3] == (b"FEDQ", 2, 0)
+    parts = wire.decode_all(data)
+    assert [m.kind for m, _ in parts] == ["manifest", "chunk", "commit"]
+    assert all(bytes(p)[4] == 1 for _, p in parts)
+    assert bytes(parts[1][1]) == _chunk(
+        "fp32", torch.arange(-6, 6, dtype=torch.float32).reshape(3, 4) * 0.125, name="w"
+    )
+    assert torch.equal(wire.decode_tensor(parts[1][0]), torch.arange(-6, 6, dtype=torch.float32) * 0.125)
+    single = (VECTORS / "commit.bin").read_bytes()
+    assert [(m.kind, bytes(p)) for m, p in wire.decode_all(single)] == [("commit", single)]
+    with pytest.raises(WireError) as info:
+        wire.decode(data)  # a batch is not one message
+    assert info.value.reason == "bad_kind"
+
+
+def _batch_reason(header: dict[str, Any], payload: bytes, version: int = 2) -> str:
+    with pytest.raises(WireError) as info:
+        wire.decode_all(_frame(header, payload, version=version))
+    return info.value.reason
+
+
+def test_hostile_batches() -> None:
+    commit = wire.encode_control("commit", "s", {"chunks": 1})
+    other = wire.encode_control("commit", "t", {"chunks": 1})
+    ok = {"kind": "batch", "stream": "s", "lens": [len(commit), len(commit)]}
+    assert len(wire.decode_all(_frame(ok, commit + commit, version=2))) == 2
+    assert _batch_reason(ok, commit + commit, version=1) == "version"
+    assert _batch_reason({**ok, "lens": [len(commit), len(other)]}, commit + other) == "bad_header"
+    assert _batch_reason({**ok, "lens": [len(commit)]}, commit + commit) == "length_mismatch"
+    assert _batch_reason({**ok, "lens": [len(commit), len(commit) + 1]}, commit + commit) == "length_mismatch"
+    assert _batch_reason({**ok, "lens": []}, b"") == "bad_header"
+    assert _batch_reason({**ok, "lens": [-1, 2 * len(commit) + 1]}, commit + commit) == "bad_header"
+    assert _batch_reason({**ok, "lens": [True]}, b"x") == "bad_header"
+    assert _batch_reason({**ok, "extra": 1}, commit + commit) == "bad_header"
+    assert _batch_reason({**ok, "lens": [4, len(commit) * 2 - 4]}, commit + commit) == "truncated"
+    inner = wire.encode_batch("s", [commit])
+    assert _batch_reason({**ok, "lens": [len(inner)]}, inner) == "bad_kind"  # no batch in a batch
+    with pytest.raises(WireError) as info:
+        wire.decode_all(_frame(ok, commit + commit, version=2), wire.Limits(max_batch_parts=1))
+    assert info.value.reason == "bad_header"
+    with pytest.raises(WireError):
+        wire.encode_batch("s", [])
 
 
 def test_preamble_layout() -> None:
@@ -333,9 +390,9 @@ def _samples() -> list[bytes]:
 
 
 def _decode_fully(data: bytes) -> None:
-    msg = wire.decode(data)
-    if msg.kind == "chunk":
-        wire.decode_tensor(msg)
+    for msg, _ in wire.decode_all(data):
+        if msg.kind == "chunk":
+            wire.decode_tensor(msg)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -354,7 +411,8 @@ def test_bit_flips_raise_only_wire_error(sample: bytes, data: st.DataObject) -> 
     flipped = bytearray(sample)
     flipped[bit // 8] ^= 1 << (bit % 8)
     header_end = 8 + struct.unpack(">H", sample[6:8])[0]
-    if bit // 8 < 8 or bit // 8 >= header_end:
+    batch = sample[4] == 2  # its payload holds its parts' headers, which a flip may leave valid
+    if bit // 8 < 8 or (bit // 8 >= header_end and not batch):
         with pytest.raises(WireError):
             _decode_fully(bytes(flipped))
     else:

@@ -183,7 +183,7 @@ class Aggregator:
         # While deliveries keep coming, a full batch's fsync runs in the background as the next one is staged
         # (``_syncing``: the future, the deliveries to ack and the streams it completes, once it is durable).
         self.batch = max(1, min(MAX_BATCH, settings.prefetch // 2))
-        self._syncing: tuple[Future[None], list[Delivery], list[tuple[Staged, Delivery]]] | None = None
+        self._syncing: tuple[Future[None], list[Delivery], list[tuple[Staged, Delivery | None]]] | None = None
         # Plan-time fold windows in parallel, one torch thread each (fedq.threads); a GPU runs them in one
         # stream.
         # Measured on 2 shared cores, llama-3.2-1b, one nf4 update: plan-time fold 2.6 s with one thread,
@@ -339,7 +339,7 @@ class Aggregator:
         (fair intake: a flood delays an honest version by a bounded factor, not until the flood ends)."""
         delivery = self.t.get(timeout)
         to_ack: list[Delivery] = []
-        completed: list[tuple[Staged, Delivery]] = []
+        completed: list[tuple[Staged, Delivery | None]] = []
         handled = 0
         deadline = time.monotonic() + POLL_SECONDS
         while delivery is not None:
@@ -372,7 +372,7 @@ class Aggregator:
         metrics.REJECTED.labels(ROLE, reason).inc()
         self.t.dead_letter(delivery, reason, detail[:500])  # the transport counts DEAD_LETTERED
 
-    def _flush_batch(self, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]) -> None:
+    def _flush_batch(self, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery | None]]) -> None:
         """Make the batch syncing in the background and this one durable, then ack both and handle what they
         complete."""
         self._finish_sync()
@@ -391,22 +391,53 @@ class Aggregator:
             future.result()
             self._acked(to_ack, completed)
 
-    def _acked(self, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]) -> None:
+    def _acked(self, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery | None]]) -> None:
         """Ack durable deliveries and handle the streams they complete."""
         metrics.STAGED_BYTES.labels("disk").set(self.staging.nbytes)
         for delivery in to_ack:
             self.t.ack(delivery)
-        for staged, delivery in completed:
-            self._on_complete(staged, delivery)
+        for staged, completing in completed:
+            self._on_complete(staged, completing)
 
     # update messages ----------------------------------------------------------------------------------------
     def _on_update_message(
-        self, delivery: Delivery, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery]]
+        self, delivery: Delivery, to_ack: list[Delivery], completed: list[tuple[Staged, Delivery | None]]
     ) -> None:
+        """Stage a delivery's message, or a batch's parts in order, each as if it had come alone; then the
+        delivery is settled once: dead-lettered if a part was refused (the parts before it stay staged, as
+        their own messages would have), handled with the stream it completes, acked once durable, or acked
+        now when it added nothing."""
         user = admission.sender(delivery.user_id)
         admission.check_size(len(delivery.body), self.s.max_message_bytes)
-        msg = wire.decode(delivery.body)
-        decision = admission.admit(
+        parts = wire.decode_all(delivery.body)
+        staged_any = False
+        completes: Staged | None = None
+        for msg, part in parts:
+            decision = self._admit(msg, user, len(part))
+            if decision.action == admission.REFUSE:
+                if decision.forget:
+                    self._refuse_stream(stream_key(user, msg.stream))
+                    completes = None
+                if completes is not None:
+                    completed.append((completes, None))
+                self._dead_letter(delivery, decision.reason, decision.detail)
+                return
+            staged = None if decision.action == admission.IGNORE else self._stage(msg, user, part)
+            if staged is None:
+                metrics.CHUNKS.labels(ROLE, "duplicate").inc()
+                continue
+            staged_any = True
+            if admission.is_complete(staged):
+                completes = staged
+        if completes is not None:
+            completed.append((completes, delivery))
+        elif staged_any:
+            to_ack.append(delivery)
+        else:
+            self.t.ack(delivery)
+
+    def _admit(self, msg: wire.Message, user: str, size: int) -> admission.Decision:
+        return admission.admit(
             msg,
             user,
             shapes=self.shapes,
@@ -415,36 +446,23 @@ class Aggregator:
             expired=self.state.expired,
             update_timeout=self.s.update_timeout,
             quota=self.quota,
-            size=len(delivery.body),
+            size=size,
             usage=self.staging.usage(user),
         )
-        if decision.action == admission.IGNORE:
-            metrics.CHUNKS.labels(ROLE, "duplicate").inc()
-            self.t.ack(delivery)
-            return
-        if decision.action == admission.REFUSE:
-            if decision.forget:
-                self._refuse_stream(stream_key(user, msg.stream))
-            self._dead_letter(delivery, decision.reason, decision.detail)
-            return
+
+    def _stage(self, msg: wire.Message, user: str, body: memoryview) -> Staged | None:
+        """Stage one admitted message; None when it duplicates what is staged."""
         if msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "received").inc()
             codec = msg.codec.name if msg.codec is not None else "none"  # a chunk always names its codec
-            metrics.WIRE_BYTES.labels(ROLE, "received", codec).inc(len(delivery.body))
+            metrics.WIRE_BYTES.labels(ROLE, "received", codec).inc(len(body))
             metrics.FP32_BYTES.labels(ROLE, "received", codec).inc(4 * msg.count)
-        staged = self.staging.append(user, msg, bytes(delivery.body))
-        if staged is None:
-            metrics.CHUNKS.labels(ROLE, "duplicate").inc()
-            self.t.ack(delivery)
-            return
-        if msg.kind == wire.CHUNK:
+        staged = self.staging.append(user, msg, bytes(body))
+        if staged is not None and msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "staged").inc()
             kind = "full" if (staged.manifest or {}).get("kind") == "full" else "delta"
             staged.chunks[msg.index].check = self._measure(msg, kind)
-        if admission.is_complete(staged):
-            completed.append((staged, delivery))
-        else:
-            to_ack.append(delivery)
+        return staged
 
     def _refuse_stream(self, key: str) -> None:
         self.state.finish(self.state.finished, key)

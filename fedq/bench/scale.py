@@ -165,6 +165,7 @@ def update_bodies(shapes: dict[str, tuple[int, ...]], codec: str) -> list[bytes]
             stream="c/u/s0",
             meta=_meta("c", "u", 0),
             codec_for=codec_policy(codec),
+            pack=True,
         )
         t.consume(names.updates_queue(0), prefetch=1 << 20)
         out: list[bytes] = []
@@ -210,6 +211,7 @@ def client_process(job: dict[str, Any], ready: Any, go: Any, stop: Any, results:
                 meta=_meta(name, update_id, base),
                 codec_for=codec_for,
                 role="client",
+                pack=True,  # as fedq.Client.send
             )
             with lock:
                 committed.append((update_id, base, time.time()))
