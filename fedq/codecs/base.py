@@ -22,8 +22,10 @@ Buffer = bytes | bytearray | memoryview | torch.Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Outputs at least this large are mapped with transparent huge pages (see ``empty``).
+# Outputs at least _HUGE_MIN_BYTES and at most _HUGE_MAX_BYTES are mapped with transparent huge pages (see
+# ``empty``).
 _HUGE_MIN_BYTES = 4 << 20
+_HUGE_MAX_BYTES = 256 << 20
 _NORM_BLOCK = 1 << 18  # elements per float64 block of ``sum_sq`` (2 MiB of temporaries)
 
 
@@ -233,12 +235,18 @@ def empty(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     than decoding into them: measured, writing a new fp32 buffer runs at ~550 M elem/s with 4 KiB pages and
     at ~2400 M elem/s with 2 MiB pages (on an unfragmented machine). So large CPU outputs are private
     anonymous maps advised to use huge pages; the tensor keeps its map alive and frees it with its storage.
-    Elsewhere (CUDA, small outputs, or a kernel without transparent huge pages) it is a plain ``torch.empty``.
-    Hot paths avoid fresh outputs altogether (``Codec.decode_add`` into reused or ``zeros`` memory).
+    Not beyond 256 MiB: huge pages come from the kernel's free 2 MiB blocks, and past the few hundred MiB
+    recently freed there, from memory a VM's host has not backed yet, which faulted in at ~28 M elem/s of
+    decode on this 2-core VM under load (a 1 GiB output of Llama's embeddings; 104-258 with 4 KiB pages, which
+    the kernel takes from recently freed memory first; up to 490 with huge pages that were recycled).
+    Elsewhere (CUDA, small or larger outputs, a kernel without transparent huge pages) it is a plain
+    ``torch.empty``. Hot paths avoid fresh outputs altogether (``Codec.decode_add`` into reused or ``zeros``
+    memory).
     """
     nbytes = count * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if torch.device(device).type != "cpu" or nbytes < _HUGE_MIN_BYTES or advice is None:
+    huge = _HUGE_MIN_BYTES <= nbytes <= _HUGE_MAX_BYTES
+    if torch.device(device).type != "cpu" or not huge or advice is None:
         return torch.empty(count, dtype=dtype, device=device)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError):  # THP compiled out: plain pages still work
