@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedq import metrics, wire
+from fedq.aggregation import checkpoint
 from fedq.aggregation.strategies import FedAsync, FedAvg, FedBuff
 from fedq.codecs import get_codec
 from fedq.streaming import iter_container, receive_container
@@ -308,3 +309,27 @@ def test_folding_windows_in_threads_gives_the_same_bits_as_one_thread(tmp_path: 
     for name in models[0]:
         assert torch.equal(models[0][name], models[1][name]), name
     assert not torch.equal(models[0]["embed"], x0["embed"])
+
+
+def test_the_version_a_shard_starts_from_has_the_time_its_checkpoint_was_made(tmp_path: Path) -> None:
+    """``fedq status`` and the stalled-version alert read it before the first step (it was unset)."""
+    broker, names = memory_broker(1)
+    init = write_init(tmp_path, small_model())
+    started = time.time()
+    worker = one_step_worker(broker, names, init, tmp_path / "state")
+    try:
+        wait_version(tmp_path / "state", 0)
+        made = (tmp_path / "state" / "shard-0" / checkpoint.model_file(0)).stat().st_mtime
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _version_time() != made:
+            time.sleep(0.05)
+        assert _version_time() == made and made >= started - 1
+    finally:
+        worker.stop.set()
+        worker.join(30)
+
+
+def _version_time() -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("fedq_model_version_timestamp_seconds", {"shard": "0"})

@@ -256,6 +256,10 @@ class Aggregator:
                 metrics.DP_DELTA.set(planner.privacy.config.delta)
                 metrics.DP_BUDGET.set(planner.privacy.config.epsilon_budget)
         metrics.MODEL_VERSION.labels(self.shard_label).set(self.state.version)
+        # when the checkpoint of the version it starts from was written: `fedq status` said "made never" and
+        # the stalled-version alert had no series until the first step
+        made = (self.dir / checkpoint.model_file(self.state.version)).stat().st_mtime
+        metrics.MODEL_VERSION_TIME.labels(self.shard_label).set(made)
 
     def _new_leader(self, *, restore: bool) -> Leader:
         """The leader's bookkeeping from the last checkpoint (the journal is replayed in ``start``)."""
