@@ -2,9 +2,10 @@
 
 A client must remember the version it received (``send`` sends ``local - base``). In memory that is a second
 model (Llama-3.2-1B in fp32: 5.7 GB more). Here it is an unlinked temporary file (gone when the client closes
-or dies) in the model's dtypes, written chunk by chunk while a version downloads and read back one tensor at a
-time: when the version is complete it is copied into the model (so a receive stays atomic: the model is not
-touched before the whole version is in hand), and at ``send`` each tensor's delta is computed in one buffer.
+or dies) in the model's dtypes, written chunk by chunk while a version downloads and read back in slices:
+when the version is complete it is copied into the model (so a receive stays atomic: the model is not touched
+before the whole version is in hand), and at ``send`` each chunk's delta is computed in the buffer its base is
+read into.
 Written pages go through the page cache, which the kernel can drop; they are not the process's memory.
 """
 
@@ -71,36 +72,40 @@ class BaseStore(Mapping[str, torch.Tensor]):
         return out if dtype is None or dtype == stored else out.to(dtype)
 
     def read_slice(self, name: str, offset: int, count: int) -> torch.Tensor:
-        """Elements ``offset .. offset+count`` of a float32 tensor (x̂, ``fedq.reconstruction``), fresh."""
+        """Elements ``offset .. offset+count`` of the flattened tensor, fresh, in its stored dtype."""
         start, dtype, _ = self._index[name]
         out = torch.empty(count, dtype=dtype)
         pread_into(self._fd, _bytes_of(out.view(torch.uint8).numpy()), start + offset * _itemsize(dtype))
         return out
 
-    def delta(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """``local - stored`` in float32 on local's device, one tensor at a time.
+    def delta(self, name: str, local: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``local - stored`` in float32 on local's device (local's shape), where ``local`` holds elements
+        ``offset ..`` of the flattened tensor: the whole tensor, or one chunk of it (a sender computes its
+        delta a chunk at a time: ``LazyTensors.slicer``).
 
         The stored values are first rounded to ``local``'s dtype, as the model received them: a bf16 model
         that received float32 values (x̂, ``fedq.reconstruction``) holds their rounding, which is no update.
-        On the CPU this is computed in the one buffer the stored values are read into; on a GPU the stored
-        bytes are read into a pinned buffer and copied over asynchronously, and rounded there, so only this
-        tensor's base crosses, never the model.
+        On the CPU this is computed in the one buffer the stored values are read into, a megabyte slice at a
+        time (a bf16 ``local`` minus float32 values in one op makes a float32 copy of ``local`` first); on a
+        GPU the stored bytes are read into a pinned buffer and copied over asynchronously, and rounded there,
+        so only these elements' base crosses, never the model.
         """
         if local.device.type != "cpu":
-            return self._delta_on_device(name, local)
-        base = self.read(name, torch.float32)
-        if local.dtype != torch.float32:
-            flat = base.view(-1)
-            for lo in range(0, flat.numel(), _ROUND_STEP):
-                piece = flat[lo : lo + _ROUND_STEP]
+            return self._delta_on_device(name, local, offset)
+        flat = local.detach().reshape(-1)
+        base = self.read_slice(name, offset, flat.numel()).to(torch.float32)
+        for lo in range(0, flat.numel(), _ROUND_STEP):
+            piece = base[lo : lo + _ROUND_STEP]
+            if local.dtype != torch.float32:
                 piece.copy_(piece.to(local.dtype))
-        return torch.sub(local.detach(), base, out=base)
+            torch.sub(flat[lo : lo + _ROUND_STEP], piece, out=piece)
+        return base.view(local.shape)
 
-    def _delta_on_device(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        start, stored, shape = self._index[name]
-        host = host_buffer(math.prod(shape) * _itemsize(stored))
-        pread_into(self._fd, _bytes_of(host.numpy()), start)
-        base = host.view(stored).view(shape).to(local.device, non_blocking=True)
+    def _delta_on_device(self, name: str, local: torch.Tensor, offset: int) -> torch.Tensor:
+        start, stored, _ = self._index[name]
+        host = host_buffer(local.numel() * _itemsize(stored))
+        pread_into(self._fd, _bytes_of(host.numpy()), start + offset * _itemsize(stored))
+        base = host.view(stored).view(local.shape).to(local.device, non_blocking=True)
         base = base.to(local.dtype).to(torch.float32)  # rounded as the model received them
         return torch.sub(local.detach(), base, out=base)  # base is this call's own device copy
 

@@ -23,7 +23,7 @@ copy of the weights would replace the global's weights by their rounding).
 
 ``send`` streams: each shard's tensors go as one container to that shard's queue, and every chunk is sliced,
 (error-feedback compensated,) encoded and published only when the transport has room, so the serialized update
-never exists in memory as a whole. Deltas are computed a tensor at a time, when the chunker reaches them. An
+never exists in memory as a whole. Deltas are computed a chunk at a time, when the chunker reaches them. An
 update with no tensors is refused, never sent (it would dilute everyone else's in the average).
 
 Error feedback (on by default for codecs below 16 bits) adds what quantization dropped from a chunk to the
@@ -446,7 +446,12 @@ class Client:
         tensors = (
             LazyTensors(list(local), local.__getitem__, local.__getitem__)
             if full
-            else LazyTensors(list(local), lambda name: base.delta(name, local[name]), _float32_like(local))
+            else LazyTensors(
+                list(local),
+                lambda name: base.delta(name, local[name]),
+                _float32_like(local),
+                lambda name: _delta_slicer(base, name, local[name]),
+            )
         )
         update_id = uuid.uuid4().hex
         meta = UpdateMeta(
@@ -466,7 +471,7 @@ class Client:
                 self.transport,
                 self.names.updates_exchange,
                 self.names.shard_key(shard),
-                LazyTensors(names, tensors.__getitem__, tensors.spec),
+                LazyTensors(names, tensors.__getitem__, tensors.spec, tensors.slicer),
                 stream=update_stream(self.label, update_id, shard),
                 meta=meta,
                 codec_for=self.codec_for,
@@ -528,6 +533,13 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _delta_slicer(base: BaseStore, name: str, local: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """One chunk of ``local - base`` at a time (``LazyTensors.slicer``): a sender holds a chunk's delta, never
+    a tensor's."""
+    flat = local.detach().reshape(-1)
+    return lambda offset, count: base.delta(name, flat[offset : offset + count], offset)
 
 
 def _check_not_trimmed(delivery: Delivery, version: int, models_offset: int, queue: str) -> None:

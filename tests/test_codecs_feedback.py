@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedq.codecs import ErrorFeedback, get_codec
+from fedq.codecs import EncodedErrorFeedback, ErrorFeedback, get_codec
+from fedq.codecs.feedback import SLAB_BYTES
 from fedq.errors import CodecError
 
 CPU = torch.device("cpu")
@@ -71,6 +72,32 @@ def test_memory_cost_per_parameter() -> None:
         fb.update("b", torch.ones(100), torch.zeros(100), offset=4096)
         assert fb.nbytes == per_param * 400
         assert torch.equal(fb.compensate("a", torch.zeros(300)), torch.ones(300))
+
+
+def test_encoded_residuals_keep_their_places_in_shared_slabs() -> None:
+    """Residuals are copied into fixed places carved from one slab (no long-lived block of their own among a
+    send's transient ones), aligned for float32, and a residual encoded again reuses its place; what is
+    stored is what was encoded."""
+    fb = EncodedErrorFeedback()
+    g = torch.Generator().manual_seed(0)
+    sizes = [1000, 77, 4096, 130]
+    places = []
+    for r in range(2):
+        for i, n in enumerate(sizes):
+            x = torch.randn(n, generator=g)
+            y = fb.compensate("w", x, offset=i << 20)
+            fb.update("w", y, torch.zeros(n), offset=i << 20)
+            meta, payload, count = fb._encoded[("w", i << 20)]
+            meta_again, expected = fb.codec.encode_on_device(y.reshape(-1))
+            assert count == n and meta == meta_again and torch.equal(payload, expected)
+            if r == 0:
+                places.append(payload)
+            else:
+                assert payload.data_ptr() == places[i].data_ptr()
+    starts = [p.data_ptr() for p in places]
+    assert all(a % 64 == 0 for a in starts)
+    assert max(starts) - min(starts) < SLAB_BYTES  # one slab
+    assert len({p.untyped_storage().data_ptr() for p in places}) == 1
 
 
 def test_changed_chunking_is_an_error_not_a_silent_mismatch() -> None:
