@@ -4,6 +4,7 @@ update in the version, both directions compressed."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,15 @@ def test_a_tiny_round_folds_every_client_and_reports_both_directions(amqp_url: s
     # nf4 both ways: about an eighth of fp32 plus block scales, in each direction
     assert 0.10 < row["bytes_up"] / row["fp32_bytes_up"] < 0.16
     assert 0.10 < row["bytes_down"] / row["fp32_bytes_down"] < 0.16
+
+
+def test_a_failed_round_leaves_only_its_log(
+    amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed run keeps the aggregator's log it points to, not the model files (18 GB at Llama-3.2-1B)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["bench", "round", "--shapes", "tiny", "--clients", "1", "--model-codec", "no-such-codec"]
+    with pytest.raises(RuntimeError, match="aggregator"):
+        cli.main([*argv, "--amqp-url", amqp_url, "--timeout", "60"])
+    (work,) = tmp_path.glob("fedq-bench-round-*")
+    assert [p.name for p in work.iterdir()] == ["aggregator.log"]

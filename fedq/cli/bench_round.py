@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="the aggregator's torch threads")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the round")
     add_amqp_url(parser)
-    parser.add_argument("--dir", default=None, help="work directory, kept (default: a temp dir, removed)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="work directory, kept (default: a temp dir, removed; a failed run's log stays)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the row as JSON to PATH")
 
 
