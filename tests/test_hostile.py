@@ -335,6 +335,12 @@ def _wait(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _leader(worker: Running) -> Any:
+    """The leader a started aggregator plans with (an aborted plan replaces it)."""
+    _wait(lambda: worker.aggregator.leader is not None, 30, "the aggregator's start")
+    return worker.aggregator.leader
+
+
 def test_a_followers_refused_fold_is_refused_on_every_shard_and_the_version_comes(
     federation: dict[str, Any],
 ) -> None:
@@ -368,11 +374,11 @@ def test_a_followers_refused_fold_is_refused_on_every_shard_and_the_version_come
     ]
     refused = _rejected("nonfinite_result")
     try:
+        leader = _leader(workers[0])  # before the updates: the abort may come before they are sent
         with connect(fed["urls"]["mallory"]) as mallory, connect(fed["urls"]["alice"]) as alice:
             send_update(mallory, names, m, shards=2, update_id="m", base_version=0)
             time.sleep(0.5)  # mallory's completes first: the first plan is {m, a}
             send_update(alice, names, a, shards=2, update_id="a", base_version=0)
-        leader = workers[0].aggregator.leader
         _wait(lambda: bool(leader is not workers[0].aggregator.leader), 30, "the plan's abort")
         assert [reason for _, reason in workers[0].aggregator.leader.drops] == ["nonfinite_result"]
         with connect(fed["urls"]["bob"]) as bob:
@@ -403,11 +409,11 @@ def test_a_refused_fold_leaves_the_server_optimizers_state(federation: dict[str,
     a, b = delta_for(1, small_model()), delta_for(2, small_model())
     worker = start(fed, fedbuff(2), x0, server_opt=ServerOptConfig("avgm"), fold_threads=1)
     try:
+        leader = _leader(worker)  # before the updates: the abort may come before they are sent
         with connect(fed["urls"]["mallory"]) as mallory, connect(fed["urls"]["alice"]) as alice:
             publish(mallory, names, messages(m, "m"))
             time.sleep(0.5)
             publish(alice, names, messages(a, "a"))
-        leader = worker.aggregator.leader
         _wait(lambda: bool(leader is not worker.aggregator.leader), 30, "the plan's abort")
         with connect(fed["urls"]["bob"]) as bob:
             publish(bob, names, messages(b, "b"))
