@@ -39,6 +39,7 @@ returns it with ``Round.final`` set, and a later ``receive`` or ``send`` raises 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -54,11 +55,14 @@ from fedq.basestore import BaseStore
 from fedq.binding import HINTS, Binding, bind, missing_hint
 from fedq.codecs import Codec, EncodedErrorFeedback, ErrorFeedback, choose_codec, get_codec
 from fedq.errors import ConfigError, FederationEnded, StreamError, TransportError
+from fedq.initial_digest import model_digests, slices
 from fedq.protocol import Announcement, UpdateMeta, delta_stream, model_stream, update_stream
 from fedq.reconstruction import advance
 from fedq.streaming import Assembler, CodecFor, LazyTensors, TensorEntry, send_container, shard_of
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
 from fedq.transport import Delivery, Transport, connect
+
+log = logging.getLogger(__name__)
 
 ROLE = "client"
 DEFAULT_TIMEOUT = 300.0
@@ -201,10 +205,13 @@ class Client:
                 f"version {version}: the model has no tensor for {len(binding.missing)} global tensor(s): "
                 f"{sorted(binding.missing)[:5]} ({missing_hint(binding)})"
             )
-        if announcement.snapshot is None:
+        initial = self._holds_initial(binding, announcement)
+        if announcement.snapshot is None and initial:
+            store = self._own_store(binding)  # version 0 itself, from the model
+        elif announcement.snapshot is None:
             store = self._receive_whole(binding, announcement, deadline)
         else:
-            store = self._reconstruct(binding, announcement, deadline)
+            store = self._reconstruct(binding, announcement, deadline, initial)
         try:
             self._commit(model, binding, store)
         except BaseException:
@@ -246,17 +253,72 @@ class Client:
             raise
         return store
 
-    def _reconstruct(self, binding: Binding, announcement: Announcement, deadline: float) -> BaseStore:
+    def _holds_initial(self, binding: Binding, announcement: Announcement) -> bool:
+        """Whether this first receive can take version 0 from the model itself: it holds version 0 bit for bit
+        (its digests match the announced ones, ``fedq.initial_digest``) and version 0 is what the announced
+        version needs (version 0 itself, or deltas since it that are all still announced). One log line says
+        which way the version comes."""
+        version = announcement.version
+        if self._base is not None or binding.missing:
+            return False
+        if announcement.snapshot is None and version > 0:
+            return False  # a whole version: version 0 would not help
+        offsets = dict(announcement.deltas)
+        if announcement.initial is None:
+            log.info("version %d: the aggregator announces no digest of version 0: downloading", version)
+            return False
+        if not all(u in offsets for u in range(1, version + 1)):
+            log.info("version %d: the deltas since version 0 are no longer announced: downloading", version)
+            return False
+        began = time.monotonic()
+        tensors = {name: slot.tensor for name, slot in binding.slots.items()}
+        held = model_digests(tensors, announcement.tensors, announcement.shards) == announcement.initial
+        log.info(
+            "version %d: %s (hashed in %.1f s)",
+            version,
+            "the model holds version 0 already: not downloading it"
+            + (f", reading the deltas 1..{version}" if version > 0 else "")
+            if held
+            else "the model differs from version 0: downloading",
+            time.monotonic() - began,
+        )
+        return held
+
+    def _own_store(self, binding: Binding, dtype: torch.dtype | None = None) -> BaseStore:
+        """A store holding the model's own tensors (as ``dtype``, else in their dtypes): version 0, where
+        ``_holds_initial`` found the model holds it."""
+        store = BaseStore()
+        try:
+            for name, slot in binding.slots.items():
+                store.reserve(name, tuple(slot.tensor.shape), dtype or slot.tensor.dtype)
+                offset = 0
+                for piece in slices(slot.tensor):
+                    store.write(name, offset, piece)
+                    offset += piece.numel()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _reconstruct(
+        self, binding: Binding, announcement: Announcement, deadline: float, initial: bool
+    ) -> BaseStore:
         """x̂ of a version that travels as deltas (``fedq.reconstruction``): the deltas since the version held
-        applied to the x̂ held, when every one of them is still announced and readable; else the newest
-        snapshot and the deltas since, into a new store. x̂ is kept in float32: every client holds it bit for
-        bit as the aggregator computed it."""
+        (version 0 from the model itself where ``initial``) applied to the x̂ held, when every one of them is
+        still announced and readable; else the newest snapshot and the deltas since, into a new store. x̂ is
+        kept in float32: every client holds it bit for bit as the aggregator computed it."""
         version, shards = announcement.version, announcement.shards
         offsets = dict(announcement.deltas)
-        held, store = self.version, self._base if self._holds_reconstruction else None
+        store: BaseStore | None
+        if initial:
+            held, store = 0, self._own_store(binding, torch.float32)
+        else:
+            held, store = self.version, self._base if self._holds_reconstruction else None
         needed = range(held + 1, version + 1)
         if store is not None and held >= 0 and all(u in offsets for u in needed):
             self.version, self._base = -1, None  # until x̂ is whole again: a failure leaves it half applied
+            if held == version:
+                return store  # version 0, from the model itself
             deltas = {delta_stream(u, s) for u in needed for s in range(shards)}
             try:
                 self._load(binding, version, set(), deltas, offsets[held + 1], deadline, store, torch.float32)

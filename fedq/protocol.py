@@ -30,6 +30,9 @@ from fedq import wire
 from fedq.errors import RejectedUpdate, StreamError, WireError
 
 UPDATE_KINDS = ("delta", "full")
+# what ``Announcement.initial`` hashes (``fedq.initial_digest``); bumped when that changes, so that a client
+# never compares against a digest defined otherwise (it downloads instead)
+INITIAL_SCHEME = 1
 MAX_ANNOUNCED_CONTRIBUTORS = 10_000  # rows a reader takes from one announcement
 # Client metrics become Prometheus label values: bounded so that no client can blow up the label cardinality.
 MAX_CLIENT_METRICS = 8  # metric names per update (and per client and process lifetime, see the aggregator)
@@ -181,6 +184,10 @@ class Announcement:
     # None for whole versions (the container streams ``model_stream(version, shard)`` at ``models_offset``).
     snapshot: tuple[int, int] | None = None
     deltas: list[tuple[int, int]] = field(default_factory=list)
+    # The digest of version 0 per shard (``fedq.initial_digest``): a client that holds it takes version 0 from
+    # its own model. None where an aggregator does not announce it (older ones) or in a scheme this reader
+    # does not know: the client downloads.
+    initial: list[str] | None = None
 
     def encode(self) -> bytes:
         meta = {
@@ -196,6 +203,8 @@ class Announcement:
         if self.snapshot is not None:
             meta["snapshot"] = list(self.snapshot)
             meta["deltas"] = [list(d) for d in self.deltas]
+        if self.initial is not None:
+            meta["initial"] = {"scheme": INITIAL_SCHEME, "sha256": list(self.initial)}
         return wire.encode_control(wire.MANIFEST, version_stream(self.version), meta)
 
     @classmethod
@@ -242,7 +251,23 @@ class Announcement:
             _contributor_rows(meta.get("contributors")),
             (snapshot[0], snapshot[1]) if snapshot is not None else None,
             [(d[0], d[1]) for d in deltas],
+            _initial(meta.get("initial"), shards),
         )
+
+
+def _initial(raw: Any, shards: int) -> list[str] | None:
+    """The announced digests of version 0: None where absent or in another scheme (the client then
+    downloads); a malformed one in this scheme is refused like any malformed announcement."""
+    if not isinstance(raw, dict) or raw.get("scheme") != INITIAL_SCHEME:
+        return None
+    digests = raw.get("sha256")
+    if not (
+        isinstance(digests, list)
+        and len(digests) == shards
+        and all(isinstance(d, str) and len(d) == 64 for d in digests)
+    ):
+        raise StreamError(f"malformed initial digests {raw!r:.200}", reason="bad_announcement")
+    return [str(d) for d in digests]
 
 
 def contributors(plan: Plan) -> list[dict[str, Any]]:
@@ -421,6 +446,7 @@ class Stepped:
     models_offset: int
     delta_offset: int = -1
     snapshot_offset: int = -1
+    initial_digest: str = ""  # the shard's digest of version 0 ("": not known, e.g. an older checkpoint)
 
     def to_json(self) -> dict[str, Any]:
         return {"type": "stepped", **asdict(self)}
@@ -433,6 +459,7 @@ class Stepped:
             int(data["models_offset"]),
             int(data.get("delta_offset", -1)),
             int(data.get("snapshot_offset", -1)),
+            str(data.get("initial_digest", "")),
         )
 
 

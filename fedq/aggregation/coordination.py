@@ -41,6 +41,7 @@ class Announce:
     models_offset: int
     delta_offset: int = -1
     snapshot_offset: int = -1
+    initial: list[str] | None = None  # every shard's digest of version 0, by shard (None: one is not known)
 
 
 @dataclass(frozen=True)
@@ -140,12 +141,14 @@ class Leader:
         if self.pending is not None and report.version == self.pending.version:
             return self._answer(Folded(report.shard, report.version, plan_id(self.pending)))
         if report.version == version and len(self.stepped[report.version]) == self.shards:
-            reports = self.stepped.pop(report.version).values()
+            reports = sorted(self.stepped.pop(report.version).values(), key=lambda r: r.shard)
+            digests = [r.initial_digest for r in reports]
             return Announce(
                 report.version,
                 min(r.models_offset for r in reports),
                 _lowest([r.delta_offset for r in reports]),
                 _lowest([r.snapshot_offset for r in reports]),
+                digests if all(digests) else None,
             )
         return None
 

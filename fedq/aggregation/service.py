@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from fedq import metrics, protocol, wire
+from fedq import initial_digest, metrics, protocol, wire
 from fedq.aggregation import admission, checkpoint, initial
 from fedq.aggregation.admission import Admitted
 from fedq.aggregation.coordination import Announce, Leader, Recommit, Verdict, check_route, follow
@@ -234,6 +234,7 @@ class Aggregator:
                 self.s.shards,
                 all_shapes=list(self.all_shapes.items()),
                 dtype_limits=_dtype_limits(self.s.init),
+                initial_digest=self._initial_digest(),
             )
             self.state.save(self.dir, self._tensors(), record=self._record(), keep=self.s.keep_versions)
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
@@ -260,6 +261,21 @@ class Aggregator:
         # the stalled-version alert had no series until the first step
         made = (self.dir / checkpoint.model_file(self.state.version)).stat().st_mtime
         metrics.MODEL_VERSION_TIME.labels(self.shard_label).set(made)
+
+    def _initial_digest(self) -> str:
+        """This shard's digest of version 0 as clients will decode it (``fedq.initial_digest``), once at the
+        first start: announced with every version, so that clients holding the initial weights skip it."""
+        began = time.monotonic()
+        order = [name for name in self.all_shapes if name in self.shapes]
+        found = initial_digest.shard_digest(self.model, order, self.s.model_codec)
+        log.info(
+            "shard %d: digest of version 0 %s... (%d tensors, %.1f s)",
+            self.s.shard,
+            found[:12],
+            len(order),
+            time.monotonic() - began,
+        )
+        return found
 
     def _new_leader(self, *, restore: bool) -> Leader:
         """The leader's bookkeeping from the last checkpoint (the journal is replayed in ``start``)."""
@@ -576,7 +592,9 @@ class Aggregator:
 
     def _report_stepped(self) -> None:
         st = self.state
-        report = Stepped(st.shard, st.version, st.published_offset, st.delta_offset, st.snapshot_offset)
+        report = Stepped(
+            st.shard, st.version, st.published_offset, st.delta_offset, st.snapshot_offset, st.initial_digest
+        )
         if self.leader is not None:
             self._on_stepped(report)
         else:
@@ -1059,6 +1077,7 @@ class Aggregator:
             contributors=self._contributors(announce.version),
             snapshot=st.snapshot if self.recon is not None else None,
             deltas=st.deltas,
+            initial=announce.initial,
         ).encode()
         self.t.publish(exchange, "", body, persistent=True)
         self.t.flush()

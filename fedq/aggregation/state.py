@@ -44,6 +44,7 @@ class ShardState:
     last_plan: Plan | None = None
     all_shapes: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # every shard's tensors
     dtype_limits: dict[str, float] = field(default_factory=dict)  # the initial model's dtypes' largest values
+    initial_digest: str = ""  # this shard's digest of version 0 (fedq.initial_digest; "": older checkpoint)
 
     def finish(self, what: dict[str, int], key: str) -> None:
         what.setdefault(key, self.version)
@@ -91,6 +92,7 @@ class ShardState:
             "last_plan": self.last_plan.to_json() if self.last_plan else None,
             "all_shapes": [[name, list(shape)] for name, shape in self.all_shapes],
             "dtype_limits": self.dtype_limits,
+            "initial_digest": self.initial_digest,
         }
 
     @classmethod
@@ -113,6 +115,7 @@ class ShardState:
             last_plan=Plan.from_json(data["last_plan"]) if data.get("last_plan") else None,
             all_shapes=[(str(n), tuple(int(d) for d in s)) for n, s in data.get("all_shapes", [])],
             dtype_limits={str(n): float(v) for n, v in data.get("dtype_limits", {}).items()},
+            initial_digest=str(data.get("initial_digest", "")),
         )
 
 

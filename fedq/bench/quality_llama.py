@@ -14,8 +14,12 @@ codec). Centralized training, one model on the pooled shards for as many optimiz
 size as all the clients took together, is the reference row.
 
 Bytes are what the clients counted: ``wire_bytes_up`` every update message body they published,
-``wire_bytes_down`` every models-stream message they read (version 0 included), each against the float32
-bytes of the same tensors (``fp32_bytes_up``, ``fp32_bytes_down``).
+``wire_bytes_down`` every models-stream message they read, each against the float32 bytes of the same
+tensors (``fp32_bytes_up``, ``fp32_bytes_down``: every version a client read, whole in float32). The clients
+start from the initial weights, as sites holding the pretrained checkpoint do, so where version 0's values
+are their own float32 values (``fp32``, and the deltas of ``int8`` and ``nf4``) they do not download it
+(``fedq.initial_digest``): it then counts on neither side; a client that did download it (``bf16``: version
+0 is the init's bf16 rounding) counts it on both.
 
 The table in docs/benchmarks.md was made with ``fedq bench quality --model llama --threads 1 --json
 fedq/docs/results/quality-llama.json --plot docs/quality-llama.png`` on the shared 2-core CPU.
@@ -190,7 +194,7 @@ def run_federated(setup: Setup, setting: Setting, url: str, threads: int) -> Row
             )
             for k in range(setup.clients)
         ]
-        curve = _federate(setup, corpus, val, initial, clients)
+        curve, fetched_v0 = _federate(setup, corpus, val, initial, clients)
         if proc.wait(timeout=120) != 0:
             raise RuntimeError(f"aggregator failed; see {log}")
     finally:
@@ -207,7 +211,7 @@ def run_federated(setup: Setup, setting: Setting, url: str, threads: int) -> Row
         wire_bytes_up=sum(c.wire_bytes for c in clients),
         wire_bytes_down=sum(c.received_bytes for c in clients),
         fp32_bytes_up=sum(c.fp32_bytes for c in clients),
-        fp32_bytes_down=4 * float_params * setup.clients * (setup.rounds + 1),
+        fp32_bytes_down=4 * float_params * (setup.clients * setup.rounds + fetched_v0),
         params=params,
         seconds=time.monotonic() - start,
         curve=curve,
@@ -220,14 +224,16 @@ def _federate(
     val: list[shakespeare.Batch],
     initial: nn.Module,
     clients: list[Client],
-) -> list[tuple[int, float]]:
-    """The clients' loop until the final version; the validation loss of each version received."""
+) -> tuple[list[tuple[int, float]], int]:
+    """The clients' loop until the final version: the validation loss of each version received, and how
+    many clients downloaded version 0 (the others held it already)."""
     models = [copy.deepcopy(initial) for _ in clients]
     optimizers = [make_optimizer(m, setup.lr) for m in models]
     generators = [torch.Generator().manual_seed(setup.seed * 1000 + k + 2) for k in range(len(clients))]
     final = False
     for client, model in zip(clients, models, strict=True):
         final = client.receive(model, timeout=600).final
+    fetched_v0 = sum(1 for client in clients if client.received_bytes > 0)
     curve = [(_bytes_moved(clients), evaluate(models[0], val))]
     while not final:
         for k, (client, model) in enumerate(zip(clients, models, strict=True)):
@@ -239,7 +245,7 @@ def _federate(
         for client, model in zip(clients, models, strict=True):
             final = client.receive(model, timeout=600).final
         curve.append((_bytes_moved(clients), evaluate(models[0], val)))
-    return curve
+    return curve, fetched_v0
 
 
 def run_central(setup: Setup) -> Row:
