@@ -21,6 +21,11 @@ model. So a refusal or a failure leaves the model untouched; the store then keep
 against (the default), or ``full=True`` sends the tensors themselves (only in a 16- or 32-bit codec: a 4-bit
 copy of the weights would replace the global's weights by their rounding).
 
+A client whose model already holds version 0 (the initial weights the aggregator was started with, as
+clients of a pretrained LLM usually do) does not download it: its first ``receive`` compares the model's
+digest with the one announced (``fedq.initial_digest``) and, on a match, takes version 0 from the model and
+reads only the deltas since; on any mismatch it downloads. One log line says which.
+
 ``send`` streams: each shard's tensors go as one container to that shard's queue, and every chunk is sliced,
 (error-feedback compensated,) encoded and published only when the transport has room, so the serialized update
 never exists in memory as a whole. Deltas are computed a chunk at a time, when the chunker reaches them. An
