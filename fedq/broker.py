@@ -298,14 +298,17 @@ def teardown(management: Management, namespace: str, vhost: str, *, force: bool 
     cancel them mid-work.
     """
     prefix = namespace + "."
-    queues = [r for r in management.get(f"/queues/{q(vhost)}?columns=name") if r["name"].startswith(prefix)]
+    rows = management.get(f"/queues/{q(vhost)}?columns=name,type")
+    queues = [r for r in rows if r["name"].startswith(prefix)]
+    streams = {r["name"] for r in queues if r.get("type") == "stream"}
     # Live consumers, not the queues' statistics (those lag by seconds). A stream consumer whose connection
-    # died stays listed without a channel (RabbitMQ 3.10: every killed client left one on {ns}.versions),
-    # and would block the teardown for ever: only consumers on a channel count.
+    # died stays listed without a channel (RabbitMQ 3.10: every killed client left one on {ns}.versions)
+    # and would block the teardown for ever, so a stream's consumer counts only on a channel; any other
+    # queue's counts as soon as it is listed (a new consumer's channel details come seconds later).
     consumed = {
-        c.get("queue", {}).get("name", "")
+        name
         for c in management.get(f"/consumers/{q(vhost)}")
-        if c.get("channel_details")
+        if (name := c.get("queue", {}).get("name", "")) not in streams or c.get("channel_details")
     }
     busy = [r["name"] for r in queues if r["name"] in consumed]
     if busy and not force:
