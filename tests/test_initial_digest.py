@@ -194,3 +194,39 @@ def test_announcements_carry_the_digests_in_a_versioned_field() -> None:
         with pytest.raises(StreamError) as caught:
             Announcement.parse(body)
         assert caught.value.reason == "bad_announcement"
+
+
+def test_a_restarted_aggregator_announces_the_digest_and_frozen_tensors_stay_home(tmp_path: Path) -> None:
+    """The digest is part of the shard's state: a restarted aggregator announces it with its next version, and
+    a LoRA-like client (``trainable_only``) holding the initial weights then reads only the deltas of the
+    tensors that train, never version 0, keeping only those as its delta base."""
+    url, names = memory_url(), Names("ns")
+    trainable = {"head.weight"}
+    model = tiny_gpt(seed=3)
+    with Client("trainer", amqp_url=url, namespace="ns") as trainer:
+        for version in (1, 2):  # the aggregator restarts between the versions
+            with federation(url, "ns", tmp_path, every_update(), model_codec="nf4"):
+                if version == 1:
+                    trainer.receive(model, timeout=30)  # version 0
+                with torch.no_grad():
+                    model.head.weight.add_(0.01)
+                trainer.send(model, num_samples=1)
+                assert trainer.receive(model, timeout=30).version == version
+                with connect(url) as transport:
+                    announced = newest_announcement(transport, names)
+                assert announced.version == version and announced.initial is not None
+                if version == 1:
+                    before = announced.initial
+        assert announced.initial == before
+        with (
+            federation(url, "ns", tmp_path, every_update(), model_codec="nf4"),
+            Client("lora", amqp_url=url, namespace="ns", trainable_only=True) as lora,
+        ):
+            held = tiny_gpt()
+            for name, p in held.named_parameters():
+                p.requires_grad_(name in trainable)
+            seen = record_streams(lora)
+            assert lora.receive(held, timeout=30).version == 2
+    assert seen and {m.name for m in seen} == trainable and v0_read(seen) == []
+    assert set(lora._base or {}) == trainable
+    assert_same(held, model)
