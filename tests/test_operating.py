@@ -217,8 +217,18 @@ def test_a_namespace_without_its_topology_names_the_command_that_applies_it(
 
 
 @pytest.mark.broker
-def test_ctrl_c_on_a_command_is_one_line_and_exit_130(
-    amqp_url: str, management: Management, vhost: str, names: Names, tmp_path: Path
+@pytest.mark.parametrize(
+    ("sent", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_or_sigterm_on_a_command_is_one_line_and_its_exit_code(
+    amqp_url: str,
+    management: Management,
+    vhost: str,
+    names: Names,
+    tmp_path: Path,
+    sent: signal.Signals,
+    code: int,
+    word: str,
 ) -> None:
     with connect(amqp_url) as operator:
         operator.declare(names, 1)
@@ -230,7 +240,7 @@ def test_ctrl_c_on_a_command_is_one_line_and_exit_130(
     try:
         _wait_for_consumer(management, vhost, names.models_stream)  # it waits for a model now
     finally:
-        receiver.send_signal(signal.SIGINT)
+        receiver.send_signal(sent)
         _, err = receiver.communicate(timeout=60)
-    assert receiver.returncode == 130 and err.strip() == "fedq receive: interrupted", err
+    assert receiver.returncode == code and err.strip() == f"fedq receive: {word}", err
     assert not list(tmp_path.iterdir())

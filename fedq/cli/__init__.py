@@ -15,6 +15,7 @@ Exit codes (docs/operating.md lists them too):
   3  the broker: unreachable, refused the credentials, vhost or management API (``TransportError``)
   4  a file or the operating system: missing, unreadable or read-only path, port in use (``OSError``)
   130 interrupted (Ctrl-C, SIGINT)
+  143 terminated (SIGTERM: a supervisor, ``kill``, ``timeout``)
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,16 @@ from fedq.errors import FedqError
 
 EXIT_OS = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its cleanup runs (temporary files, the connection)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
 
 # (command words, one-line help); the module is fedq.cli.<words joined by "_">.
 COMMANDS: list[tuple[tuple[str, ...], str]] = [
@@ -97,7 +110,8 @@ def _build(
         prog="fedq",
         description="Federated learning of large models over RabbitMQ: quantized, streamed, asynchronous.",
         epilog="Exit codes: 0 done, 1 failed, 2 usage or configuration, 3 broker, 4 file or system, "
-        "130 interrupted. Every option can also come from FEDQ_<OPTION> or a TOML file (--config-file).",
+        "130 interrupted, 143 terminated. Every option can also come from FEDQ_<OPTION> or a TOML file "
+        "(--config-file).",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"fedq {__version__}")
@@ -162,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     its traceback is what a bug report needs.
     """
     prefix = "fedq"
+    # Only the main thread may set handlers (a test may call main from another); the aggregator sets its own.
+    handles = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles else None
     try:
         args = _parse(sys.argv[1:] if argv is None else argv)
         configure_logging(args.verbose)
@@ -176,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        print(f"{prefix}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _os_error(exc: OSError) -> str:
