@@ -15,14 +15,17 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedq.device import host_buffer
+from fedq.safetensors import SafetensorsWriter, TensorSpec
 
 _ROUND_STEP = 1 << 20  # elements converted to or from a model's dtype at a time (4 MiB temporaries)
 _IO_BYTES = 1 << 30  # per pread/pwrite call (Linux moves at most ~2 GiB per call)
+_SAVE_STEP = 1 << 24  # elements copied into a file at a time (64 MiB of float32)
 
 
 class BaseStore(Mapping[str, torch.Tensor]):
@@ -108,6 +111,20 @@ class BaseStore(Mapping[str, torch.Tensor]):
         base = host.view(stored).view(local.shape).to(local.device, non_blocking=True)
         base = base.to(local.dtype).to(torch.float32)  # rounded as the model received them
         return torch.sub(local.detach(), base, out=base)  # base is this call's own device copy
+
+    def save(self, path: Path, metadata: Mapping[str, str]) -> None:
+        """Every tensor into the safetensors file ``path`` (it appears only when complete), a slice at a time:
+        a model larger than memory goes through (``fedq receive``)."""
+        specs = {name: TensorSpec(dtype, shape) for name, (_, dtype, shape) in self._index.items()}
+        writer = SafetensorsWriter(path, specs, metadata)
+        try:
+            for name, spec in specs.items():
+                for lo in range(0, spec.numel, _SAVE_STEP):
+                    writer.write(name, lo, self.read_slice(name, lo, min(_SAVE_STEP, spec.numel - lo)))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
 
     def keep(self, names: set[str]) -> None:
         """Show only ``names`` from now on (the tensors ``send`` may send); the others stay in the file."""

@@ -50,6 +50,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,6 +244,29 @@ class Client:
             for name, slot in bind(model, self._shapes).slots.items():
                 self._base.read_into(name, slot.tensor)
 
+    def receive_file(
+        self,
+        out: Path,
+        announcement: Announcement,
+        metadata: Mapping[str, str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_message: Callable[[int], object] | None = None,
+    ) -> int:
+        """A version that travels as deltas into the safetensors file ``out`` (float32, what every client
+        holds; it appears only when complete), never held in memory: ``fedq receive`` in a federation with
+        ``--model-codec int8/nf4``. x̂ is rebuilt from the newest snapshot and the deltas since in a store on
+        disk, as ``receive`` does, then copied into ``out`` a slice at a time. Returns the tensor count;
+        ``on_message`` hears each message's size (a progress bar)."""
+        deadline = time.monotonic() + timeout
+        binding = bind({}, dict(announcement.tensors))
+        store = self._reconstruct(binding, announcement, deadline, False, on_message)
+        try:
+            store.save(out, metadata)
+            return len(store)
+        finally:
+            store.close()
+
     def _receive_whole(self, binding: Binding, announcement: Announcement, deadline: float) -> BaseStore:
         """A version that travels whole, into a new store in the model's dtypes (the old base is released
         first: the client never holds two)."""
@@ -306,7 +330,12 @@ class Client:
         return store
 
     def _reconstruct(
-        self, binding: Binding, announcement: Announcement, deadline: float, initial: bool
+        self,
+        binding: Binding,
+        announcement: Announcement,
+        deadline: float,
+        initial: bool,
+        on_message: Callable[[int], object] | None = None,
     ) -> BaseStore:
         """x̂ of a version that travels as deltas (``fedq.reconstruction``): the deltas since the version held
         (version 0 from the model itself where ``initial``) applied to the x̂ held, when every one of them is
@@ -326,7 +355,8 @@ class Client:
                 return store  # version 0, from the model itself
             deltas = {delta_stream(u, s) for u in needed for s in range(shards)}
             try:
-                self._load(binding, version, set(), deltas, offsets[held + 1], deadline, store, torch.float32)
+                start = offsets[held + 1]
+                self._load(binding, version, set(), deltas, start, deadline, store, torch.float32, on_message)
                 return store
             except StreamError as exc:
                 store.close()
@@ -343,7 +373,9 @@ class Client:
         deltas = {delta_stream(u, s) for u in range(first + 1, version + 1) for s in range(shards)}
         store = BaseStore()
         try:
-            self._load(binding, version, snapshots, deltas, offset, deadline, store, torch.float32)
+            self._load(
+                binding, version, snapshots, deltas, offset, deadline, store, torch.float32, on_message
+            )
         except BaseException:
             store.close()
             raise
@@ -442,6 +474,7 @@ class Client:
         deadline: float,
         store: BaseStore,
         dtype: torch.dtype | None = None,
+        on_message: Callable[[int], object] | None = None,
     ) -> None:
         """Every chunk of the container streams ``wholes`` (tensors: written into ``store``, as ``dtype`` or
         else the model's dtypes) and ``deltas`` (x̂ deltas: added to the tensors ``store`` holds), read from
@@ -468,6 +501,8 @@ class Client:
                     _check_not_trimmed(delivery, version, offset, queue)
                     first = False
                 self.received_bytes += len(delivery.body)
+                if on_message is not None:
+                    on_message(len(delivery.body))
                 msg = wire.decode(delivery.body)
                 if msg.kind == wire.CHUNK and msg.codec is not None:
                     metrics.WIRE_BYTES.labels(ROLE, "received", msg.codec.name).inc(len(delivery.body))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,29 +159,45 @@ def receive_version(
     the tensor count. ``options`` go to ``streaming.receive_file`` (timeout, memory budget, prefetch)."""
     from fedq.streaming import receive_file
 
+    version, shards = announcement.version, announcement.shards
+    meta = metadata(version, shards, announcement.strategy, announcement.contributors)
     if announcement.snapshot is not None:
-        raise ConfigError(
-            f"version {announcement.version} travels as a delta against what clients hold (the aggregator's "
-            "--model-codec is int8 or nf4): this command writes whole versions only; receive it with "
-            "fedq.Client.receive into a state dict, or run fedq export on the aggregator's state directory"
-        )
+        return _receive_reconstruction(transport, names, out, announcement, meta, **options)
     parts: list[tuple[Path, list[str] | None]] = []
     try:
-        for shard in range(announcement.shards):
+        for shard in range(shards):
             part = out.with_name(f"{out.name}.shard{shard}.part")
             parts.append((part, None))
             receive_file(
                 transport,
                 names.models_stream,
                 part,
-                model_stream(announcement.version, shard),
+                model_stream(version, shard),
                 consume_arguments={"x-stream-offset": announcement.models_offset},
                 **options,
             )
-        meta = metadata(
-            announcement.version, announcement.shards, announcement.strategy, announcement.contributors
-        )
         return merge(parts, out, meta)
     finally:
         for part, _ in parts:
             part.unlink(missing_ok=True)
+
+
+def _receive_reconstruction(
+    transport: Transport,
+    names: Names,
+    out: Path,
+    announcement: Announcement,
+    meta: dict[str, str],
+    *,
+    timeout: float,
+    on_message: Callable[[int], object] | None = None,
+    **_: Any,
+) -> int:
+    """A version that travels as deltas (``--model-codec int8/nf4``): x̂, what every client holds, rebuilt as
+    a client does (``fedq.Client.receive_file``: the newest snapshot and the deltas since) and written in
+    float32. The snapshot and the deltas come as one read of the models stream with no manifest to size a
+    progress bar by, so the bar counts up."""
+    from fedq.client import Client
+
+    client = Client("receive", namespace=names.namespace, transport=transport)
+    return client.receive_file(out, announcement, meta, timeout=timeout, on_message=on_message)

@@ -27,11 +27,13 @@ BUDGET = ("--memory-budget", "64GiB")  # this test process already holds the sui
 VERSIONS = 3
 
 
-def start_shard(amqp_url: str, namespace: str, init: Path, state: Path, shard: int) -> subprocess.Popen[str]:
+def start_shard(
+    amqp_url: str, namespace: str, init: Path, state: Path, shard: int, *extra: str
+) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "fedq", "aggregator", "--namespace", namespace, "--init", str(init),
                "--state-dir", str(state), "--shard", str(shard), "--shards", "2", "--strategy", "fedavg",
                "--min-clients", "1", "--max-versions", str(VERSIONS), "--keep-versions", "2",
-               "--device", "cpu", "--chunk-bytes", "64KiB", "--memory-budget", "1MiB"]  # fmt: skip
+               "--device", "cpu", "--chunk-bytes", "64KiB", "--memory-budget", "1MiB", *extra]  # fmt: skip
     env = os.environ | {"FEDQ_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
 
@@ -118,3 +120,56 @@ def test_receive_export_and_status_give_the_newest_complete_version_with_its_con
     status = capsys.readouterr().out
     assert f"newest announced version {VERSIONS}: 1 contributing updates" in status, status
     assert "  guest  update " in status and "staleness 0" in status
+
+
+def test_receive_writes_what_clients_hold_when_versions_travel_as_deltas(
+    amqp_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--model-codec nf4: ``fedq receive`` rebuilds x̂ from the snapshot and the deltas since, as a client
+    does, and writes it in float32: bit for bit what a client receiving the same version holds, within one
+    version's rounding of the aggregator's exact model (``fedq export``)."""
+    init_dir = tmp_path / "init"
+    tiny_gpt2().save_pretrained(init_dir)
+    state = tmp_path / "state"
+    codec = ("--model-codec", "nf4", "--snapshot-every", "2")
+    shards = [start_shard(amqp_url, names.namespace, init_dir, state, s, *codec) for s in range(2)]
+    try:
+        model = tiny_gpt2()
+        with Client("alice", amqp_url=amqp_url, namespace=names.namespace) as client:
+            for _ in range(VERSIONS):
+                client.receive(model, timeout=120)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.randn_like(p), alpha=0.01)
+                client.send(model, num_samples=3)
+            client.receive(model, timeout=120)  # the final version, as a client holds it
+        for shard in shards:
+            _, err = shard.communicate(timeout=120)
+            assert shard.returncode == 0, err
+    finally:
+        for shard in shards:
+            if shard.poll() is None:
+                shard.kill()
+
+    received = tmp_path / "received.safetensors"
+    assert (
+        cli.main(["receive", str(received), "--namespace", names.namespace, "--amqp-url", amqp_url, *BUDGET])
+        == 0
+    )
+    assert f"received version {VERSIONS} (2 shards" in capsys.readouterr().out
+    from_broker = load_file(received)
+    held = {n: t for n, t in model.state_dict().items() if n in from_broker}
+    assert from_broker.keys() == held.keys() == set(tiny_gpt2().state_dict()) - {"lm_head.weight"}
+    for name, tensor in from_broker.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, held[name]), name
+    with safe_open(received, "pt") as f:
+        assert f.metadata()["fedq.version"] == str(VERSIONS)
+
+    # x̂ trails the exact model x by the nf4 rounding of one version's delta (about a tenth of it), never more
+    exported, before = tmp_path / "exported.safetensors", tmp_path / "before.safetensors"
+    assert cli.main(["export", str(exported), "--state-dir", str(state)]) == 0
+    assert cli.main(["export", str(before), "--state-dir", str(state), "--version", str(VERSIONS - 1)]) == 0
+    exact, previous = load_file(exported), load_file(before)
+    for name, tensor in from_broker.items():
+        step = (exact[name] - previous[name]).norm()
+        assert (tensor - exact[name]).norm() <= 0.15 * step, name

@@ -1,7 +1,9 @@
 """Receive the newest complete model version (every shard's part) into one safetensors file, with its
 version and contributors in the metadata; or, with --stream or --offset, one stream as it comes.
 
-The file appears only when it is complete; the model is never held in memory.
+The file appears only when it is complete; the model is never held in memory. Where versions travel as deltas
+(``fedq aggregator --model-codec int8/nf4``) the file holds, in float32, what every client holds (x̂,
+``fedq.reconstruction``): rebuilt on disk from the newest snapshot and the deltas since, as a client does.
 """
 
 from __future__ import annotations
