@@ -117,3 +117,36 @@ def test_the_directory_is_synced_only_when_a_batch_created_a_file(
     area.sync()
     area.close()
     assert synced_dirs == [tmp_path]
+
+
+def test_chunks_are_held_as_they_arrived_within_the_budget_and_freed_with_their_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedq.aggregation import staging
+
+    bodies = _messages("a/1/s0")
+    chunk = next(len(b) for b in bodies if wire.decode(b).kind == wire.CHUNK)
+    monkeypatch.setattr(staging, "HOLD_BYTES", 2 * chunk)  # room for two of the four chunks
+    area = StagingArea(tmp_path)
+    _stage(area, "a/1/s0")
+    area.sync()
+    staged = area.streams[A]
+    refs = [staged.chunks[i] for i in sorted(staged.chunks)]
+    assert [ref.held is not None for ref in refs] == [True, True, False, False]
+    assert area.held == 2 * chunk
+    # held or read again from its file, each chunk reads as what was sent
+    assert [wire.decode_tensor(area.read(staged, r)).tolist() for r in refs] == [
+        [float(v) for v in range(lo, lo + 16)] for lo in (0, 16, 32, 48)
+    ]
+    area.remove(A)
+    assert area.held == 0
+    _stage(area, "b/1/s0")  # the budget freed by the removal holds the next stream's chunks
+    assert area.held == 2 * chunk
+    area.close()
+    again = StagingArea(tmp_path)  # after a restart nothing is held: chunks come from their files
+    (restored,) = again.streams.values()
+    assert len(restored.chunks) == 4 and all(ref.held is None for ref in restored.chunks.values())
+    assert wire.decode_tensor(again.read(restored, restored.chunks[0])).tolist() == [
+        float(v) for v in range(16)
+    ]
+    again.close()

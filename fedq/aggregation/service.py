@@ -356,8 +356,18 @@ class Aggregator:
 
         Every delivery counts towards the batch, refused and ignored ones too, and a batch ends after
         ``POLL_SECONDS``: however fast junk arrives, the loop gets back to completing, expiring and planning
-        (fair intake: a flood delays an honest version by a bounded factor, not until the flood ends)."""
-        delivery = self.t.get(timeout)
+        (fair intake: a flood delays an honest version by a bounded factor, not until the flood ends).
+
+        A batch counts deliveries, not what they add: a packed update is one delivery that completes its
+        stream, so counting only the deliveries left to ack made every batch of packed updates wait for its
+        fsync."""
+        if self._syncing is not None:
+            delivery = self.t.get(0)
+            if delivery is None:  # none waiting: ack the batch syncing, its completions go to planning now
+                self._finish_sync()
+                return
+        else:
+            delivery = self.t.get(timeout)
         to_ack: list[Delivery] = []
         completed: list[tuple[Staged, Delivery | None]] = []
         handled = 0
@@ -372,7 +382,7 @@ class Aggregator:
             if handled >= self.batch or time.monotonic() > deadline:
                 break
             delivery = self.t.get(0)
-        if len(to_ack) < self.batch:
+        if handled < self.batch:  # no more were waiting: make this batch durable now
             self._flush_batch(to_ack, completed)
             return
         self._finish_sync()
@@ -477,7 +487,7 @@ class Aggregator:
             codec = msg.codec.name if msg.codec is not None else "none"  # a chunk always names its codec
             metrics.WIRE_BYTES.labels(ROLE, "received", codec).inc(len(body))
             metrics.FP32_BYTES.labels(ROLE, "received", codec).inc(4 * msg.count)
-        staged = self.staging.append(user, msg, bytes(body))
+        staged = self.staging.append(user, msg, body)
         if staged is not None and msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "staged").inc()
             kind = "full" if (staged.manifest or {}).get("kind") == "full" else "delta"
