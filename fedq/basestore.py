@@ -51,14 +51,14 @@ class BaseStore(Mapping[str, torch.Tensor]):
         """Elements ``offset ..`` of tensor ``name``, cast to its dtype."""
         start, dtype, _ = self._index[name]
         data = values.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy()
-        pwrite_all(self._fd, _bytes_of(data), start + offset * _itemsize(dtype))
+        pwrite_all(self._fd, bytes_of(data), start + offset * _itemsize(dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Tensor ``name`` into ``out`` (same shape; converted where its dtype or device differ)."""
         start, dtype, _ = self._index[name]
         target = out.detach()
         if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
-            pread_into(self._fd, _bytes_of(target.view(-1).view(torch.uint8).numpy()), start)
+            pread_into(self._fd, bytes_of(target.view(-1).view(torch.uint8).numpy()), start)
         elif target.is_contiguous():  # converted a slice at a time: no tensor-sized temporary
             flat = target.view(-1)
             for lo in range(0, flat.numel(), _ROUND_STEP):
@@ -71,14 +71,14 @@ class BaseStore(Mapping[str, torch.Tensor]):
         """A fresh tensor with the stored values (on the CPU, as ``dtype`` if given)."""
         start, stored, shape = self._index[name]
         out = torch.empty(shape, dtype=stored)
-        pread_into(self._fd, _bytes_of(out.view(-1).view(torch.uint8).numpy()), start)
+        pread_into(self._fd, bytes_of(out.view(-1).view(torch.uint8).numpy()), start)
         return out if dtype is None or dtype == stored else out.to(dtype)
 
     def read_slice(self, name: str, offset: int, count: int) -> torch.Tensor:
         """Elements ``offset .. offset+count`` of the flattened tensor, fresh, in its stored dtype."""
         start, dtype, _ = self._index[name]
         out = torch.empty(count, dtype=dtype)
-        pread_into(self._fd, _bytes_of(out.view(torch.uint8).numpy()), start + offset * _itemsize(dtype))
+        pread_into(self._fd, bytes_of(out.view(torch.uint8).numpy()), start + offset * _itemsize(dtype))
         return out
 
     def delta(self, name: str, local: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -107,7 +107,7 @@ class BaseStore(Mapping[str, torch.Tensor]):
     def _delta_on_device(self, name: str, local: torch.Tensor, offset: int) -> torch.Tensor:
         start, stored, _ = self._index[name]
         host = host_buffer(local.numel() * _itemsize(stored))
-        pread_into(self._fd, _bytes_of(host.numpy()), start + offset * _itemsize(stored))
+        pread_into(self._fd, bytes_of(host.numpy()), start + offset * _itemsize(stored))
         base = host.view(stored).view(local.shape).to(local.device, non_blocking=True)
         base = base.to(local.dtype).to(torch.float32)  # rounded as the model received them
         return torch.sub(local.detach(), base, out=base)  # base is this call's own device copy
@@ -149,7 +149,7 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _bytes_of(array: Any) -> memoryview:
+def bytes_of(array: Any) -> memoryview:
     """A writable byte view of a uint8 numpy array (the memory of the tensor it views)."""
     return memoryview(array)
 

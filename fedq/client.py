@@ -173,7 +173,7 @@ class Client:
         self.codec = codec
         self.codec_for = codec_policy(codec)
         use_feedback = default_error_feedback(codec) if error_feedback is None else error_feedback
-        # residuals kept nf4-encoded: a seventh of float32 (fedq/codecs/feedback.py)
+        # residuals kept nf4-encoded, on disk (fedq/codecs/feedback.py)
         self.feedback: ErrorFeedback | None = EncodedErrorFeedback() if use_feedback else None
         self.trainable_only = trainable_only
         self.chunk_bytes = chunk_bytes
@@ -628,6 +628,8 @@ class Client:
     def close(self) -> None:
         if self._base is not None:
             self._base.close()
+        if isinstance(self.feedback, EncodedErrorFeedback):
+            self.feedback.close()
         self.transport.close()
 
     def __enter__(self) -> Client:

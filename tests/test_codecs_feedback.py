@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fedq.codecs import EncodedErrorFeedback, ErrorFeedback, get_codec
-from fedq.codecs.feedback import SLAB_BYTES
+from fedq.codecs.feedback import SLAB_BYTES, _Slabs
 from fedq.errors import CodecError
 
 CPU = torch.device("cpu")
@@ -74,10 +76,9 @@ def test_memory_cost_per_parameter() -> None:
         assert torch.equal(fb.compensate("a", torch.zeros(300)), torch.ones(300))
 
 
-def test_encoded_residuals_keep_their_places_in_shared_slabs() -> None:
-    """Residuals are copied into fixed places carved from one slab (no long-lived block of their own among a
-    send's transient ones), aligned for float32, and a residual encoded again reuses its place; what is
-    stored is what was encoded."""
+def test_encoded_residuals_of_cpu_tensors_keep_their_places_on_disk() -> None:
+    """A CPU tensor's encoded residuals are in the feedback's file, not in memory: one place per chunk, reused
+    when the chunk's residual is encoded again; what is read back is what was encoded."""
     fb = EncodedErrorFeedback()
     g = torch.Generator().manual_seed(0)
     sizes = [1000, 77, 4096, 130]
@@ -87,16 +88,26 @@ def test_encoded_residuals_keep_their_places_in_shared_slabs() -> None:
             x = torch.randn(n, generator=g)
             y = fb.compensate("w", x, offset=i << 20)
             fb.update("w", y, torch.zeros(n), offset=i << 20)
-            meta, payload, count = fb._encoded[("w", i << 20)]
+            meta, place, count = fb._encoded[("w", i << 20)]
             meta_again, expected = fb.codec.encode_on_device(y.reshape(-1))
-            assert count == n and meta == meta_again and torch.equal(payload, expected)
+            assert count == n and meta == meta_again and torch.equal(place.load(), expected)
             if r == 0:
-                places.append(payload)
+                places.append(place)
             else:
-                assert payload.data_ptr() == places[i].data_ptr()
+                assert place is places[i]
+    assert fb.nbytes == sum(p.nbytes for p in places) == os.fstat(fb._file._file.fileno()).st_size
+    fb.close()
+
+
+def test_slabs_give_aligned_places_in_one_buffer() -> None:
+    """A device's encoded residuals are copied into places carved from one slab (no long-lived block of
+    their own among a send's transient ones), aligned for float32."""
+    slabs = _Slabs()
+    places = [slabs.take(n, CPU) for n in [1000, 77, 4096, 130]]
     starts = [p.data_ptr() for p in places]
+    assert [p.numel() for p in places] == [1000, 77, 4096, 130]
     assert all(a % 64 == 0 for a in starts)
-    assert max(starts) - min(starts) < SLAB_BYTES  # one slab
+    assert max(starts) - min(starts) < SLAB_BYTES
     assert len({p.untyped_storage().data_ptr() for p in places}) == 1
 
 
