@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,22 +39,26 @@ def start_shard(
     return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
 
 
-def test_receive_export_and_status_give_the_newest_complete_version_with_its_contributors(
-    amqp_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def federate(
+    amqp_url: str, namespace: str, tmp_path: Path, step: Callable[[torch.Tensor], object], *extra: str
+) -> tuple[Path, Path, torch.nn.Module]:
+    """Two real shards (``extra``: more aggregator options) and one client taking ``step`` on every parameter
+    for ``VERSIONS`` versions; returns the init directory, the state directory and the client's model, which
+    holds the final version."""
     init_dir = tmp_path / "init"
     tiny_gpt2().save_pretrained(init_dir)
     state = tmp_path / "state"
-    shards = [start_shard(amqp_url, names.namespace, init_dir, state, s) for s in range(2)]
+    shards = [start_shard(amqp_url, namespace, init_dir, state, s, *extra) for s in range(2)]
     try:
         model = tiny_gpt2()
-        with Client("alice", amqp_url=amqp_url, namespace=names.namespace) as client:
+        with Client("alice", amqp_url=amqp_url, namespace=namespace) as client:
             for _ in range(VERSIONS):
                 client.receive(model, timeout=120)
                 with torch.no_grad():
                     for p in model.parameters():
-                        p.add_(0.01)
+                        step(p)
                 client.send(model, num_samples=3)
+            client.receive(model, timeout=120)
         for shard in shards:
             _, err = shard.communicate(timeout=120)
             assert shard.returncode == 0, err
@@ -61,6 +66,13 @@ def test_receive_export_and_status_give_the_newest_complete_version_with_its_con
         for shard in shards:
             if shard.poll() is None:
                 shard.kill()
+    return init_dir, state, model
+
+
+def test_receive_export_and_status_give_the_newest_complete_version_with_its_contributors(
+    amqp_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_dir, state, _ = federate(amqp_url, names.namespace, tmp_path, lambda p: p.add_(0.01))
 
     received = tmp_path / "received" / "model.safetensors"
     received.parent.mkdir()
@@ -128,28 +140,10 @@ def test_receive_writes_what_clients_hold_when_versions_travel_as_deltas(
     """--model-codec nf4: ``fedq receive`` rebuilds x̂ from the snapshot and the deltas since, as a client
     does, and writes it in float32: bit for bit what a client receiving the same version holds, within one
     version's rounding of the aggregator's exact model (``fedq export``)."""
-    init_dir = tmp_path / "init"
-    tiny_gpt2().save_pretrained(init_dir)
-    state = tmp_path / "state"
     codec = ("--model-codec", "nf4", "--snapshot-every", "2")
-    shards = [start_shard(amqp_url, names.namespace, init_dir, state, s, *codec) for s in range(2)]
-    try:
-        model = tiny_gpt2()
-        with Client("alice", amqp_url=amqp_url, namespace=names.namespace) as client:
-            for _ in range(VERSIONS):
-                client.receive(model, timeout=120)
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.add_(torch.randn_like(p), alpha=0.01)
-                client.send(model, num_samples=3)
-            client.receive(model, timeout=120)  # the final version, as a client holds it
-        for shard in shards:
-            _, err = shard.communicate(timeout=120)
-            assert shard.returncode == 0, err
-    finally:
-        for shard in shards:
-            if shard.poll() is None:
-                shard.kill()
+    _, state, model = federate(
+        amqp_url, names.namespace, tmp_path, lambda p: p.add_(torch.randn_like(p), alpha=0.01), *codec
+    )
 
     received = tmp_path / "received.safetensors"
     assert (
