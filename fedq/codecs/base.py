@@ -22,9 +22,10 @@ Buffer = bytes | bytearray | memoryview | torch.Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Outputs at least _HUGE_MIN_BYTES and at most _HUGE_MAX_BYTES are mapped with transparent huge pages (see
-# ``empty``).
+# ``zeros`` populates maps of at least _HUGE_MIN_BYTES; ``empty`` maps outputs of _MALLOC_MAX_BYTES to
+# _HUGE_MAX_BYTES with transparent huge pages (see each).
 _HUGE_MIN_BYTES = 4 << 20
+_MALLOC_MAX_BYTES = 32 << 20  # glibc's largest dynamic mmap threshold (64-bit)
 _HUGE_MAX_BYTES = 256 << 20
 _NORM_BLOCK = 1 << 18  # elements per float64 block of ``sum_sq`` (2 MiB of temporaries)
 
@@ -235,6 +236,11 @@ def empty(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     than decoding into them: measured, writing a new fp32 buffer runs at ~550 M elem/s with 4 KiB pages and
     at ~2400 M elem/s with 2 MiB pages (on an unfragmented machine). So large CPU outputs are private
     anonymous maps advised to use huge pages; the tensor keeps its map alive and frees it with its storage.
+    Not below 32 MiB: smaller blocks come from glibc's heap once one of their size has been freed (its mmap
+    threshold rises to the largest freed, up to 32 MiB), so a repeated decode reuses memory already faulted in
+    (measured on gpt2's shapes, most outputs 2-9 MiB, medians of 4 alternating rounds: nf4 decode 672 -> 1069
+    M elem/s at the default threads, 312 -> 392 under 2 busy processes per core; int8 decode unchanged within
+    the noise; docs/performance.md).
     Not beyond 256 MiB: huge pages come from the kernel's free 2 MiB blocks, and past the few hundred MiB
     recently freed there, from memory a VM's host has not backed yet, which faulted in at ~28 M elem/s of
     decode on this 2-core VM under load (a 1 GiB output of Llama's embeddings; 104-258 with 4 KiB pages, which
@@ -245,7 +251,7 @@ def empty(count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """
     nbytes = count * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    huge = _HUGE_MIN_BYTES <= nbytes <= _HUGE_MAX_BYTES
+    huge = _MALLOC_MAX_BYTES <= nbytes <= _HUGE_MAX_BYTES
     if torch.device(device).type != "cpu" or not huge or advice is None:
         return torch.empty(count, dtype=dtype, device=device)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
