@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             f"parameters, until version {args.versions}; logs in {workdir}",
             flush=True,
         )
+        _client_log_to(workdir / "monitor.log")
         rows = _monitor(args, url, namespace, corpus, ports, procs)
         paths = _write_results(args, namespace, rows)
         print("results: " + "  ".join(str(p) for p in paths))
@@ -180,6 +182,16 @@ def _delete_namespace(url: str, namespace: str) -> None:
 
 
 # processes --------------------------------------------------------------------------------------------------
+def _client_log_to(path: Path) -> None:
+    """The launcher's own client (it scores each version) logs into the logs directory like every other
+    process: its INFO lines (how each version was read) would break the table on the terminal."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    client_log = logging.getLogger("fedq.client")
+    client_log.addHandler(handler)
+    client_log.propagate = False
+
+
 def _write_initial_model(args: argparse.Namespace, vocab_size: int, workdir: Path) -> Path:
     torch.manual_seed(args.seed)
     model = gpt.GPT(model_config(args, vocab_size))
