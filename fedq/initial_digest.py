@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 
 from fedq.codecs import choose_codec
-from fedq.reconstruction import SNAPSHOT_CODEC, is_delta_codec
+from fedq.reconstruction import is_delta_codec
 from fedq.streaming import shard_of
 
 _STEP = 1 << 22  # elements hashed at a time (16 MiB of float32)
@@ -60,13 +60,13 @@ def shard_digest(model: Mapping[str, torch.Tensor], order: Sequence[str], model_
 
     def decoded(name: str) -> Iterator[torch.Tensor]:
         tensor = model[name]
-        codec = choose_codec(
-            name, tuple(tensor.shape), SNAPSHOT_CODEC if is_delta_codec(model_codec) else model_codec
-        )
+        codec = choose_codec(name, tuple(tensor.shape), model_codec)
         for piece in slices(tensor):
             meta, payload = codec.encode(piece.to("cpu"))
             yield codec.decode(meta, payload, piece.numel(), torch.device("cpu"))
 
+    if is_delta_codec(model_codec):  # x̂_0 is the model's own float32 values (its snapshot codec is lossless)
+        return digest(order, lambda name: slices(model[name]))
     return digest(order, decoded)
 
 
