@@ -12,19 +12,17 @@ Written pages go through the page cache, which the kernel can drop; they are not
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from fedq.device import host_buffer
+from fedq.fileio import bytes_of, pread_into, pwrite_all
 from fedq.safetensors import SafetensorsWriter, TensorSpec
 
 _ROUND_STEP = 1 << 20  # elements converted to or from a model's dtype at a time (4 MiB temporaries)
-_IO_BYTES = 1 << 30  # per pread/pwrite call (Linux moves at most ~2 GiB per call)
 _SAVE_STEP = 1 << 24  # elements copied into a file at a time (64 MiB of float32)
 
 
@@ -147,23 +145,3 @@ class BaseStore(Mapping[str, torch.Tensor]):
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def bytes_of(array: Any) -> memoryview:
-    """A writable byte view of a uint8 numpy array (the memory of the tensor it views)."""
-    return memoryview(array)
-
-
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done : done + _IO_BYTES], offset + done)
-
-
-def pread_into(fd: int, out: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(out):
-        n = os.preadv(fd, [out[done : done + _IO_BYTES]], offset + done)
-        if n == 0:
-            raise OSError(f"base store: short read at byte {offset + done}")
-        done += n

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from fedq.basestore import pread_into, pwrite_all
 from fedq.codecs import ErrorFeedback, get_codec
+from fedq.fileio import pread_into, pwrite_all
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec, layout
 from fedq.topology import models_retention_bytes
 

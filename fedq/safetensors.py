@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fedq.errors import StreamError
+from fedq.fileio import pwrite_all
 
 DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
@@ -260,7 +261,7 @@ class SafetensorsWriter:
         if self._run is not None:
             self._run.write(position, view)
         else:
-            _pwrite_all(self._fd, view, position)
+            pwrite_all(self._fd, view, position)
 
     def commit(self) -> Path:
         """fsync, then rename into place: a reader never sees a half-written file under ``path``."""
@@ -306,12 +307,6 @@ def _read_range(fd: int, buffer: mmap.mmap, span: tuple[int, int, int]) -> None:
         view.release()
 
 
-def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
-    while len(view):
-        written = os.pwrite(fd, view, position)
-        view, position = view[written:], position + written
-
-
 class _DirectRun:
     """The current run of consecutive bytes, written with O_DIRECT in whole ``_BLOCK``-aligned buffers.
 
@@ -345,7 +340,7 @@ class _DirectRun:
         if self._start < 0 or position != self._start + self._filled:
             self._flush_tail()
             head = min(len(view), -position % _BLOCK)
-            _pwrite_all(self._fd, view[:head], position)
+            pwrite_all(self._fd, view[:head], position)
             view, position = view[head:], position + head
             self._start, self._filled = position, 0
             if not len(view):
@@ -365,7 +360,7 @@ class _DirectRun:
     def _submit(self, nbytes: int) -> None:
         """Write the current buffer's first ``nbytes`` (whole blocks) at the run's start, on the thread."""
         buffer = memoryview(self._buffers[self._current])[:nbytes]
-        self._pending.append(self._pool.submit(_pwrite_all, self._direct, buffer, self._start))
+        self._pending.append(self._pool.submit(pwrite_all, self._direct, buffer, self._start))
         self._current = (self._current + 1) % len(self._buffers)
         while len(self._pending) >= len(self._buffers):  # the oldest write holds the buffer filled next
             self._pending.popleft().result()
@@ -381,7 +376,7 @@ class _DirectRun:
         tail = memoryview(self._buffers[self._current])[whole : self._filled]
         if whole:
             self._submit(whole)
-        _pwrite_all(self._fd, tail, self._start + whole)
+        pwrite_all(self._fd, tail, self._start + whole)
         tail.release()
         self._start, self._filled = -1, 0
 

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import torch
 
-from fedq.basestore import bytes_of, pread_into, pwrite_all
 from fedq.codecs.base import Codec
 from fedq.codecs.registry import get_codec
 from fedq.errors import CodecError
+from fedq.fileio import bytes_of, pread_into, pwrite_all
 
 
 class ErrorFeedback:
