@@ -149,6 +149,40 @@ def test_intake_is_bounded_in_bytes() -> None:
     assert f"max_message_size = {max_message_bytes(4 << 20)}" in conf
 
 
+@pytest.mark.parametrize("budget", [16 << 20, 32 << 20, 64 << 20, 100 << 20, 1 << 30])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 4 << 20])
+def test_the_chunks_held_for_the_fold_count_against_the_memory_budget(budget: int, chunk_bytes: int) -> None:
+    """Deliveries in flight (prefetch x the largest message) and the small staged chunks held in memory for
+    the fold (since e9e5faa) fit in ``--memory-budget`` together; the hold takes up to a quarter of it, 16 MiB
+    at most, and the aggregator's staging area is given exactly that."""
+    from fedq.aggregation.staging import HOLD_BYTES
+    from fedq.cli import build_parser
+    from fedq.cli.aggregator import max_message_bytes, settings_from
+
+    argv = ["aggregator", "--init", "m.safetensors", "--memory-budget", str(budget)]
+    s = settings_from(build_parser().parse_args([*argv, "--chunk-bytes", str(chunk_bytes)]))
+    assert s.prefetch * max_message_bytes(chunk_bytes) + s.hold_bytes <= budget
+    assert s.hold_bytes == min(HOLD_BYTES, budget // 4)
+    assert s.prefetch == (budget - s.hold_bytes) // max_message_bytes(chunk_bytes)
+
+
+def test_a_budget_below_two_deliveries_holds_nothing(tmp_path: Path) -> None:
+    """Two deliveries in flight are the floor (a consumer that waits for each message idles the broker): a
+    budget below them leaves no room to hold chunks, and the staging area then holds none."""
+    from fedq.cli import build_parser
+    from fedq.cli.aggregator import settings_from
+
+    args = build_parser().parse_args(["aggregator", "--init", "m.safetensors", "--memory-budget", "8MiB"])
+    s = settings_from(args)
+    assert (s.prefetch, s.hold_bytes) == (2, 0)
+    area = StagingArea(tmp_path, s.hold_bytes)
+    for body in messages("s/1"):
+        area.append("alice", wire.decode(body), body)
+    (staged,) = area.streams.values()
+    assert staged.chunks and area.held == 0 and all(ref.held is None for ref in staged.chunks.values())
+    area.close()
+
+
 def test_the_per_user_quota_is_set_from_the_command_line() -> None:
     """Where many clients share one broker user (a relay, the scale bench), the operator raises its quota."""
     from fedq.cli import build_parser

@@ -565,9 +565,10 @@ def test_finding_10_a_flood_of_largest_messages_stays_within_the_memory_budget(
     federation: dict[str, Any],
 ) -> None:
     """Intake is bounded in bytes: the aggregator (a process of its own, ``--memory-budget 32MiB``) prefetches
-    budget / the largest message the broker accepts (``max_message_size`` in broker_config/rabbitmq.conf,
-    5 MiB for 4 MiB chunks: 6 deliveries). Mallory floods it with 24 junk messages of exactly that size
-    (refused and dead-lettered, body and all) and 4 valid updates of 4 MiB chunks (staged to disk): its
+    what the budget leaves after the chunks held for the fold (8 MiB) / the largest message the broker accepts
+    (``max_message_size`` in broker_config/rabbitmq.conf, 5 MiB for 4 MiB chunks: 4 deliveries). Mallory
+    floods it with 24 junk messages of exactly that size (refused and dead-lettered, body and all) and 4
+    valid updates of 4 MiB chunks (staged to disk; too large to be held): its
     resident set grows by at most the budget plus a fixed overhead (``FLOOD_OVERHEAD``, 54 MiB). It used to
     prefetch a message count: five 100 MiB messages took it from 237 to 788 MiB against a budget of 64 MiB;
     16 of these would be 80 MiB in flight."""

@@ -120,14 +120,11 @@ def test_the_directory_is_synced_only_when_a_batch_created_a_file(
 
 
 def test_chunks_are_held_as_they_arrived_within_the_budget_and_freed_with_their_stream(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    from fedq.aggregation import staging
-
     bodies = _messages("a/1/s0")
     chunk = next(len(b) for b in bodies if wire.decode(b).kind == wire.CHUNK)
-    monkeypatch.setattr(staging, "HOLD_BYTES", 2 * chunk)  # room for two of the four chunks
-    area = StagingArea(tmp_path)
+    area = StagingArea(tmp_path, hold_bytes=2 * chunk)  # room for two of the four chunks
     _stage(area, "a/1/s0")
     area.sync()
     staged = area.streams[A]

@@ -72,7 +72,7 @@ from fedq.aggregation.planner import Plan, Planner
 from fedq.aggregation.privacy import DpConfig, Privacy
 from fedq.aggregation.robust import Rule
 from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig, ServerOptimizer
-from fedq.aggregation.staging import Staged, StagingArea, stream_key
+from fedq.aggregation.staging import HOLD_BYTES, Staged, StagingArea, stream_key
 from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
 from fedq.codecs import ErrorFeedback, choose_codec
@@ -136,8 +136,9 @@ class Settings:
     max_share: float = 1.0  # FedAvg: no client above this share of a version's weight (1 = off)
     stream_deadline: float = 0.0  # drop an incomplete stream this long after its first message; 0: 3 timeouts
     # The largest update message accepted (the broker's max_message_size should match): prefetch x this is
-    # what intake can hold in memory.
+    # what intake can hold in memory, besides the small staged chunks held for the fold (``hold_bytes``).
     max_message_bytes: int = (4 << 20) + (1 << 20)
+    hold_bytes: int = HOLD_BYTES
     max_streams_per_user: int = 16  # incomplete or waiting streams one user may have staged
     max_user_bytes: int = 0  # bytes one user may have staged; 0: 4 x this shard's model in fp32 + 64 MiB
 
@@ -171,7 +172,7 @@ class Aggregator:
         self.shard_label = str(settings.shard)
         self.all_shapes = self._model_shapes()
         self.shapes = _shard_shapes(self.all_shapes, settings.shard, settings.shards)
-        self.staging = StagingArea(self.dir / "staging")
+        self.staging = StagingArea(self.dir / "staging", settings.hold_bytes)
         shard_bytes = 4 * sum(math.prod(shape) for shape in self.shapes.values())
         self.quota = admission.Quota(
             settings.max_streams_per_user, settings.max_user_bytes or 4 * shard_bytes + (64 << 20)

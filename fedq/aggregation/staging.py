@@ -16,11 +16,13 @@ refuse NaN/Inf and measure the update's norm while the rest of the update is sti
 is kept in the index, ``ChunkRef.check``) and decodes it when a plan folds it.
 
 Small chunks are also kept in memory as they arrived, already validated (``ChunkRef.held``; messages of at
-most ``HOLD_MESSAGE`` bytes, ``HOLD_BYTES`` in all): a plan folds them from there instead of reading and
+most ``HOLD_MESSAGE`` bytes, ``hold_bytes`` in all): a plan folds them from there instead of reading and
 validating the file again. With many clients sending small updates, each chunk's open, read and checksum cost
 about as much as its decode (the demo model's update is 28 chunks); a large model's 4 MiB chunk costs far more
-to decode than to read, and holding it would grow the aggregator's memory beyond its intake budget. The file
-stays the durable copy: what is not held (large, beyond the budget, or after a restart) is read from it.
+to decode than to read, and holding it would grow the aggregator's memory beyond its intake budget. What is
+held counts against ``--memory-budget``: the aggregator gives the hold its share of the budget
+(``fedq.cli.aggregator.intake``) and prefetches from the rest. The file stays the durable copy: what is not
+held (large, beyond the hold, or after a restart) is read from it.
 
 Durability costs fsyncs, and an aggregator with many clients interleaves many streams: so the fsyncs of a
 batch of deliveries run on a background thread (``start_sync``), one batch at a time and in order, while the
@@ -55,8 +57,8 @@ log = logging.getLogger(__name__)
 
 _RECORD = struct.Struct(">IH")
 SUFFIX = ".stage"
-# Small staged chunks kept in memory for the fold: ~24 updates of the demo model (0.66 MB each) in all, beyond
-# the K = 10 a FedBuff version folds; nothing of a large model's 4 MiB chunks.
+# Small staged chunks kept in memory for the fold, at most: ~24 updates of the demo model (0.66 MB each) in
+# all, beyond the K = 10 a FedBuff version folds; nothing of a large model's 4 MiB chunks.
 HOLD_BYTES = 16 << 20
 HOLD_MESSAGE = 1 << 20
 
@@ -87,7 +89,7 @@ class ChunkRef:
     # Set by the aggregator when the chunk arrives (decoded once, overlapping the network). Memory only: after
     # a restart it is None and the chunk is decoded again from this file when its stream completes.
     check: Check | None = None
-    # The chunk as it arrived and was validated, while the staging area's ``HOLD_BYTES`` allow (memory only)
+    # The chunk as it arrived and was validated, while the staging area's ``hold_bytes`` allow (memory only)
     held: wire.Message | None = None
     held_bytes: int = 0
 
@@ -126,10 +128,12 @@ class Staged:
 
 
 class StagingArea:
-    """One directory of staging files, one per stream, indexed in memory."""
+    """One directory of staging files, one per stream, indexed in memory; small chunks also held in memory,
+    ``hold_bytes`` in all (0: none)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, hold_bytes: int = HOLD_BYTES) -> None:
         self.directory = directory
+        self.hold_bytes = hold_bytes
         directory.mkdir(parents=True, exist_ok=True)
         self.streams: dict[str, Staged] = {}
         self.by_user: dict[str, list[int]] = {}  # user -> [streams staged, bytes staged] (quotas)
@@ -187,7 +191,7 @@ class StagingArea:
         if not isinstance(msg.payload, memoryview):  # a decoded message's payload is host bytes
             return
         nbytes = max(length, msg.payload.nbytes)  # an lz4 payload is held decompressed
-        if nbytes <= HOLD_MESSAGE and self.held + nbytes <= HOLD_BYTES:
+        if nbytes <= HOLD_MESSAGE and self.held + nbytes <= self.hold_bytes:
             ref.held = replace(msg, payload=memoryview(bytes(msg.payload)))
             ref.held_bytes = nbytes
             self.held += nbytes

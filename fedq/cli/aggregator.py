@@ -119,8 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-budget",
         type=size,
         default="64MiB",
-        help="deliveries held in flight, e.g. 64MiB (sets prefetch; a quarter of it bounds the publish "
-        "window of the model stream)",
+        help="intake's memory, e.g. 64MiB: deliveries in flight (prefetch x the largest message) plus "
+        "small staged chunks held for the fold (up to a quarter of it, 16 MiB at most); a quarter of it "
+        "also bounds the publish window of the model stream",
     )
     a(
         "--max-streams-per-user",
@@ -217,6 +218,20 @@ def max_message_bytes(chunk_bytes: int) -> int:
     return chunk_bytes + (1 << 20)
 
 
+def intake(memory_budget: int, chunk_bytes: int) -> tuple[int, int]:
+    """(prefetch, bytes of small staged chunks held for the fold) within ``memory_budget``. Intake holds at
+    most prefetch x the largest message the broker accepts (``max_message_size``, matched to the chunk size
+    in broker_config/rabbitmq.conf) plus the held chunks: the hold takes up to a quarter of the budget
+    (``HOLD_BYTES`` at most, 16 MiB) and prefetch the rest, so bytes, not counts, stay in the budget. The
+    floor of two deliveries comes first: with a budget below it, nothing is held."""
+    from fedq.aggregation.staging import HOLD_BYTES
+
+    message = max_message_bytes(chunk_bytes)
+    hold = min(HOLD_BYTES, memory_budget // 4)
+    prefetch = max(2, (memory_budget - hold) // message)
+    return prefetch, max(0, min(hold, memory_budget - prefetch * message))
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     from fedq.aggregation.service import Settings
     from fedq.aggregation.strategies import NormBound, make_strategy
@@ -238,6 +253,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         round_timeout=args.round_timeout,
         distinct_clients=args.distinct_clients,
     )
+    prefetch, hold_bytes = intake(args.memory_budget, args.chunk_bytes)
     return Settings(
         names=Names(args.namespace),
         strategy=strategy,
@@ -251,10 +267,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         device=_device(args.device),
         max_versions=args.max_versions,
         keep_versions=max(1, args.keep_versions),
-        # intake holds at most prefetch x the largest message the broker accepts (max_message_size, matched
-        # to the chunk size in broker_config/rabbitmq.conf): bytes, not a message count, stay in the budget
-        prefetch=max(2, args.memory_budget // max_message_bytes(args.chunk_bytes)),
+        prefetch=prefetch,
         max_message_bytes=max_message_bytes(args.chunk_bytes),
+        hold_bytes=hold_bytes,
         client_config=_client_config(args.config),
         chunk_bytes=args.chunk_bytes,
         model_codec=args.model_codec,
