@@ -64,7 +64,15 @@ from fedq.errors import ConfigError, FederationEnded, StreamError, TransportErro
 from fedq.initial_digest import model_digests, slices
 from fedq.protocol import Announcement, UpdateMeta, delta_stream, model_stream, update_stream
 from fedq.reconstruction import advance
-from fedq.streaming import Assembler, CodecFor, LazyTensors, TensorEntry, send_container, shard_of
+from fedq.streaming import (
+    Assembler,
+    CodecFor,
+    LazyTensors,
+    TensorEntry,
+    send_container,
+    shard_of,
+    wait_for_memory,
+)
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_NAMESPACE, Names, versions_names
 from fedq.transport import Delivery, Transport, connect
 
@@ -74,6 +82,18 @@ ROLE = "client"
 DEFAULT_TIMEOUT = 300.0
 REATTACH_SECONDS = 5.0  # a quiet versions stream is attached to again this often (see _newest_announcement)
 Model = nn.Module | MutableMapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How one read of the models stream keeps its memory and reports: ``prefetch`` deliveries read ahead at
+    most, none taken while the process is near ``memory_budget`` (``fedq receive --memory-budget``, which
+    sets both; ``streaming.wait_for_memory``), and ``on_message`` hears each message's size (a progress
+    bar). A training client reads with the defaults: its model, not fedq, is what fills its memory."""
+
+    prefetch: int = 16
+    memory_budget: int | None = None
+    on_message: Callable[[int], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -251,16 +271,16 @@ class Client:
         metadata: Mapping[str, str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        on_message: Callable[[int], object] | None = None,
+        reading: Reading = Reading(),
     ) -> int:
         """A version that travels as deltas into the safetensors file ``out`` (float32, what every client
         holds; it appears only when complete), never held in memory: ``fedq receive`` in a federation with
         ``--model-codec int8/nf4``. x̂ is rebuilt from the newest snapshot and the deltas since in a store on
-        disk, as ``receive`` does, then copied into ``out`` a slice at a time. Returns the tensor count;
-        ``on_message`` hears each message's size (a progress bar)."""
+        disk, as ``receive`` does, then copied into ``out`` a slice at a time, the models stream read as
+        ``reading`` says. Returns the tensor count."""
         deadline = time.monotonic() + timeout
         binding = bind({}, dict(announcement.tensors))
-        store = self._reconstruct(binding, announcement, deadline, False, on_message)
+        store = self._reconstruct(binding, announcement, deadline, False, reading)
         try:
             store.save(out, metadata)
             return len(store)
@@ -335,7 +355,7 @@ class Client:
         announcement: Announcement,
         deadline: float,
         initial: bool,
-        on_message: Callable[[int], object] | None = None,
+        reading: Reading = Reading(),
     ) -> BaseStore:
         """x̂ of a version that travels as deltas (``fedq.reconstruction``): the deltas since the version held
         (version 0 from the model itself where ``initial``) applied to the x̂ held, when every one of them is
@@ -356,7 +376,7 @@ class Client:
             deltas = {delta_stream(u, s) for u in needed for s in range(shards)}
             try:
                 start = offsets[held + 1]
-                self._load(binding, version, set(), deltas, start, deadline, store, torch.float32, on_message)
+                self._load(binding, version, set(), deltas, start, deadline, store, torch.float32, reading)
                 return store
             except StreamError as exc:
                 store.close()
@@ -373,9 +393,7 @@ class Client:
         deltas = {delta_stream(u, s) for u in range(first + 1, version + 1) for s in range(shards)}
         store = BaseStore()
         try:
-            self._load(
-                binding, version, snapshots, deltas, offset, deadline, store, torch.float32, on_message
-            )
+            self._load(binding, version, snapshots, deltas, offset, deadline, store, torch.float32, reading)
         except BaseException:
             store.close()
             raise
@@ -474,7 +492,7 @@ class Client:
         deadline: float,
         store: BaseStore,
         dtype: torch.dtype | None = None,
-        on_message: Callable[[int], object] | None = None,
+        reading: Reading = Reading(),
     ) -> None:
         """Every chunk of the container streams ``wholes`` (tensors: written into ``store``, as ``dtype`` or
         else the model's dtypes) and ``deltas`` (x̂ deltas: added to the tensors ``store`` holds), read from
@@ -486,11 +504,12 @@ class Client:
         """
         wanted = wholes | deltas
         queue = self.names.models_stream
-        tag = self.transport.consume(queue, prefetch=16, arguments={"x-stream-offset": offset})
+        tag = self.transport.consume(queue, prefetch=reading.prefetch, arguments={"x-stream-offset": offset})
         assembler = Assembler(role=ROLE)
         first = True
         try:
             while not all(assembler.complete(s) for s in wanted):
+                wait_for_memory(reading.memory_budget, max(0.0, deadline - time.monotonic()))
                 delivery = self._get(queue, max(0.0, min(1.0, deadline - time.monotonic())))
                 if delivery is None:
                     if time.monotonic() >= deadline:
@@ -501,8 +520,8 @@ class Client:
                     _check_not_trimmed(delivery, version, offset, queue)
                     first = False
                 self.received_bytes += len(delivery.body)
-                if on_message is not None:
-                    on_message(len(delivery.body))
+                if reading.on_message is not None:
+                    reading.on_message(len(delivery.body))
                 msg = wire.decode(delivery.body)
                 if msg.kind == wire.CHUNK and msg.codec is not None:
                     metrics.WIRE_BYTES.labels(ROLE, "received", msg.codec.name).inc(len(delivery.body))

@@ -190,14 +190,18 @@ def _receive_reconstruction(
     meta: dict[str, str],
     *,
     timeout: float,
+    memory_budget: int | None = None,
+    prefetch: int = 16,
     on_message: Callable[[int], object] | None = None,
     **_: Any,
 ) -> int:
     """A version that travels as deltas (``--model-codec int8/nf4``): x̂, what every client holds, rebuilt as
     a client does (``fedq.Client.receive_file``: the newest snapshot and the deltas since) and written in
-    float32. The snapshot and the deltas come as one read of the models stream with no manifest to size a
-    progress bar by, so the bar counts up."""
-    from fedq.client import Client
+    float32, the models stream read within the same prefetch and memory budget as a whole version. The
+    snapshot and the deltas come as one read of the models stream with no manifest to size a progress bar by
+    (``on_manifest`` is not called), so the bar counts up."""
+    from fedq.client import Client, Reading
 
     client = Client("receive", namespace=names.namespace, transport=transport)
-    return client.receive_file(out, announcement, meta, timeout=timeout, on_message=on_message)
+    reading = Reading(prefetch, memory_budget, on_message)
+    return client.receive_file(out, announcement, meta, timeout=timeout, reading=reading)

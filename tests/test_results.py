@@ -10,16 +10,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fedq import cli
+from fedq import cli, streaming
 from fedq.aggregation import checkpoint
 from fedq.client import Client
 from fedq.topology import Names
+from fedq.transport import Delivery
+from fedq.transport.rabbitmq import RabbitTransport
 from tests.hf_models import tiny_gpt2
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -135,7 +138,11 @@ def test_receive_export_and_status_give_the_newest_complete_version_with_its_con
 
 
 def test_receive_writes_what_clients_hold_when_versions_travel_as_deltas(
-    amqp_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    amqp_url: str,
+    names: Names,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """--model-codec nf4: ``fedq receive`` rebuilds x̂ from the snapshot and the deltas since, as a client
     does, and writes it in float32: bit for bit what a client receiving the same version holds, within one
@@ -167,3 +174,55 @@ def test_receive_writes_what_clients_hold_when_versions_travel_as_deltas(
     for name, tensor in from_broker.items():
         step = (exact[name] - previous[name]).norm()
         assert (tensor - exact[name]).norm() <= 0.15 * step, name
+
+    # --memory-budget bounds this read as it bounds a whole version's: it sets the models stream's prefetch,
+    # and a process near its budget takes no delivery (the delta path used to read with a fixed prefetch of
+    # 16 and no budget). A stream queue honours prefetch per chunk of its log (a version's delta of one shard,
+    # ~11 messages here, can come at once), so the read-ahead is compared with a larger budget's.
+    consumed, ahead = _spy_on_the_models_stream(monkeypatch, names.models_stream)
+    rss = 1 << 20  # the process's RSS as flow_for_budget and wait_for_memory see it
+    monkeypatch.setattr(streaming, "current_rss_bytes", lambda: rss)
+    within = ["--namespace", names.namespace, "--amqp-url", amqp_url, "--chunk-bytes", "64KiB"]
+    read_ahead = {}
+    for prefetch in (3, 64):  # a quarter of what the budget leaves above the RSS, in 64 KiB chunks
+        budget = rss + prefetch * 4 * (64 << 10)
+        again = tmp_path / f"budget-{prefetch}.safetensors"
+        assert cli.main(["receive", str(again), *within, "--memory-budget", str(budget)]) == 0
+        assert all(torch.equal(t, from_broker[n]) for n, t in load_file(again).items())
+        read_ahead[prefetch] = max(ahead)
+        ahead.clear()
+    assert consumed == [3, 64] and read_ahead[3] < read_ahead[64], (consumed, read_ahead)
+
+    consumed.clear()
+    budget = rss + 3 * 4 * (64 << 10)
+    # the process is below its budget when the prefetch is set, then at it: the read waits, then says so
+    at_start = iter([rss])
+    monkeypatch.setattr(streaming, "current_rss_bytes", lambda: next(at_start, budget))
+    over = tmp_path / "over-budget.safetensors"
+    assert cli.main(["receive", str(over), *within, "--memory-budget", str(budget), "--timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stays near the budget" in err, err
+    assert consumed == [3] and ahead == [] and not over.exists()
+
+
+def _spy_on_the_models_stream(monkeypatch: pytest.MonkeyPatch, stream: str) -> tuple[list[int], list[int]]:
+    """The prefetch of each consumer of ``stream``, and at each delivery of it taken, how many of its
+    deliveries the broker had sent ahead (the one taken, and those still buffered in the transport)."""
+    consumed: list[int] = []
+    ahead: list[int] = []
+    consume, get = RabbitTransport.consume, RabbitTransport.get
+
+    def spy_consume(self: RabbitTransport, queue: str, *, prefetch: int, **kw: Any) -> str:
+        if queue == stream:
+            consumed.append(prefetch)
+        return consume(self, queue, prefetch=prefetch, **kw)
+
+    def spy_get(self: RabbitTransport, timeout: float | None = None) -> Delivery | None:
+        delivery = get(self, timeout)
+        if delivery is not None and delivery.queue == stream:
+            ahead.append(1 + sum(d.queue == stream for d in self._deliveries))
+        return delivery
+
+    monkeypatch.setattr(RabbitTransport, "consume", spy_consume)
+    monkeypatch.setattr(RabbitTransport, "get", spy_get)
+    return consumed, ahead
