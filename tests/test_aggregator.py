@@ -311,6 +311,45 @@ def test_folding_windows_in_threads_gives_the_same_bits_as_one_thread(tmp_path: 
     assert not torch.equal(models[0]["embed"], x0["embed"])
 
 
+@pytest.mark.parametrize("codec", ["nf4", "fp32"])
+def test_k_small_chunks_folded_together_give_the_bits_of_one_at_a_time(tmp_path: Path, codec: str) -> None:
+    """The K updates' chunks of a window are decoded in one batch (``wire.add_tensors``); the version is the
+    one the fold one chunk at a time gives, bit for bit: per window, 0 + f_1 Δ_1 + ... + f_K Δ_K in plan
+    order, then x += scale * that."""
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    broker, names = memory_broker(1)
+    strategy = FedBuff(buffer_size=4, server_lr=0.7, staleness="constant")
+    worker = Worker(
+        f"memory://aggregator@{broker}",
+        settings(names, strategy, init, tmp_path / "state", max_versions=1, chunk_bytes=4096),
+    )
+    deltas = [delta_for(i, x0) for i in range(4)]
+    with connect(f"memory://client@{broker}") as client:
+        for i, d in enumerate(deltas):
+            send_update(client, names, d, shards=1, update_id=f"u{i}", base_version=0, codec=codec)
+    worker.join(60)
+    want = {n: t.clone() for n, t in x0.items()}
+    chunks = [
+        [
+            wire.decode(body)
+            for body in iter_container(
+                d, stream="s", meta={}, codec_for=lambda n, t: get_codec(codec), chunk_bytes=4096
+            )
+        ][1:-1]
+        for d in deltas
+    ]
+    for pieces in zip(*chunks, strict=True):
+        first = pieces[0]
+        window = torch.zeros(first.count)
+        for msg in pieces:
+            wire.add_tensor(msg, window, 1.0)
+        want[first.name].view(-1)[first.offset : first.offset + first.count].add_(window, alpha=0.7 / 4)
+    got = model_of(tmp_path / "state")
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_the_version_a_shard_starts_from_has_the_time_its_checkpoint_was_made(tmp_path: Path) -> None:
     """``fedq status`` and the stalled-version alert read it before the first step (it was unset)."""
     broker, names = memory_broker(1)

@@ -14,7 +14,7 @@ Pure decisions over staged state, with no I/O and no clock, so that every rule i
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,6 +313,29 @@ def measure(
     except WireError as exc:
         return Check(error=(exc.reason, str(exc)))
     return Check(norm_sq=norm_sq, kind=kind, version=version)
+
+
+def measure_all(
+    chunks: Sequence[tuple[wire.Message, str]],
+    *,
+    model: dict[str, torch.Tensor],
+    wants_norm: bool,
+    version: int,
+    device: torch.device,
+) -> list[Check]:
+    """``measure`` of each (chunk, update kind): the same notes, but without a norm wanted the chunks are
+    checked together (``wire.check_chunks``: a packed update's 28 chunks cost one op sequence per codec, not
+    one per chunk; each chunk still gets its own verdict)."""
+    if wants_norm:
+        return [
+            measure(msg, kind, model=model, wants_norm=True, version=version, device=device)
+            for msg, kind in chunks
+        ]
+    errors = wire.check_chunks([msg for msg, _ in chunks], device)
+    return [
+        Check(error=(exc.reason, str(exc))) if exc is not None else Check(kind=kind, version=version)
+        for (_, kind), exc in zip(chunks, errors, strict=True)
+    ]
 
 
 def current(check: Check | None, kind: str, *, wants_norm: bool, version: int) -> bool:

@@ -72,7 +72,7 @@ from fedq.aggregation.planner import Plan, Planner
 from fedq.aggregation.privacy import DpConfig, Privacy
 from fedq.aggregation.robust import Rule
 from fedq.aggregation.server_opt import STATE_PREFIX, ServerOptConfig, ServerOptimizer
-from fedq.aggregation.staging import HOLD_BYTES, Staged, StagingArea, stream_key
+from fedq.aggregation.staging import HOLD_BYTES, ChunkRef, Staged, StagingArea, stream_key
 from fedq.aggregation.state import ShardState, load
 from fedq.aggregation.strategies import NormBound, Strategy
 from fedq.codecs import ErrorFeedback, choose_codec
@@ -437,10 +437,26 @@ class Aggregator:
         """Stage a delivery's message, or a batch's parts in order, each as if it had come alone; then the
         delivery is settled once: dead-lettered if a part was refused (the parts before it stay staged, as
         their own messages would have), handled with the stream it completes, acked once durable, or acked
-        now when it added nothing."""
+        now when it added nothing. The chunks it staged are checked together once its parts are staged
+        (``_check_arrived``), before anything reads their notes (a stream completes only once acked)."""
         user = admission.sender(delivery.user_id)
         admission.check_size(len(delivery.body), self.s.max_message_bytes)
         parts = wire.decode_all(delivery.body)
+        arrived: list[tuple[ChunkRef, wire.Message, str]] = []
+        try:
+            self._stage_parts(delivery, parts, user, arrived, to_ack, completed)
+        finally:
+            self._check_arrived(arrived)
+
+    def _stage_parts(
+        self,
+        delivery: Delivery,
+        parts: list[tuple[wire.Message, memoryview]],
+        user: str,
+        arrived: list[tuple[ChunkRef, wire.Message, str]],
+        to_ack: list[Delivery],
+        completed: list[tuple[Staged, Delivery | None]],
+    ) -> None:
         staged_any = False
         completes: Staged | None = None
         for msg, part in parts:
@@ -453,7 +469,7 @@ class Aggregator:
                     completed.append((completes, None))
                 self._dead_letter(delivery, decision.reason, decision.detail)
                 return
-            staged = None if decision.action == admission.IGNORE else self._stage(msg, user, part)
+            staged = None if decision.action == admission.IGNORE else self._stage(msg, user, part, arrived)
             if staged is None:
                 metrics.CHUNKS.labels(ROLE, "duplicate").inc()
                 continue
@@ -481,8 +497,15 @@ class Aggregator:
             usage=self.staging.usage(user),
         )
 
-    def _stage(self, msg: wire.Message, user: str, body: memoryview) -> Staged | None:
-        """Stage one admitted message; None when it duplicates what is staged."""
+    def _stage(
+        self,
+        msg: wire.Message,
+        user: str,
+        body: memoryview,
+        arrived: list[tuple[ChunkRef, wire.Message, str]],
+    ) -> Staged | None:
+        """Stage one admitted message; None when it duplicates what is staged. A chunk goes to ``arrived``
+        with its update's kind, to be checked with the delivery's other chunks."""
         if msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "received").inc()
             codec = msg.codec.name if msg.codec is not None else "none"  # a chunk always names its codec
@@ -492,8 +515,20 @@ class Aggregator:
         if staged is not None and msg.kind == wire.CHUNK:
             metrics.CHUNKS.labels(ROLE, "staged").inc()
             kind = "full" if (staged.manifest or {}).get("kind") == "full" else "delta"
-            staged.chunks[msg.index].check = self._measure(msg, kind)
+            arrived.append((staged.chunks[msg.index], msg, kind))
         return staged
+
+    def _check_arrived(self, arrived: list[tuple[ChunkRef, wire.Message, str]]) -> None:
+        """Note each arrived chunk's check (``admission.measure_all``: its error, or its delta's norm)."""
+        checks = admission.measure_all(
+            [(msg, kind) for _, msg, kind in arrived],
+            model=self.model,
+            wants_norm=self.wants_norm,
+            version=self.state.version,
+            device=self.s.device,
+        )
+        for (ref, _, _), check in zip(arrived, checks, strict=True):
+            ref.check = check
 
     def _refuse_stream(self, key: str) -> None:
         self.state.finish(self.state.finished, key)

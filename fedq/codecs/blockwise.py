@@ -19,11 +19,26 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, deferred, empty, join, require, slices, span
+from fedq.codecs.base import (
+    Buffer,
+    Codec,
+    as_uint8,
+    check_out,
+    deferred,
+    empty,
+    host_bytes,
+    host_rows,
+    host_views,
+    join,
+    require,
+    slices,
+    span,
+)
 from fedq.errors import CodecError
 from fedq.threads import for_each_step, kernel
 
@@ -487,6 +502,51 @@ class FourBit(Codec):
         for_each_step(add_step, scratch, count, step, device)
 
     @kernel
+    def decode_add_rows(
+        self,
+        chunks: Sequence[tuple[dict[str, Any], Buffer]],
+        count: int,
+        out: torch.Tensor,
+        alphas: list[float],
+    ) -> bool:
+        """``decode_add`` of K chunks of one size, their sections stacked as K rows: one check of the scales,
+        one block-scale computation, one gather of the levels for them all, then each row added to ``out`` in
+        turn with ``decode_add``'s own op (``_add_rows``). Chunks of one CPU fold step only (a larger chunk's
+        decode is not overhead-bound, and K of them would not stay in cache)."""
+        b, k = self.block, len(chunks)
+        if out.device.type != "cpu" or count > _FOLD_STEP:
+            return False
+        try:
+            check_out(self.name, out, count)
+            for meta, payload in chunks:
+                self.check_payload(meta, payload, count)
+        except CodecError:
+            return False
+        rows = host_rows([p for _, p in chunks], out.device)
+        if rows is None:
+            return False
+        nblocks, ngroups = self._sizes(count)
+        groups = rows[:, : 8 * ngroups].reshape(-1).view(torch.float32)  # each row: steps, then minima
+        if groups.numel():
+            low, high = torch.aminmax(groups)
+            if not bool((low >= 0.0) & (high < math.inf)):
+                return False
+        groups = groups.view(k, 2, ngroups)
+        q = torch.zeros(k, ngroups * GROUP, dtype=torch.float32)
+        q[:, :nblocks] = rows[:, 8 * ngroups : 8 * ngroups + nblocks]
+        scales = torch.addcmul(groups[:, 1, :, None], q.view(k, ngroups, GROUP), groups[:, 0, :, None])
+        scales = scales.view(k, -1)[:, :nblocks]
+        if scales.numel() and not bool(torch.isfinite(scales.amax())):
+            return False
+        scales = scales * torch.tensor(alphas, dtype=torch.float32)[:, None]
+        _, table = _tables(self.levels, out.device)
+        codes = rows[:, 8 * ngroups + nblocks :].to(torch.int32)
+        levels = torch.index_select(table, 0, codes.view(-1)).view(torch.float32).view(k, -1)
+        for values, row_scales in zip(levels, scales, strict=True):
+            _add_rows(out, values[:count], row_scales, b)
+        return True
+
+    @kernel
     def sq_norm(
         self, meta: dict[str, Any], payload: Buffer, count: int, device: torch.device | str = "cpu"
     ) -> float:
@@ -531,6 +591,32 @@ class FourBit(Codec):
             return
         scales, _ = self._unpack(meta, payload, count, dev)
         self._check_overflow(scales)
+
+    @kernel
+    def check_rows(
+        self, chunks: Sequence[tuple[dict[str, Any], Buffer, int]], device: torch.device | str = "cpu"
+    ) -> bool:
+        """``check``'s scale bound over every chunk's groups at once: their steps and minima non-negative and
+        finite, and min + 255 step below the safe bound everywhere (else the caller checks each, which
+        computes the scales of a chunk near the bound, as ``check`` does)."""
+        try:
+            for meta, payload, count in chunks:
+                self.check_payload(meta, payload, count)
+        except CodecError:
+            return False
+        views = host_views([p for _, p, _ in chunks], device)
+        if views is None:
+            return False
+        ngroups = [self._sizes(count)[1] for _, _, count in chunks]
+        steps = [view[: 4 * n] for view, n in zip(views, ngroups, strict=True)]
+        lows = [view[4 * n : 8 * n] for view, n in zip(views, ngroups, strict=True)]
+        groups = host_bytes(steps + lows).view(torch.float32)
+        if not groups.numel():
+            return True
+        low, high = torch.aminmax(groups)
+        half = groups.numel() // 2
+        bound = torch.add(groups[half:], groups[:half], alpha=255.0).amax()
+        return bool((low >= 0.0) & (high < math.inf)) and float(bound) < _SAFE_SCALE
 
 
 _FourBitScratch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from fedq.codecs.base import Buffer, Codec, as_uint8, check_out, empty, finite, require, slices, span
+from fedq.codecs.base import (
+    Buffer,
+    Codec,
+    as_uint8,
+    check_out,
+    empty,
+    finite,
+    host_bytes,
+    host_rows,
+    host_views,
+    require,
+    slices,
+    span,
+)
 from fedq.errors import CodecError
 from fedq.threads import kernel
 
@@ -52,6 +66,46 @@ class Fp32(Codec):
         values = as_uint8(payload, out.device).view(torch.float32)
         require(finite(values), lambda: CodecError("fp32: payload holds NaN or Inf", reason="nonfinite"))
         out.add_(values, alpha=alpha)
+
+    @kernel
+    def check_rows(
+        self, chunks: Sequence[tuple[dict[str, Any], Buffer, int]], device: torch.device | str = "cpu"
+    ) -> bool:
+        """Finite values are all there is to check (``check``'s float64 Σ x² of float32 values is finite
+        exactly when they are): one reduction over every chunk's values."""
+        try:
+            for meta, payload, count in chunks:
+                self.check_payload(meta, payload, count)
+        except CodecError:
+            return False
+        views = host_views([p for _, p, _ in chunks], device)
+        return views is not None and bool(finite(host_bytes(views).view(torch.float32)))
+
+    @kernel
+    def decode_add_rows(
+        self,
+        chunks: Sequence[tuple[dict[str, Any], Buffer]],
+        count: int,
+        out: torch.Tensor,
+        alphas: list[float],
+    ) -> bool:
+        """One finiteness check for all of them, then ``out.add_`` of each row in turn (``decode_add``'s
+        op)."""
+        try:
+            check_out(self.name, out, count)
+            for meta, payload in chunks:
+                self.check_payload(meta, payload, count)
+        except CodecError:
+            return False
+        rows = host_rows([p for _, p in chunks], out.device)
+        if rows is None:
+            return False
+        values = rows.view(torch.float32)
+        if not bool(finite(values)):
+            return False
+        for row, alpha in zip(values, alphas, strict=True):
+            out.add_(row, alpha=alpha)
+        return True
 
 
 class Bf16(Codec):
