@@ -9,7 +9,9 @@ Validation loss is measured here: the launcher is itself a reader of the models 
 ``fedq.client.Client`` that only receives), so it scores each version it receives on the held-out text without
 slowing the aggregator. Wire bytes, their fp32 equivalent and peak RSS come from the processes' Prometheus
 endpoints (the counters ``send_container`` keeps: chunk message bytes; manifests and commits add a few KB per
-update)."""
+update). The clients end as soon as they receive the last version, before the launcher has scored it: for
+that line the launcher waits for them to exit and reads the final metrics page each wrote
+(``--metrics-file``), so the last line counts the updates that made the last version."""
 
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         _client_log_to(workdir / "monitor.log")
-        rows = _monitor(args, url, namespace, corpus, ports, procs)
+        rows = _monitor(args, url, namespace, corpus, ports, procs, workdir)
         paths = _write_results(args, namespace, rows)
         print("results: " + "  ".join(str(p) for p in paths))
         status = 0
@@ -226,8 +228,8 @@ def _start(
 ) -> list[subprocess.Popen[bytes]]:
     """The aggregator, then the clients; each in its own session, so Ctrl-C reaches only the launcher.
 
-    The aggregator stops by itself after the last version; the clients run until the launcher has taken the
-    last version's numbers from their metrics endpoints, then it stops them.
+    The aggregator stops by itself after the last version, and so do the clients once they have received it,
+    each writing its final metrics page into the work directory (``metrics_file``) for the last line.
     """
     common = ["--amqp-url", url, "--namespace", namespace]
     aggregator = [
@@ -241,7 +243,8 @@ def _start(
         client = [
             *("-m", "workers.demo_client", *common, "--name", f"client{k}", "--index", str(k)),
             *("--codec", args.codec, "--batch-size", str(args.batch_size)),
-            *("--metrics-port", str(ports[k + 1]), *_model_flags(args)),
+            *("--metrics-port", str(ports[k + 1]), "--metrics-file", str(metrics_file(workdir, k))),
+            *_model_flags(args),
         ]
         commands.append((f"client{k}", client))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -258,6 +261,11 @@ def _start(
             )
         )
     return procs
+
+
+def metrics_file(workdir: Path, k: int) -> Path:
+    """Where client ``k`` writes its final metrics page."""
+    return workdir / f"client{k}.metrics"
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
@@ -282,11 +290,12 @@ def _monitor(
     corpus: shakespeare.Corpus,
     ports: list[int],
     procs: list[subprocess.Popen[bytes]],
+    workdir: Path,
 ) -> list[Row]:
     """Receive each version as it is announced, score it, print its line; until the target version."""
     val = shakespeare.validation_batches(corpus, args.eval_batches, 64, args.block_size, args.seed)
     model = gpt.GPT(model_config(args, corpus.vocab.size))
-    scraper = _Scraper(ports)
+    scraper = _Scraper(ports, {port: metrics_file(workdir, k) for k, port in enumerate(ports[1:])})
     start = time.monotonic()
     rows: list[Row] = []
     print(
@@ -305,7 +314,10 @@ def _monitor(
                 except StreamError as exc:
                     if exc.reason != "timeout" or time.monotonic() - last > args.timeout:
                         raise
-            row = scraper.row(version, time.monotonic() - start, gpt.evaluate(model, val))
+            val_loss = gpt.evaluate(model, val)
+            if version >= args.versions:  # the clients end on the last version: their final pages
+                _wait_for_exit(procs[1:], args.timeout)
+            row = scraper.row(version, time.monotonic() - start, val_loss)
             rows.append(row)
             ratio = row.fp32_bytes / row.wire_bytes if row.wire_bytes else 0.0
             print(
@@ -324,15 +336,29 @@ def _check_alive(procs: list[subprocess.Popen[bytes]]) -> None:
             raise StreamError(f"process {p.pid} ({str(p.args)[:100]}...) exited with status {p.returncode}")
 
 
-class _Scraper:
-    """Reads the processes' /metrics pages, keeping each process's last values once it has exited."""
+def _wait_for_exit(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait for processes that are ending by themselves; a StreamError if one has not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise StreamError(f"process {p.pid} did not end after the last version") from None
+    _check_alive(procs)
 
-    def __init__(self, ports: list[int]) -> None:
+
+class _Scraper:
+    """Reads the processes' /metrics pages, keeping each process's last values once it has exited; a process
+    with a final page (``finals``, by port) that it has written is read from there instead."""
+
+    def __init__(self, ports: list[int], finals: dict[int, Path]) -> None:
         self.ports = ports
+        self.finals = finals
         self.last: dict[int, dict[str, float]] = {port: {} for port in ports}
 
     def values(self, port: int) -> dict[str, float]:
-        lines = _scrape(port)
+        final = self.finals.get(port)
+        lines = final.read_text().splitlines() if final is not None and final.exists() else _scrape(port)
         if lines:  # counters and peaks only grow: a process that is gone keeps its final values
             self.last[port] = {
                 "wire": _total(lines, "fedq_wire_bytes_total", 'direction="sent"'),

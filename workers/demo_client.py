@@ -4,15 +4,21 @@ It is an ordinary training loop with the three fedq calls added: ``receive`` the
 ``local_steps`` steps (the server's setting, sent with each version) with the client's own AdamW, whose state
 stays with the client across rounds, and ``send`` the delta with the mean training loss. It stops after
 receiving version ``--until-version``, or when stopped (SIGTERM/SIGINT end it between two calls).
+
+With ``--metrics-file`` it writes its final metrics page there as it ends: the launcher's table reads a
+client's last counts from it (the bytes of the updates that made the last version), since the client's
+metrics endpoint is gone by the time the launcher has scored that version.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import types
+from pathlib import Path
 
 import torch
 
@@ -70,6 +76,19 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         log.info("%s: stopped", args.name)
         return 0
+    finally:
+        if args.metrics_file is not None:
+            write_metrics(args.metrics_file)
+
+
+def write_metrics(path: Path) -> None:
+    """This process's metrics page (Prometheus text, as its endpoint serves it) into ``path``, whole or not
+    at all: a reader never sees half a page."""
+    from prometheus_client import generate_latest
+
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(generate_latest())
+    os.replace(part, path)
 
 
 def _stop(signum: int, frame: types.FrameType | None) -> None:

@@ -7,6 +7,7 @@ It receives each global model version, trains ``local_steps`` steps and sends it
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fedq.cli.options import add_amqp_url, add_namespace
 
@@ -56,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--threads", type=int, default=1, help="torch CPU threads")
     a("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0 = off)")
+    a(
+        "--metrics-file",
+        type=Path,
+        default=None,
+        help="write the final metrics page (Prometheus text) here on exit: fedq demo reads the last counts",
+    )
     add_model_arguments(parser)
 
 
