@@ -94,6 +94,15 @@ class ChunkRef:
     held_bytes: int = 0
 
 
+@dataclass
+class _Appending:
+    """A staging file open for appending, and where its end is: kept here, since asking the file (``tell``)
+    costs a system call per message."""
+
+    file: BinaryIO
+    end: int
+
+
 def stream_key(user: str, stream: str) -> str:
     """What a stream is known by on the aggregator: its sender's validated broker user and its id. Two users'
     streams never share a key whatever ids they write (the user's length comes first, so the split is
@@ -138,7 +147,7 @@ class StagingArea:
         self.streams: dict[str, Staged] = {}
         self.by_user: dict[str, list[int]] = {}  # user -> [streams staged, bytes staged] (quotas)
         self._dirty: set[str] = set()
-        self._open: dict[str, BinaryIO] = {}  # files appended to since the last sync, by stream
+        self._open: dict[str, _Appending] = {}  # files appended to since the last sync, by stream
         self.held = 0  # bytes of chunks held in memory (``ChunkRef.held``)
         self._created = False  # a file was created since the last sync: its directory entry needs one too
         self._serial = itertools.count()
@@ -170,13 +179,14 @@ class StagingArea:
         if is_duplicate(staged, msg):
             return None
         user_bytes = user.encode()
-        f = self._open.get(key)
-        if f is None:
-            f = self._open[key] = open(staged.path, "ab")  # noqa: SIM115 (closed at the sync)
-        pos = f.tell() + _RECORD.size + len(user_bytes)
-        f.write(_RECORD.pack(len(body), len(user_bytes)))
-        f.write(user_bytes)
-        f.write(body)
+        out = self._open.get(key)
+        if out is None:
+            f = open(staged.path, "ab")  # noqa: SIM115 (closed at the sync)
+            out = self._open[key] = _Appending(f, f.tell())
+        out.file.write(_RECORD.pack(len(body), len(user_bytes)) + user_bytes)
+        out.file.write(body)
+        pos = out.end + _RECORD.size + len(user_bytes)
+        out.end = pos + len(body)
         _index(staged, msg, pos, len(body))
         if msg.kind == wire.CHUNK:
             self._hold(staged.chunks[msg.index], msg, len(body))
@@ -217,8 +227,8 @@ class StagingArea:
 
     def _close_open(self) -> None:
         """Close the files appended to (their writes reach the OS, for the fsync or a read)."""
-        for f in self._open.values():
-            f.close()
+        for out in self._open.values():
+            out.file.close()
         self._open.clear()
 
     def read(self, staged: Staged, ref: ChunkRef) -> wire.Message:
@@ -226,8 +236,8 @@ class StagingArea:
         trusted no more than the wire)."""
         if ref.held is not None:
             return ref.held
-        if (f := self._open.get(staged.key)) is not None:
-            f.flush()
+        if (out := self._open.get(staged.key)) is not None:
+            out.file.flush()
         with open(staged.path, "rb") as f:
             body = os.pread(f.fileno(), ref.length, ref.pos)
         return wire.decode(body)
@@ -237,8 +247,8 @@ class StagingArea:
         whose stream the aggregator removes again at start, as it is finished or refused)."""
         staged = self.streams.pop(stream, None)
         self._dirty.discard(stream)
-        if (f := self._open.pop(stream, None)) is not None:
-            f.close()
+        if (out := self._open.pop(stream, None)) is not None:
+            out.file.close()
         if staged is not None:
             self.held -= sum(ref.held_bytes for ref in staged.chunks.values())
             usage = self.by_user[staged.user]
