@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedq.codecs.batch import Layout, payload_spans
 from fedq.device import to_device, to_host
 from fedq.errors import CodecError
 from fedq.threads import kernel
@@ -146,6 +147,62 @@ class Codec(abc.ABC):
             return self.decode(meta, payload, count, device)[lo:hi]
         return self.decode(meta, self.cut(payload, count, a, b), b - a, device)[lo - a : hi - a]
 
+    @property
+    def batch_unit(self) -> int:
+        """What the slices of a ``Layout`` given to ``encode_batch`` and its decoders must start at a multiple
+        of (a blockwise codec's block)."""
+        return 1
+
+    def encode_batch(self, flat: torch.Tensor, layout: Layout) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        """Encode each slice of ``flat`` (float32, laid out by ``layout``, zero between the slices): (each
+        slice's meta, the payloads back to back in one uint8 tensor on flat's device), the same bytes as
+        ``encode_on_device`` gives each slice alone. This default encodes one slice at a time; a codec whose
+        per-call work dominates small slices encodes them all in one op sequence."""
+        metas, payloads = [], []
+        for view in layout.views(flat):
+            meta, payload = self.encode_on_device(view)
+            metas.append(meta)
+            payloads.append(payload)
+        return metas, torch.cat(payloads) if payloads else flat.new_empty(0, dtype=torch.uint8)
+
+    def decode_batch(
+        self, metas: list[dict[str, Any]], blob: torch.Tensor, layout: Layout, out: torch.Tensor
+    ) -> None:
+        """Decode payloads laid back to back in ``blob`` (as ``encode_batch`` gives them) into the slices of
+        ``out`` (float32, laid out by ``layout``), each as ``decode`` would; ``out`` is zero between the
+        slices afterwards."""
+        out.zero_()
+        spans = payload_spans([self.payload_nbytes(n) for n in layout.counts])
+        for meta, (lo, hi), view in zip(metas, spans, layout.views(out), strict=True):
+            view.copy_(self.decode(meta, own_bytes(blob[lo:hi]), view.numel(), out.device))
+
+    def decode_add_batch(
+        self, metas: list[dict[str, Any]], blob: torch.Tensor, layout: Layout, out: torch.Tensor, alpha: float
+    ) -> None:
+        """``decode_add`` of each payload in ``blob`` into its slice of ``out``; what lies between the slices
+        stays as it was."""
+        spans = payload_spans([self.payload_nbytes(n) for n in layout.counts])
+        for meta, (lo, hi), view in zip(metas, spans, layout.views(out), strict=True):
+            self.decode_add(meta, own_bytes(blob[lo:hi]), view.numel(), view, alpha)
+
+    def check_batch(self, metas: list[dict[str, Any]], blob: torch.Tensor, layout: Layout) -> None:
+        """Validate untrusted batch arguments (``check_payload`` of each slice, sizes adding up)."""
+        if len(metas) != len(layout.counts):
+            raise CodecError(f"{self.name}: {len(metas)} metas for {len(layout.counts)} slices")
+        expected = 0
+        for meta, n in zip(metas, layout.counts, strict=True):
+            if not isinstance(meta, dict) or not set(meta) <= self.meta_keys:
+                raise CodecError(
+                    f"{self.name}: unexpected chunk meta {meta!r}; accepted keys {sorted(self.meta_keys)}"
+                )
+            expected += self.payload_nbytes(n)
+        if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != expected:
+            raise CodecError(
+                f"{self.name}: payloads of {_describe(blob)} for {len(metas)} slices ({expected} bytes "
+                "expected)",
+                reason="codec_size",
+            )
+
     @abc.abstractmethod
     def cut(self, payload: Buffer, count: int, a: int, b: int) -> Buffer:
         """The payload of elements ``a .. b`` of a checked payload of ``count`` (``a`` a multiple of
@@ -190,6 +247,12 @@ class Codec(abc.ABC):
                 f"({expected} bytes expected)",
                 reason="codec_size",
             )
+
+
+def own_bytes(payload: torch.Tensor) -> torch.Tensor:
+    """A payload cut from a batch's bytes, copied where it does not start 8-byte aligned: decoders view
+    its float32 sections in place, which torch allows only at aligned offsets."""
+    return payload if payload.storage_offset() % 8 == 0 else payload.clone()
 
 
 def check_out(name: str, out: torch.Tensor, count: int) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from fedq.codecs.base import Codec
+from fedq.codecs.batch import Layout, payload_spans
 from fedq.codecs.registry import get_codec
 from fedq.errors import CodecError
 from fedq.fileio import bytes_of, pread_into, pwrite_all
@@ -65,6 +66,29 @@ class ErrorFeedback:
     def nbytes(self) -> int:
         """Memory held by the residuals."""
         return sum(r.numel() * r.element_size() for r in self._residuals.values())
+
+    @property
+    def batch_unit(self) -> int:
+        """What the slices of a batch's ``Layout`` must start at a multiple of (``Codec.batch_unit``)."""
+        return 1
+
+    def compensate_batch(
+        self, keys: list[tuple[str, int]], pieces: list[torch.Tensor], flat: torch.Tensor, layout: Layout
+    ) -> None:
+        """``compensate`` of chunks (name, offset) of ``keys`` into the slices of ``flat`` (float32, laid out
+        by ``layout``), which hold the chunks' values ``pieces`` in float32; what lies between the slices
+        stays as it was. A sender encodes many small chunks at once this way (``fedq.codecs.batch``); this
+        default takes one chunk at a time, as it came (a bfloat16 chunk plus a bfloat16 residual is added
+        in bfloat16)."""
+        for (name, offset), piece, view in zip(keys, pieces, layout.views(flat), strict=True):
+            view.copy_(self.compensate(name, piece, offset))
+
+    def update_batch(
+        self, keys: list[tuple[str, int]], sent: torch.Tensor, decoded: torch.Tensor, layout: Layout
+    ) -> None:
+        """``update`` of each slice: ``sent`` and ``decoded`` laid out by ``layout``, zero between slices."""
+        for (name, offset), s, d in zip(keys, layout.views(sent), layout.views(decoded), strict=True):
+            self.update(name, s, d, offset)
 
 
 class EncodedErrorFeedback(ErrorFeedback):
@@ -118,6 +142,59 @@ class EncodedErrorFeedback(ErrorFeedback):
         if payload.device.type == "cpu":
             return self._file.take(payload.numel())
         return _SlabPlace(self._slabs.take(payload.numel(), payload.device))
+
+    @property
+    def batch_unit(self) -> int:
+        return self.codec.batch_unit
+
+    def compensate_batch(
+        self, keys: list[tuple[str, int]], pieces: list[torch.Tensor], flat: torch.Tensor, layout: Layout
+    ) -> None:
+        """The slices' residuals read back together (one read where their places follow each other, as
+        ``update_batch`` lays them) and added in one batched decode to the float32 values in ``flat``."""
+        stored = [self._encoded.get(key) for key in keys]
+        if all(held is None for held in stored):
+            return  # nothing held yet: the values themselves, as compensate gives them
+        if any(held is None for held in stored):
+            super().compensate_batch(keys, pieces, flat, layout)
+            return
+        held = [h for h in stored if h is not None]
+        for (name, offset), (_, _, count), n in zip(keys, held, layout.counts, strict=True):
+            if count != n:
+                raise CodecError(
+                    f"{name!r}@{offset}: residual of {count} elements, chunk of {n}; "
+                    "the chunking of a tensor must not change between rounds"
+                )
+        blob = _load([place for _, place, _ in held])
+        self.codec.decode_add_batch([meta for meta, _, _ in held], blob, layout, flat, 1.0)
+
+    def update_batch(
+        self, keys: list[tuple[str, int]], sent: torch.Tensor, decoded: torch.Tensor, layout: Layout
+    ) -> None:
+        """The residuals encoded in one batch and stored in consecutive places, written at once; ``decoded``
+        is overwritten (by the residuals: one buffer fewer to fault in)."""
+        meta, blob = self.codec.encode_batch(torch.sub(sent, decoded, out=decoded), layout)
+        sizes = [self.codec.payload_nbytes(n) for n in layout.counts]
+        places = self._places_for_batch(keys, sizes, blob.device)
+        _store(places, blob)
+        for key, m, place, n in zip(keys, meta, places, layout.counts, strict=True):
+            self._encoded[key] = (m, place, n)
+
+    def _places_for_batch(
+        self, keys: list[tuple[str, int]], sizes: list[int], device: torch.device
+    ) -> list[_Place]:
+        """The places the keys held last round where they still fit and follow each other (every round but
+        the first), else new consecutive ones (the old are left unused, as ``update`` leaves a place that no
+        longer fits)."""
+        held = [self._encoded.get(key) for key in keys]
+        places = [h[1] for h in held if h is not None]
+        if len(places) == len(keys) and _consecutive(places, sizes, device):
+            return places
+        if device.type == "cpu":
+            run = self._file.take(sum(sizes))
+            return [_FilePlace(run.fd, run.start + lo, hi - lo) for lo, hi in payload_spans(sizes)]
+        slab = self._slabs.take(sum(sizes), device)
+        return [_SlabPlace(slab[lo:hi]) for lo, hi in payload_spans(sizes)]
 
     @property
     def nbytes(self) -> int:
@@ -196,6 +273,43 @@ class _SlabPlace:
 
     def load(self) -> torch.Tensor:
         return self.slot
+
+
+def _consecutive(places: list[_Place], sizes: list[int], device: torch.device) -> bool:
+    """Whether ``places`` hold ``sizes`` bytes each on ``device``, one right after the other."""
+    if device.type == "cpu":
+        files = [p for p in places if isinstance(p, _FilePlace)]
+        return len(files) == len(places) and all(
+            p.nbytes == n and p.fd == files[0].fd and p.start == files[0].start + lo
+            for p, n, (lo, _) in zip(files, sizes, payload_spans(sizes), strict=True)
+        )
+    slots = [p for p in places if isinstance(p, _SlabPlace)]
+    return len(slots) == len(places) and all(
+        p.slot.device == device and p.nbytes == n for p, n in zip(slots, sizes, strict=True)
+    )
+
+
+def _load(places: list[_Place]) -> torch.Tensor:
+    """The places' bytes back to back: one read where they are consecutive in the residuals' file."""
+    sizes = [p.nbytes for p in places]
+    if places and _consecutive(places, sizes, torch.device("cpu")):
+        first = places[0]
+        assert isinstance(first, _FilePlace)
+        return _FilePlace(first.fd, first.start, sum(sizes)).load()
+    return torch.cat([p.load() for p in places])
+
+
+def _store(places: list[_Place], blob: torch.Tensor) -> None:
+    """``blob`` (the places' payloads back to back) into the places: one write where they are consecutive in
+    the residuals' file."""
+    sizes = [p.nbytes for p in places]
+    if places and _consecutive(places, sizes, torch.device("cpu")):
+        first = places[0]
+        assert isinstance(first, _FilePlace)
+        _FilePlace(first.fd, first.start, sum(sizes)).store(blob)
+        return
+    for place, (lo, hi) in zip(places, payload_spans(sizes), strict=True):
+        place.store(blob[lo:hi])
 
 
 SLAB_BYTES = 64 << 20  # above glibc's largest mmap threshold (32 MiB): a slab is a map of its own

@@ -22,6 +22,7 @@ from fedq.codecs.base import (
     slices,
     span,
 )
+from fedq.codecs.batch import Layout, payload_spans
 from fedq.errors import CodecError
 from fedq.threads import kernel
 
@@ -106,6 +107,23 @@ class Fp32(Codec):
         for row, alpha in zip(values, alphas, strict=True):
             out.add_(row, alpha=alpha)
         return True
+
+    def encode_batch(self, flat: torch.Tensor, layout: Layout) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        """The slices' bytes back to back: one copy."""
+        views = layout.views(self.check_input(flat).to(torch.float32))
+        blob = torch.cat(views) if views else flat.new_empty(0, dtype=torch.float32)
+        return [{} for _ in views], blob.view(torch.uint8)
+
+    def decode_batch(
+        self, metas: list[dict[str, Any]], blob: torch.Tensor, layout: Layout, out: torch.Tensor
+    ) -> None:
+        self.check_batch(metas, blob, layout)
+        if blob.storage_offset() % 4:
+            blob = blob.clone()  # float32 values must be 4-byte aligned to be viewed
+        values = blob.to(out.device).view(torch.float32)
+        out.zero_()
+        for (lo, hi), view in zip(payload_spans(list(layout.counts)), layout.views(out), strict=True):
+            view.copy_(values[lo:hi])
 
 
 class Bf16(Codec):
