@@ -29,10 +29,16 @@ Bytes = bytes | bytearray | memoryview
 
 def resolve(requested: str | torch.device) -> torch.device:
     """The device a run uses: ``auto`` is the first CUDA device when this torch build and machine have one,
-    else the CPU; anything else is taken as named, and refused when it is a CUDA device that is not there."""
+    else the CPU; anything else is taken as named, and refused when it is no device or a CUDA device that is
+    not there."""
     if isinstance(requested, str) and requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(
+            f"device {requested!r}: not a torch device (auto, cpu, cuda, cuda:1, ...)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device} requested, but torch sees no CUDA device: use auto or cpu")
     return device

@@ -54,6 +54,22 @@ class StreamError(FedqError):
     reason = "stream"
 
 
+class StateError(FedqError):
+    """A file of an aggregator's state directory (its state, a version's record) is not what fedq wrote there:
+    truncated, edited or another program's. A file problem (exit 4): the operator restores or removes it."""
+
+    reason = "state"
+    exit_code = 4
+
+
+class BenchError(FedqError):
+    """A benchmark's run failed: a process it started, or a count it checks (the message says where its log
+    is). One line and exit 1, as any failed command, not a traceback: the bench did what it was asked and the
+    run it measured went wrong."""
+
+    reason = "bench"
+
+
 class RejectedUpdate(FedqError):
     """The aggregator refuses an update: stale, unauthorised, unknown tensor, wrong shape, norm too large."""
 

@@ -90,9 +90,8 @@ def shard_dirs(state_dirs: list[Path]) -> dict[int, Path]:
             raise ConfigError(f"--state-dir {base}: no such directory")
         candidates = [base] if (base / STATE_FILE).exists() else sorted(base.glob("shard-*"))
         for directory in candidates:
-            if (directory / STATE_FILE).exists():
-                shard = json.loads((directory / STATE_FILE).read_text())["shard"]
-                found[int(shard)] = directory
+            if (state := checkpoint.read_state(directory)) is not None:
+                found[int(state["shard"])] = directory
     if not found:
         raise ConfigError(f"no aggregator state in {', '.join(map(str, state_dirs))} (a shard-N/state.json)")
     return found
@@ -101,7 +100,9 @@ def shard_dirs(state_dirs: list[Path]) -> dict[int, Path]:
 def export(state_dirs: list[Path], out: Path, version: int | None = None) -> dict[str, str]:
     """Assemble ``version`` (default: the newest every shard holds) into ``out``; returns its metadata."""
     dirs = shard_dirs(state_dirs)
-    shards = int(json.loads((dirs[min(dirs)] / STATE_FILE).read_text())["shards"])
+    state = checkpoint.read_state(dirs[min(dirs)])
+    assert state is not None  # shard_dirs found it
+    shards = int(state["shards"])
     missing = sorted(set(range(shards)) - set(dirs))
     if missing:
         raise ConfigError(

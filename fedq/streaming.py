@@ -38,6 +38,7 @@ from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.threads import cpu_workers, ordered_map
 from fedq.topology import DEFAULT_CHUNK_BYTES, DEFAULT_TIMEOUT
 from fedq.transport.base import Delivery, Transport
+from fedq.units import human_bytes
 
 CodecFor = Callable[[str, torch.Tensor], Codec]
 RESERVED_META = ("tensors", "chunks")
@@ -766,9 +767,9 @@ def flow_for_budget(budget: int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) 
     spare = budget - current_rss_bytes()
     if spare < _WINDOW_SHARE * 2 * chunk_bytes:
         raise StreamError(
-            f"memory budget {budget >> 20} MiB leaves {spare >> 20} MiB above the process's current RSS: "
-            "too little "
-            f"for {chunk_bytes >> 20} MiB chunks",
+            f"memory budget {human_bytes(budget)} leaves {human_bytes(max(0, spare))} above the process's "
+            f"current RSS ({human_bytes(budget - spare)}): too little for {human_bytes(chunk_bytes)} chunks "
+            f"(at least {human_bytes(_WINDOW_SHARE * 2 * chunk_bytes)} more)",
             reason="memory_budget",
         )
     window = max(2, spare // (_WINDOW_SHARE * chunk_bytes))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fedq.aggregation import initial
+from fedq.errors import StateError
 from fedq.safetensors import SafetensorsWriter, TensorSpec
 
 STATE = "state.json"
@@ -75,19 +76,17 @@ def versions(directory: Path) -> list[int]:
 def read_record(directory: Path, version: int) -> dict[str, Any]:
     """The record of a version on disk ({} for one written before records existed)."""
     try:
-        record: dict[str, Any] = json.loads((directory / record_file(version)).read_text())
+        return read_json(directory / record_file(version))
     except FileNotFoundError:
         return {}
-    return record
 
 
 def read_state(directory: Path) -> dict[str, Any] | None:
     """The committed state JSON, without loading the model (None for a fresh shard)."""
     try:
-        state: dict[str, Any] = json.loads((directory / STATE).read_text())
+        return read_json(directory / STATE, "shard", "shards", "model")
     except FileNotFoundError:
         return None
-    return state
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:
@@ -105,11 +104,24 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def load(directory: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The last committed checkpoint (model on ``device``, state), or None when there is none."""
-    try:
-        state = json.loads((directory / STATE).read_text())
-    except FileNotFoundError:
+    state = read_state(directory)
+    if state is None:
         return None
     return initial.read_model(directory / state["model"], device), state
+
+
+def read_json(path: Path, *keys: str) -> dict[str, Any]:
+    """A JSON object fedq wrote into a state directory, with ``keys``; a StateError where it is not one (a
+    crash cannot leave such a file: every one is replaced atomically)."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateError(f"{path}: not the JSON fedq wrote there ({exc})") from None
+    if not isinstance(value, dict) or (missing := [k for k in keys if k not in value]):
+        raise StateError(
+            f"{path}: not an aggregator's state (no {missing if isinstance(value, dict) else keys})"
+        )
+    return value
 
 
 def _fsync_file(path: Path) -> None:

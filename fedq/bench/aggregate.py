@@ -36,13 +36,15 @@ from typing import Any
 import torch
 
 from fedq import wire
+from fedq.bench import broker_url
 from fedq.bench.stream import SHAPES, delete_namespace, raw_receive, raw_send, run_pair
 from fedq.codecs import get_codec
+from fedq.errors import BenchError
 from fedq.protocol import UpdateMeta, update_stream
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.streaming import send_container
 from fedq.topology import Names
-from fedq.transport import connect, default_url
+from fedq.transport import connect
 
 _FOLDED = re.compile(r"^(\S+ \S+) INFO \S+: shard 0: version \d+: folded .* in ([0-9.]+) s, scale")
 _GRAM = re.compile(r"shard 0: Gram matrix of \d+ updates for version \d+ in ([0-9.]+) s")
@@ -52,7 +54,7 @@ _PEAK_GPU = re.compile(r"peak GPU memory (\d+) bytes")
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.amqp_url or default_url()
+    url = broker_url(args.amqp_url)
     torch.set_num_threads(max(1, args.threads))
     logging.getLogger("pika").setLevel(logging.WARNING)  # one INFO line per connection event otherwise
     shapes = SHAPES[args.shapes]()
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         delete_namespace(url, raw_names)
     print(f"raw broker time of the fp32 bytes: {raw:.2f} s ({fp32_bytes / raw / 1e6:.0f} MB/s)", flush=True)
     rows = []
-    for clients in [int(c) for c in args.clients.split(",")]:
+    for clients in args.clients:
         row = _one_run(url, work, init, delta, clients, args, device)
         row |= {
             "model_fp32_bytes": fp32_bytes,
@@ -185,7 +187,7 @@ def _one_run(
         _, status, _ = os.wait4(proc.pid, 0)
         peak.stop()
         if status != 0:
-            raise RuntimeError(f"aggregator failed ({status}); see {log}")
+            raise BenchError(f"aggregator failed ({status}); see {log}")
         lines = log.read_text().splitlines()
         folds = [m for line in lines if (m := _FOLDED.match(line))]
         folded_at = datetime.strptime(folds[-1].group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
@@ -258,9 +260,10 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: floa
         if text in log.read_text(errors="replace"):
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"aggregator exited: {log.read_text()[-2000:]}")
+            lines = log.read_text(errors="replace").strip().splitlines() or ["no output"]
+            raise BenchError(f"the aggregator exited with status {proc.returncode} ({lines[-1]}); see {log}")
         time.sleep(0.1)
-    raise TimeoutError(f"aggregator did not log {text!r} within {timeout} s")
+    raise BenchError(f"aggregator did not log {text!r} within {timeout} s")
 
 
 def _fold_throughput(

@@ -30,6 +30,7 @@ import torch
 
 from fedq.codecs import get_codec
 from fedq.codecs.base import Codec
+from fedq.device import resolve
 
 log = logging.getLogger(__name__)
 
@@ -279,9 +280,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(
-        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    )
+    device = resolve(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SHAPES[args.shapes]()

@@ -33,6 +33,7 @@ from fedq import client as fedq_client
 from fedq import wire
 from fedq.aggregation.accumulator import Accumulator
 from fedq.aggregation.strategies import Candidate, FedAvg
+from fedq.bench import chosen
 from fedq.codecs import ErrorFeedback
 from fedq.protocol import UpdateMeta, update_stream
 from fedq.streaming import iter_container
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         eval_batches=args.eval_batches,
     )
-    wanted = args.settings.split(",") if args.settings else [*(s for s, _, _ in SETTINGS), CENTRAL]
+    wanted = chosen("--settings", args.settings, [*(s for s, _, _ in SETTINGS), CENTRAL])
     results = []
     for setting, codec, feedback in SETTINGS:
         if setting in wanted:

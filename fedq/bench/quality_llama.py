@@ -44,12 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedq.bench import broker_url, chosen
 from fedq.bench.aggregate import _wait_for
 from fedq.bench.stream import delete_namespace
 from fedq.client import Client
+from fedq.errors import BenchError
 from fedq.safetensors import save_file
 from fedq.topology import Names
-from fedq.transport import default_url
 from workers import shakespeare
 from workers.gpt import make_optimizer
 
@@ -108,6 +109,7 @@ class Row:
 
 
 def run(args: argparse.Namespace) -> int:
+    url = broker_url(args.amqp_url)
     torch.set_num_threads(args.threads)
     logging.getLogger("pika").setLevel(logging.WARNING)
     setup = Setup(
@@ -124,8 +126,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         eval_batches=args.eval_batches,
     )
-    wanted = args.settings.split(",") if args.settings else [*(s.name for s in SETTINGS), CENTRAL]
-    url = args.amqp_url or default_url()
+    wanted = chosen("--settings", args.settings, [*(s.name for s in SETTINGS), CENTRAL])
     rows: list[Row] = []
     for setting in SETTINGS:
         if setting.name in wanted:
@@ -196,7 +197,7 @@ def run_federated(setup: Setup, setting: Setting, url: str, threads: int) -> Row
         ]
         curve, fetched_v0 = _federate(setup, corpus, val, initial, clients)
         if proc.wait(timeout=120) != 0:
-            raise RuntimeError(f"aggregator failed; see {log}")
+            raise BenchError(f"aggregator failed; see {log}")
     finally:
         for client in clients:
             client.close()

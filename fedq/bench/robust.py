@@ -43,6 +43,7 @@ from fedq.aggregation.privacy import DpConfig
 from fedq.aggregation.server_opt import ServerOptConfig
 from fedq.aggregation.service import Aggregator, Settings
 from fedq.aggregation.strategies import FedAvg
+from fedq.bench import chosen
 from fedq.cli.aggregation_rules import rule_named
 from fedq.client import Client
 from fedq.safetensors import save_file
@@ -70,11 +71,8 @@ Delta = dict[str, torch.Tensor]
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     logging.getLogger("fedq").setLevel(logging.WARNING)  # a line per version and update otherwise
-    strategies = args.strategies.split(",")
-    attacks = args.attacks.split(",")
-    for name in strategies:
-        if name not in STRATEGIES:
-            raise SystemExit(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    strategies = chosen("--strategies", args.strategies, list(STRATEGIES))
+    attacks = chosen("--attacks", args.attacks, ATTACKS)
     rows: list[dict[str, Any]] = []
     print(f"{'strategy':<18} {'attack':<9} {'val loss':>8} {'vs honest':>9} {'seconds':>7}", flush=True)
     honest = None
@@ -95,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\n{'dp noise':>8} {'epsilon':>8} {'val loss':>8}  (delta 1e-5, fedavg, no attack)", flush=True
         )
-        for z in (float(v) for v in args.dp_noise.split(",")):
+        for z in args.dp_noise:
             epsilon: list[float] = []
             loss = _federation(args, {}, "none", z, epsilon)
             dp_rows.append({"noise_multiplier": z, "epsilon": epsilon[-1], "delta": 1e-5, "val_loss": loss})
             print(f"{z:8.2f} {epsilon[-1]:8.2f} {loss:8.4f}", flush=True)
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str)}
+        settings = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | list)}
         Path(args.json).write_text(json.dumps({"rows": rows, "dp": dp_rows, "settings": settings}, indent=1))
         print(f"results: {args.json}")
     return 0

@@ -33,17 +33,18 @@ from typing import Any
 import torch
 
 from fedq.aggregation import checkpoint
+from fedq.bench import broker_url
 from fedq.bench.aggregate import _PeakRss, _wait_for, _write_model
 from fedq.bench.stream import SHAPES, delete_namespace
+from fedq.errors import BenchError
 from fedq.topology import Names
-from fedq.transport import default_url
 
 _SLICE = 1 << 24  # elements perturbed at a time: the fake step allocates no model-sized temporary
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.amqp_url or default_url()
+    url = broker_url(args.amqp_url)
     logging.getLogger("pika").setLevel(logging.WARNING)
     shapes = SHAPES[args.shapes]()
     fp32_bytes = 4 * sum(_numel(s) for s in shapes.values())
@@ -86,13 +87,13 @@ def run(args: argparse.Namespace) -> int:
         for p in clients:
             p.join()
         if failed := [r["error"] for r in rows if "error" in r]:
-            raise RuntimeError(f"a client failed: {failed[0]}")
+            raise BenchError(f"a client failed: {failed[0]}")
         if proc.wait(timeout=args.timeout) != 0:
-            raise RuntimeError(f"aggregator failed; see {log}")
+            raise BenchError(f"aggregator failed; see {log}")
         aggregator_peak.stop()
         folded = _folded_updates(work / "state")
         if folded != args.clients:
-            raise RuntimeError(f"version 1 folded {folded} of {args.clients} updates; see {log}")
+            raise BenchError(f"version 1 folded {folded} of {args.clients} updates; see {log}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -133,9 +134,9 @@ def _gather(results: mp.Queue[dict[str, Any]], clients: list[Any], deadline: flo
             pass
         if dead := [(i, p.exitcode) for i, p in enumerate(clients) if p.exitcode not in (None, 0)]:
             i, code = dead[0]
-            raise RuntimeError(f"client c{i} died with exit code {code} (-9: killed, e.g. by the OOM killer)")
+            raise BenchError(f"client c{i} died with exit code {code} (-9: killed, e.g. by the OOM killer)")
         if time.time() > deadline:
-            raise RuntimeError(f"{len(clients) - len(rows)} client(s) not done by the bench's --timeout")
+            raise BenchError(f"{len(clients) - len(rows)} client(s) not done by the bench's --timeout")
     return rows
 
 

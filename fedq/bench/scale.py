@@ -67,14 +67,16 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 from fedq import wire
+from fedq.bench import broker_url
 from fedq.bench.aggregate import _PeakRss, _wait_for, _write_model
 from fedq.bench.stream import delete_namespace
 from fedq.broker import Management, management_url_for, q, vhost_of
 from fedq.client import codec_policy
+from fedq.errors import BenchError
 from fedq.protocol import UpdateMeta
 from fedq.streaming import send_container
 from fedq.topology import Names, versions_names
-from fedq.transport import Delivery, Transport, connect, default_url
+from fedq.transport import Delivery, Transport, connect
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def demo_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.amqp_url or default_url()
+    url = broker_url(args.amqp_url)
     logging.getLogger("pika").setLevel(logging.WARNING)
     shapes = demo_shapes()
     params = sum(math.prod(s) for s in shapes.values())
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     raw = raw_rate(url, bodies, args.processes, args.seconds)
     print(f"raw broker: {raw:.1f} updates' worth/s ({raw * update_bytes / 1e6:.0f} MB/s)", flush=True)
     rows = []
-    for clients in [int(c) for c in args.clients.split(",")]:
+    for clients in args.clients:
         row = one_run(url, work, init, shapes, clients, args)
         row |= {"raw_updates_per_s": raw, "update_wire_bytes": update_bytes, "params": params}
         row |= {"queue_bytes": args.queue_bytes, "load_average": os.getloadavg()[0]}
@@ -305,7 +307,7 @@ def one_run(
         for ready in readies:
             while not ready.wait(1.0):
                 if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError("a client process failed to start")
+                    raise BenchError("a client process failed to start")
         go.set()
         time.sleep(args.warmup)
         broker = _BrokerMemory(url)

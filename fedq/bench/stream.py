@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from fedq.bench import broker_url
 from fedq.codecs import Codec, choose_codec, get_codec
+from fedq.errors import BenchError
 from fedq.metrics import current_rss_bytes
 from fedq.safetensors import SafetensorsReader, SafetensorsWriter, TensorSpec
 from fedq.streaming import (
@@ -38,7 +40,7 @@ from fedq.streaming import (
     send_container,
 )
 from fedq.topology import Names
-from fedq.transport import connect, default_url
+from fedq.transport import connect
 
 MODES = ("regular", "container", "file")
 WEIGHT_STD = 0.02
@@ -95,7 +97,7 @@ SHAPES: dict[str, Callable[[], dict[str, tuple[int, ...]]]] = {
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.amqp_url or default_url()
+    url = broker_url(args.amqp_url)
     shapes = SHAPES[args.shapes]()
     fp32_bytes = 4 * sum(_numel(s) for s in shapes.values())
     budget = args.memory_budget
@@ -221,7 +223,7 @@ def run_pair(
         if isinstance(value, str):
             for p in procs:
                 p.terminate()
-            raise RuntimeError(f"{role} failed: {value}")
+            raise BenchError(f"{role} failed: {value}")
         got[role] = value
     for p in procs:
         p.join()
@@ -263,7 +265,7 @@ def _in_child(ctx: Any, work: Callable[[dict[str, Any]], None], job: dict[str, A
     p.start()
     p.join()
     if p.exitcode != 0:
-        raise RuntimeError(f"{work.__name__} failed with exit code {p.exitcode}")
+        raise BenchError(f"{work.__name__} failed with exit code {p.exitcode}")
 
 
 def _write_source(job: dict[str, Any]) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from fedq.cli.bench_codecs import CODECS
 from fedq.cli.bench_stream import SHAPES
-from fedq.cli.options import add_amqp_url, add_chunk_bytes
+from fedq.cli.options import add_amqp_url, add_chunk_bytes, counts
 
 # the names of fedq.bench.aggregate.STRATEGIES (that module imports torch: not at --help time)
 STRATEGIES = (
@@ -27,8 +28,10 @@ STRATEGIES = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", choices=SHAPES, default="llama-3.2-1b", help="model shapes")
-    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts to measure")
-    parser.add_argument("--codec", default="nf4", help="codec of the client updates")
+    parser.add_argument(
+        "--clients", type=counts, default="1,8,32", help="comma-separated client counts to measure"
+    )
+    parser.add_argument("--codec", choices=CODECS, default="nf4", help="codec of the client updates")
     parser.add_argument(
         "--strategy",
         choices=STRATEGIES,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fedq.cli.aggregation_rules import add_rule_parameters
+from fedq.cli.options import numbers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr", type=float, default=3e-3, help="client AdamW learning rate")
     a("--eval-batches", type=int, default=8, help="held-out batches scoring the final model")
     a("--seed", type=int, default=0, help="seed of the model, the data and the attacks")
-    a("--dp-noise", default="0.5,1,2", help="noise multipliers of the DP table (empty = no table)")
+    a(
+        "--dp-noise",
+        type=numbers,
+        default="0.5,1,2",
+        help="noise multipliers of the DP table (empty = no table)",
+    )
     a("--dp-clip", type=float, default=0.5, help="DP clip of each update's L2 norm")
     a("--dp-scale", type=int, default=100, help="DP population = clients x this (sampling rate 1 / this)")
     a("--json", default=None, help="write the rows as JSON to this path")

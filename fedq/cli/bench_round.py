@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from fedq.cli.options import add_amqp_url
+from fedq.cli.aggregator import MODEL_CODECS
+from fedq.cli.bench_codecs import CODECS
+from fedq.cli.bench_stream import SHAPES
+from fedq.cli.options import add_amqp_url, positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default="llama-3.2-1b", help="tiny, gpt2, llama-3.2-1b, ...")
-    parser.add_argument("--clients", type=int, default=2, help="client processes (FedAvg over all of them)")
-    parser.add_argument("--codec", default="nf4", help="the clients' update codec")
+    parser.add_argument("--shapes", choices=SHAPES, default="llama-3.2-1b", help="model shapes")
+    parser.add_argument(
+        "--clients", type=positive, default=2, help="client processes (FedAvg over all of them)"
+    )
+    parser.add_argument("--codec", choices=CODECS, default="nf4", help="the clients' update codec")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the clients' model dtype")
-    parser.add_argument("--model-codec", default="fp32", help="the aggregator's --model-codec (versions)")
+    parser.add_argument(
+        "--model-codec",
+        choices=MODEL_CODECS,
+        default="fp32",
+        help="the aggregator's --model-codec (versions)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="the aggregator's torch threads")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the round")
     add_amqp_url(parser)

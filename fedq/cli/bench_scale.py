@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from fedq.cli.options import add_amqp_url, size
+from fedq.cli.bench_codecs import CODECS
+from fedq.cli.options import add_amqp_url, counts, positive, size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", default="10,100,500", help="comma-separated client counts to measure")
-    parser.add_argument("--processes", type=int, default=3, help="processes the clients are spread over")
-    parser.add_argument("--codec", default="nf4", help="codec policy of the clients' updates")
+    parser.add_argument(
+        "--clients", type=counts, default="10,100,500", help="comma-separated client counts to measure"
+    )
+    parser.add_argument("--processes", type=positive, default=3, help="processes the clients are spread over")
+    parser.add_argument("--codec", choices=CODECS, default="nf4", help="codec of the clients' updates")
     parser.add_argument("--buffer-size", type=int, default=10, help="FedBuff K: updates per version")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window per client count")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of sending before the window")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from fedq.cli.bench_codecs import CODECS
 from fedq.cli.options import add_amqp_url, add_chunk_bytes, size
 
 # fedq.bench.stream.SHAPES and MODES, spelled out so that building this parser does not import torch.
@@ -15,7 +16,7 @@ MODES = ("regular", "container", "file")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", choices=SHAPES, default="llama-3.2-1b", help="model shapes to stream")
     parser.add_argument(
-        "--codec", action="append", help="codec(s) to run (repeatable; default: fp32 and nf4)"
+        "--codec", action="append", choices=CODECS, help="codec(s) to run (repeatable; default: fp32 and nf4)"
     )
     parser.add_argument(
         "--mode", action="append", choices=MODES, help="mode(s) to run (repeatable; default: all)"

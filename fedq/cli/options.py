@@ -50,6 +50,32 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def counts(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated whole numbers of at least 1 (``--clients 10,100,500``)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"not comma-separated counts of at least 1: {text!r} (e.g. 1,8,32)")
+    return values
+
+
+def positive(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return int(text)
+
+
+def numbers(text: str) -> list[float]:
+    """An argparse ``type``: comma-separated numbers, none for an empty text (``--dp-noise 0.5,1,2``)."""
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r} (e.g. 0.5,1,2)") from None
+
+
 def add_amqp_url(parser: argparse.ArgumentParser) -> None:
     """``--amqp-url``: from FEDQ_AMQP_URL or the local broker; shown in --help without its password."""
     parser.add_argument(
