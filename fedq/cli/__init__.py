@@ -69,6 +69,7 @@ COMMANDS: list[tuple[tuple[str, ...], str]] = [
     (("bench", "aggregate"), "aggregator memory and fold speed vs number of clients"),
     (("bench", "quality"), "validation loss vs wire bytes for each codec setting"),
     (("bench", "scale"), "the aggregator's loop against 10 to hundreds of clients"),
+    (("bench", "intake"), "the aggregator's own CPU per update, folding updates staged in memory"),
     (("bench", "device"), "client encode and aggregator fold on the device found (GPU where present)"),
     (("bench", "round"), "one whole round (receive, train, send, fold, receive), each party a process"),
     (("bench", "robust"), "validation loss of each aggregation rule under attacks; DP epsilon vs loss"),
