@@ -4,11 +4,12 @@ Life of an update on shard i (one container stream per shard, see fedq/docs/arch
 
 1. Every delivery of the stream (manifest, chunks, commit) is validated (wire format, sender, tensor names and
    shapes), appended to the stream's staging file, fsynced, and only then acked (``staging``). A chunk is
-   also checked right away, while the rest of the update is still on the network: NaN/Inf (or a payload the
-   codec refuses) is noted against the stream, and, when a norm bound is set, the chunk's squared norm is
-   kept in the staging index. A delta's norm comes from the codec's ``sq_norm`` (quantized codecs compute it
-   from their codes and block scales, without a full decode); a full update's needs the decoded values
-   (x_client − x_global). Without a norm bound, quantized chunks are checked by their scales alone.
+   also checked right away (a delivery's chunks together, ``_check_arrived``), while the rest of the update
+   is still on the network: NaN/Inf (or a payload the codec refuses) is noted against the stream, and, when
+   a norm bound is set, the chunk's squared norm is kept in the staging index. A delta's norm comes from the
+   codec's ``sq_norm`` (quantized codecs compute it from their codes and block scales, without a full
+   decode); a full update's needs the decoded values (x_client − x_global). Without a norm bound, quantized
+   chunks are checked by their scales alone.
 2. When the stream is complete (manifest + every chunk + commit), it is checked as a whole (staleness, the
    commit's chunk count, each chunk's slice, dtype and codec against the manifest, the chunks' noted
    errors), its squared norm is the sum of its chunks', and the shard reports "committed" to the leader
