@@ -20,7 +20,7 @@ import gc
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,12 +267,13 @@ def _messages(
     feedback: ErrorFeedback | None,
     encoders: int,
     group_bytes: int,
-) -> Iterator[tuple[bytes, TensorEntry | None]]:
+) -> Generator[tuple[bytes, TensorEntry | None], None, None]:
     yield wire.encode_control(wire.MANIFEST, manifest.stream, manifest.to_meta()), None
     encode = functools.partial(_encode, manifest=manifest, codecs=codecs, feedback=feedback)
     work = _work(tensors, manifest, codecs, feedback, encoders, group_bytes)
-    for messages in ordered_map(encode, work, encoders, "fedq-encode"):
-        yield from messages
+    with contextlib.closing(ordered_map(encode, work, encoders, "fedq-encode")) as encoded:
+        for messages in encoded:
+            yield from messages
     yield wire.encode_control(wire.COMMIT, manifest.stream, {"chunks": manifest.chunks}), None
 
 
@@ -556,16 +557,18 @@ def send_container(
     stats = SendStats(fp32_bytes=manifest.fp32_bytes)
     start = time.perf_counter()
     workers = cpu_workers() if encoders is None else encoders
-    messages = _messages(tensors, manifest, codecs, feedback, workers, chunk_bytes)
-    for body, chunks in _packed(messages, stream, chunk_bytes) if pack else _single(messages):
-        transport.publish(exchange, routing_key, body)
-        stats.wire_bytes += len(body)
-        for entry, nbytes in chunks:
-            stats.chunks += 1
-            WIRE_BYTES.labels(role, "sent", entry.codec).inc(nbytes)
-            CHUNKS.labels(role, "published").inc()
-        if on_message is not None:
-            on_message(len(body))
+    # Closed before anything propagates: encodes still running would otherwise go on writing (error feedback,
+    # the aggregator's x̂ file) after the caller has aborted and closed, or reopened, what they write into.
+    with contextlib.closing(_messages(tensors, manifest, codecs, feedback, workers, chunk_bytes)) as messages:
+        for body, chunks in _packed(messages, stream, chunk_bytes) if pack else _single(messages):
+            transport.publish(exchange, routing_key, body)
+            stats.wire_bytes += len(body)
+            for entry, nbytes in chunks:
+                stats.chunks += 1
+                WIRE_BYTES.labels(role, "sent", entry.codec).inc(nbytes)
+                CHUNKS.labels(role, "published").inc()
+            if on_message is not None:
+                on_message(len(body))
     transport.flush()
     stats.seconds = time.perf_counter() - start
     for entry in manifest.tensors:

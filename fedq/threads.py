@@ -17,7 +17,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
@@ -154,7 +154,9 @@ def for_each_step(
             raise e
 
 
-def ordered_map(f: Callable[[T], R], items: Iterable[T], workers: int, name: str = "fedq") -> Iterator[R]:
+def ordered_map(
+    f: Callable[[T], R], items: Iterable[T], workers: int, name: str = "fedq"
+) -> Generator[R, None, None]:
     """``map(f, items)`` with up to ``workers`` calls at once, each in its own thread at one torch thread.
     Results come in order and at most ``workers`` are computed ahead of the consumer, so memory stays
     bounded; an exception is raised where its result would have come, after the calls already started have

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -501,3 +503,69 @@ def test_packed_small_messages_are_the_same_parts_in_fewer_messages(chunk_bytes:
         got = streaming.receive_container(t, names.updates_queue(0), "s", timeout=10)
     _, expected = _assemble(single)
     assert all(torch.equal(got.tensors[n].reshape(-1), expected[n]) for n in tensors)
+
+
+class _SlowUpdates(ErrorFeedback):
+    """Error feedback that takes a while, its residual updates counted as they begin and end (from the
+    encoder threads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begun = self.ended = 0
+        self.lock = threading.Lock()
+
+    def compensate(self, name: str, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        time.sleep(0.05)
+        return super().compensate(name, x, offset)
+
+    def update(self, name: str, sent: torch.Tensor, decoded: torch.Tensor, offset: int = 0) -> None:
+        with self.lock:
+            self.begun += 1
+        time.sleep(0.05)
+        super().update(name, sent, decoded, offset)
+        with self.lock:
+            self.ended += 1
+
+
+class _Boom(Exception):
+    pass
+
+
+def _explode_after(n: int) -> Callable[[int], None]:
+    published = iter(range(n))
+
+    def on_message(_: int) -> None:
+        if next(published, None) is None:
+            raise _Boom
+
+    return on_message
+
+
+def test_a_send_that_fails_returns_only_after_the_encodes_it_started() -> None:
+    """A send that fails part way (the transport, or a crash as the aggregator's tests inject it) must not
+    leave encoder threads behind: they would go on writing residuals, or the aggregator's x̂ file, after the
+    caller aborted and closed (or reopened) what they write into."""
+    feedback = _SlowUpdates()
+    tensors = {f"w{i}": torch.randn(64, 1024) for i in range(4)}  # 16 fp32 chunks of 16 KiB each
+    transport, names = MemoryTransport(), Names("unit")
+    transport.declare(names, 1)
+    try:  # not pytest.raises: it clears the failed call's frames, which is what let its encoders stop
+        streaming.send_container(
+            transport,
+            names.updates_exchange,
+            names.shard_key(0),
+            tensors,
+            stream="s",
+            meta={},
+            chunk_bytes=16 << 10,
+            feedback=feedback,
+            on_message=_explode_after(3),
+            encoders=2,
+        )
+    except _Boom:
+        running = [t.name for t in threading.enumerate() if t.name.startswith("fedq-encode")]
+        begun, ended = feedback.begun, feedback.ended
+    else:
+        pytest.fail("the send did not fail")
+    assert begun >= 1
+    assert (ended, running) == (begun, [])
