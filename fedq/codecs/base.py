@@ -132,6 +132,20 @@ class Codec(abc.ABC):
         ``decode_add`` per chunk, which refuses the one at fault as it always did."""
         return False
 
+    def payload_rows(
+        self, chunks: Sequence[tuple[dict[str, Any], Buffer]], count: int, out: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The chunks' payloads as the rows of one uint8 matrix on the host, for a ``decode_add_rows``; None
+        where a chunk or ``out`` fails its size checks (the caller then adds chunk by chunk, which names the
+        one at fault) or the payloads are not host bytes."""
+        try:
+            check_out(self.name, out, count)
+            for meta, payload in chunks:
+                self.check_payload(meta, payload, count)
+        except CodecError:
+            return None
+        return host_rows([p for _, p in chunks], out.device)
+
     def decode_part(
         self, meta: dict[str, Any], payload: Buffer, count: int, lo: int, hi: int, device: torch.device
     ) -> torch.Tensor:

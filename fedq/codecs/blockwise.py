@@ -33,7 +33,6 @@ from fedq.codecs.base import (
     deferred,
     empty,
     host_bytes,
-    host_rows,
     host_views,
     join,
     require,
@@ -542,13 +541,7 @@ class FourBit(Codec):
         b, k = self.block, len(chunks)
         if out.device.type != "cpu" or count > _FOLD_STEP:
             return False
-        try:
-            check_out(self.name, out, count)
-            for meta, payload in chunks:
-                self.check_payload(meta, payload, count)
-        except CodecError:
-            return False
-        rows = host_rows([p for _, p in chunks], out.device)
+        rows = self.payload_rows(chunks, count, out)
         if rows is None:
             return False
         nblocks, ngroups = self._sizes(count)

@@ -16,7 +16,6 @@ from fedq.codecs.base import (
     empty,
     finite,
     host_bytes,
-    host_rows,
     host_views,
     require,
     slices,
@@ -92,13 +91,7 @@ class Fp32(Codec):
     ) -> bool:
         """One finiteness check for all of them, then ``out.add_`` of each row in turn (``decode_add``'s
         op)."""
-        try:
-            check_out(self.name, out, count)
-            for meta, payload in chunks:
-                self.check_payload(meta, payload, count)
-        except CodecError:
-            return False
-        rows = host_rows([p for _, p in chunks], out.device)
+        rows = self.payload_rows(chunks, count, out)
         if rows is None:
             return False
         values = rows.view(torch.float32)
