@@ -305,16 +305,39 @@ def _work(
     op sequence per codec (``fedq.codecs.batch``): per-call overhead, not arithmetic, was most of the cost of
     a model of small tensors (the demo's update: 19 ms of CPU with error feedback, ~5 of it arithmetic)."""
     pieces = _pieces(tensors, manifest, held)
+    runs = list(_runs(manifest, codecs, group_bytes))
     reused = isinstance(tensors, SafetensorsReader)  # its slices live in buffers reused a few slices later
-    for run in _runs(manifest, codecs, group_bytes):
+    exposed = _exposed(runs, held) if reused else frozenset()
+    at = 0
+    for run in runs:
         if len(run) == 1:
-            yield from itertools.islice(pieces, run[0].chunks)
+            for position, (entry, index, piece) in enumerate(itertools.islice(pieces, run[0].chunks), at):
+                yield entry, index, piece.clone() if position in exposed else piece
+            at += run[0].chunks
             continue
         taken = []
         for entry, index, piece in itertools.islice(pieces, len(run)):
             taken.append((entry, index, piece.clone() if reused else piece))
+        at += len(run)
         for same in _same_device(taken):
             yield same[0] if len(same) == 1 else _group(same, codecs, feedback)
+
+
+def _exposed(runs: list[list[TensorEntry]], held: int) -> frozenset[int]:
+    """Stream positions of the chunks that a group's reads would overwrite while an encoder still holds them.
+
+    A file's slice stays valid until ``held`` more are read (``SafetensorsReader.stream``), and ``held`` is
+    the encoders' count: one chunk at a time, the ones waiting for an encoder are always among the last
+    ``held``. A group reads all its slices at once (and copies them), while the ``held - 1`` chunks before it
+    may still wait: those are copied too. Found as a late joiner's snapshot whose last row of an embedding
+    held another tensor's values, one run in a few with two encoders."""
+    out: set[int] = set()
+    at = 0
+    for run in runs:
+        if len(run) > 1:
+            out.update(range(max(0, at - held + 1), at))
+        at += run[0].chunks if len(run) == 1 else len(run)
+    return frozenset(out)
 
 
 def _runs(manifest: Manifest, codecs: dict[str, Codec], budget: int) -> Iterator[list[TensorEntry]]:

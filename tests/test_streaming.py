@@ -458,7 +458,13 @@ def test_a_lazy_container_computes_each_value_once_and_plans_from_its_spec() -> 
     assert computed == ["a", "b"]
 
 
-def _sent_bodies(tensors: Mapping[str, torch.Tensor], chunk_bytes: int, pack: bool) -> list[bytes]:
+def _sent_bodies(
+    tensors: Mapping[str, torch.Tensor],
+    chunk_bytes: int,
+    pack: bool = False,
+    codec_for: streaming.CodecFor = lambda n, x: get_codec("nf4"),
+    encoders: int | None = None,
+) -> list[bytes]:
     names = Names("packing")
     with connect(f"memory://{names.namespace}") as t:
         t.declare(names, 1)
@@ -469,9 +475,10 @@ def _sent_bodies(tensors: Mapping[str, torch.Tensor], chunk_bytes: int, pack: bo
             tensors,
             stream="s",
             meta={"update_id": "u"},
-            codec_for=lambda n, x: get_codec("nf4"),
+            codec_for=codec_for,
             chunk_bytes=chunk_bytes,
             pack=pack,
+            encoders=encoders,
         )
         t.consume(names.updates_queue(0), prefetch=1 << 20)
         out = []
@@ -569,3 +576,29 @@ def test_a_send_that_fails_returns_only_after_the_encodes_it_started() -> None:
         pytest.fail("the send did not fail")
     assert begun >= 1
     assert (ended, running) == (begun, [])
+
+
+class _SlowTail(type(get_codec("fp32"))):  # type: ignore[misc]
+    """fp32 whose encode of a 64-element chunk waits first: that chunk is still with its encoder while the
+    sender reads on."""
+
+    def encode_on_device(self, x: torch.Tensor) -> tuple[dict[str, object], torch.Tensor]:
+        if x.numel() == 64:
+            time.sleep(0.3)
+        return super().encode_on_device(x)
+
+
+def test_a_file_sent_by_several_encoders_arrives_as_it_is_on_disk(tmp_path: Path) -> None:
+    """The last chunk of a tensor waits for an encoder while the small tensors after it are read, as a group,
+    into the file reader's reused buffers: it must still be sent as it is on disk (it once carried another
+    tensor's values: an aggregator's snapshot, late joiners' models)."""
+    gen = torch.Generator().manual_seed(3)
+    # 16 KiB chunks: big's last 64 elements are a chunk of their own; the others go two to a group, each
+    # in file blocks of its own (a read of the same block would put back the same bytes and hide the fault)
+    tensors = {"big": torch.randn(4096 + 64, generator=gen)}
+    tensors |= {n: torch.randn(1500, generator=gen) for n in "abcdefgh"}
+    reader = SafetensorsReader(save_file(tensors, tmp_path / "m.safetensors"))
+    bodies = _sent_bodies(reader, 16 << 10, codec_for=lambda n, x: _SlowTail(), encoders=2)
+    _, got = _assemble(bodies)
+    for name, value in tensors.items():
+        assert torch.equal(got[name], value), name
