@@ -14,11 +14,23 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 
 from fedq.broker import Management, management_url_for, q, vhost_of
 from fedq.errors import TransportError
 from fedq.topology import Names
 from fedq.transport import default_url
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """Each test gets torch's thread count as the test before found it. A command run in-process sets it, as
+    its own process would (``fedq bench quality`` did before refusing a value), and a later test then ran
+    its federation with two encoders one run in a few: results must not depend on the order tests run in
+    (code that needs several threads sets them in its test)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
