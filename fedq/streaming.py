@@ -894,17 +894,16 @@ class Receiver:
                     self.assembler.check_timeouts(self.timeout)
                 continue
             silent_since = time.monotonic()
-            chunks = self._take(delivery)
-            yield from chunks
+            try:
+                parts = wire.decode_all(delivery.body)
+            except WireError as exc:
+                self.transport.dead_letter(delivery, exc.reason, str(exc))  # settles it: no ack after
+                continue
+            yield from self._take(delivery, parts)
             self.transport.ack(delivery)
 
-    def _take(self, delivery: Delivery) -> list[Chunk]:
+    def _take(self, delivery: Delivery, parts: list[tuple[wire.Message, memoryview]]) -> list[Chunk]:
         """The chunks a delivery completes: its message's, or those of every part of a batch (one stream)."""
-        try:
-            parts = wire.decode_all(delivery.body)
-        except WireError as exc:
-            self.transport.dead_letter(delivery, exc.reason, str(exc))
-            return []
         if self.stream is None and any(msg.kind == wire.MANIFEST for msg, _ in parts):
             self.stream = parts[0][0].stream
         if parts[0][0].stream != self.stream:

@@ -17,6 +17,7 @@ from fedq.errors import ConfigError, StreamError
 from fedq.safetensors import SafetensorsReader, save_file
 from fedq.topology import Names
 from fedq.transport import connect
+from fedq.transport.base import REASON_HEADER
 from fedq.transport.memory import MemoryTransport
 from fedq.units import parse_size
 
@@ -342,6 +343,34 @@ def test_file_to_stream_to_file_is_byte_identical(
         )
     assert manifest.chunks == 13 + 1 + 1  # 210000 fp32 in 16384s, then b, then the empty c
     assert (tmp_path / "out.safetensors").read_bytes() == source.read_bytes()
+
+
+@pytest.mark.broker
+def test_malformed_messages_are_dead_lettered_and_the_stream_still_arrives(
+    amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Garbage and a chunk whose payload no longer matches its checksum, ahead of a good stream on the same
+    queue: each is dead-lettered once with its reason, and the receive goes on (settling a dead letter a
+    second time made the broker close the consumer: 'unknown delivery tag')."""
+    names = Names(namespace)
+    tensors = _state_dict()
+    messages = list(streaming.iter_container(tensors, stream="ok", meta={}, chunk_bytes=4096))
+    torn = bytearray(messages[1])
+    torn[-1] ^= 0xFF  # the last payload byte of a chunk
+    with connect(amqp_url) as transport:
+        transport.declare(names, 1)
+        for body in [b"not a fedq message", bytes(torn), *messages]:
+            transport.publish(names.updates_exchange, names.shard_key(0), body)
+        transport.flush()
+        streaming.receive_file(transport, names.updates_queue(0), tmp_path / "out.safetensors", timeout=30)
+        transport.consume(names.dead_letter_queue, prefetch=10)
+        dead = []
+        while (delivery := transport.get(2.0)) is not None:
+            dead.append(delivery.headers[REASON_HEADER])
+            transport.ack(delivery)
+    got = SafetensorsReader(tmp_path / "out.safetensors")
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+    assert sorted(dead) == ["bad_magic", "checksum"]
 
 
 @pytest.mark.broker

@@ -351,12 +351,17 @@ class MemoryTransport(Transport):
         )
 
     def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
-        """Acks of deliveries whose consumer is gone are ignored: those messages were already requeued."""
+        """Acks of deliveries whose consumer is gone are ignored: those messages were already requeued. A
+        delivery settled twice is an error, as the broker's 'unknown delivery tag' is."""
         consumer_tag, seq = delivery.tag
         with self.broker.cond:
             consumer = self._consumers.get(consumer_tag)
             if consumer is None or self._closed:
                 return
+            if seq not in consumer.unacked:
+                raise TransportError(
+                    f"unknown delivery tag {seq} on {delivery.queue}", reason="precondition_failed"
+                )
             for s in [s for s in consumer.unacked if s == seq or (multiple and s < seq)]:
                 del consumer.unacked[s]
             self.broker.cond.notify_all()
