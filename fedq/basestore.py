@@ -12,12 +12,12 @@ Written pages go through the page cache, which the kernel can drop; they are not
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from fedq import scratch
 from fedq.device import host_buffer
 from fedq.fileio import bytes_of, pread_into, pwrite_all
 from fedq.safetensors import SafetensorsWriter, TensorSpec
@@ -30,7 +30,8 @@ class BaseStore(Mapping[str, torch.Tensor]):
     """Tensors by name in one file; ``store[name]`` reads a fresh copy. Names are reserved before written."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (lives as long as the store)
+        self._directory = scratch.directory(directory)
+        self._file = scratch.temporary_file(self._directory)
         self._fd = self._file.fileno()
         self._index: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}  # name -> (byte offset, ...)
         self._end = 0
@@ -49,7 +50,8 @@ class BaseStore(Mapping[str, torch.Tensor]):
         """Elements ``offset ..`` of tensor ``name``, cast to its dtype."""
         start, dtype, _ = self._index[name]
         data = values.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy()
-        pwrite_all(self._fd, bytes_of(data), start + offset * _itemsize(dtype))
+        with scratch.writing(self._directory):
+            pwrite_all(self._fd, bytes_of(data), start + offset * _itemsize(dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Tensor ``name`` into ``out`` (same shape; converted where its dtype or device differ)."""

@@ -16,10 +16,11 @@ the aggregator's logs.
 that version's container streams (one per aggregator shard) from ``{ns}.models``, starting at the offset the
 announcement gives (its first message: nothing older is read). It is atomic: the model is first lined up with
 the announced tensors (names, aliases, shapes, dtypes: ``fedq.binding``), then every chunk is decoded into a
-``BaseStore`` (a temporary file, not memory), and only when the whole version is in hand is it copied into the
-model. So a refusal or a failure leaves the model untouched; the store then keeps the base that ``send`` diffs
-against (the default), or ``full=True`` sends the tensors themselves (only in a 16- or 32-bit codec: a 4-bit
-copy of the weights would replace the global's weights by their rounding).
+``BaseStore`` (a temporary file, not memory, in ``scratch_dir``: ``fedq.scratch`` checks it has room first),
+and only when the whole version is in hand is it copied into the model. So a refusal or a failure leaves the
+model untouched; the store then keeps the base that ``send`` diffs against (the default), or ``full=True``
+sends the tensors themselves (only in a 16- or 32-bit codec: a 4-bit copy of the weights would replace the
+global's weights by their rounding).
 
 A client whose model already holds version 0 (the initial weights the aggregator was started with, as
 clients of a pretrained LLM usually do) does not download it: its first ``receive`` compares the model's
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, MutableMapping
@@ -56,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedq import metrics, wire
+from fedq import metrics, scratch, wire
 from fedq.basestore import BaseStore
 from fedq.binding import HINTS, Binding, bind, missing_hint
 from fedq.codecs import Codec, EncodedErrorFeedback, ErrorFeedback, choose_codec, get_codec
@@ -187,14 +189,19 @@ class Client:
         trainable_only: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         transport: Transport | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.label = label
+        # where the received version (or x̂) and the residuals are kept on disk (fedq/scratch.py)
+        self.scratch_dir = scratch.directory(scratch_dir)
         self.names = Names(namespace)
         self.codec = codec
         self.codec_for = codec_policy(codec)
         use_feedback = default_error_feedback(codec) if error_feedback is None else error_feedback
         # residuals kept nf4-encoded, on disk (fedq/codecs/feedback.py)
-        self.feedback: ErrorFeedback | None = EncodedErrorFeedback() if use_feedback else None
+        self.feedback: ErrorFeedback | None = (
+            EncodedErrorFeedback(directory=self.scratch_dir) if use_feedback else None
+        )
         self.trainable_only = trainable_only
         self.chunk_bytes = chunk_bytes
         self.transport = transport if transport is not None else connect(amqp_url)
@@ -291,7 +298,7 @@ class Client:
         """A version that travels whole, into a new store in the model's dtypes (the old base is released
         first: the client never holds two)."""
         self._release_base()
-        store = BaseStore()
+        store = self._new_store(binding, None, f"version {announcement.version}")
         wanted = {model_stream(announcement.version, shard) for shard in range(announcement.shards)}
         try:
             self._load(
@@ -336,7 +343,7 @@ class Client:
     def _own_store(self, binding: Binding, dtype: torch.dtype | None = None) -> BaseStore:
         """A store holding the model's own tensors (as ``dtype``, else in their dtypes): version 0, where
         ``_holds_initial`` found the model holds it."""
-        store = BaseStore()
+        store = self._new_store(binding, dtype, "version 0")
         try:
             for name, slot in binding.slots.items():
                 store.reserve(name, tuple(slot.tensor.shape), dtype or slot.tensor.dtype)
@@ -391,13 +398,22 @@ class Client:
         first, offset = announcement.snapshot
         snapshots = {model_stream(first, s) for s in range(shards)}
         deltas = {delta_stream(u, s) for u in range(first + 1, version + 1) for s in range(shards)}
-        store = BaseStore()
+        store = self._new_store(binding, torch.float32, f"x̂ of version {version}")
         try:
             self._load(binding, version, snapshots, deltas, offset, deadline, store, torch.float32, reading)
         except BaseException:
             store.close()
             raise
         return store
+
+    def _new_store(self, binding: Binding, dtype: torch.dtype | None, what: str) -> BaseStore:
+        """A store for a version, once the scratch directory is known to have room for all of it (in
+        ``dtype``, else the model's dtypes; a tensor the model lacks counted as float32)."""
+        nbytes = sum(
+            slot.tensor.numel() * (dtype or slot.tensor.dtype).itemsize for slot in binding.slots.values()
+        ) + sum(4 * math.prod(shape) for shape in binding.missing.values())
+        scratch.check_room(self.scratch_dir, nbytes, what)
+        return BaseStore(self.scratch_dir)
 
     def _release_base(self) -> None:
         if self._base is not None:
@@ -588,19 +604,20 @@ class Client:
         for shard in range(self._shards):
             # every shard gets its container, empty or not: an update folds once all shards have committed it
             names = [name for name in tensors if self._assignment[name] == shard]
-            stats = send_container(
-                self.transport,
-                self.names.updates_exchange,
-                self.names.shard_key(shard),
-                LazyTensors(names, tensors.__getitem__, tensors.spec, tensors.slicer),
-                stream=update_stream(self.label, update_id, shard),
-                meta=meta,
-                codec_for=self.codec_for,
-                chunk_bytes=self.chunk_bytes,
-                feedback=self.feedback,
-                role=ROLE,
-                pack=True,  # a small update is one message (wire format version 2: aggregators read it)
-            )
+            with scratch.writing(self.scratch_dir):  # the residuals' file
+                stats = send_container(
+                    self.transport,
+                    self.names.updates_exchange,
+                    self.names.shard_key(shard),
+                    LazyTensors(names, tensors.__getitem__, tensors.spec, tensors.slicer),
+                    stream=update_stream(self.label, update_id, shard),
+                    meta=meta,
+                    codec_for=self.codec_for,
+                    chunk_bytes=self.chunk_bytes,
+                    feedback=self.feedback,
+                    role=ROLE,
+                    pack=True,  # a small update is one message (wire format version 2: aggregators read it)
+                )
             wire_bytes += stats.wire_bytes
             fp32_bytes += stats.fp32_bytes
             chunks += stats.chunks

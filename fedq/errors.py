@@ -62,6 +62,15 @@ class StateError(FedqError):
     exit_code = 4
 
 
+class ScratchSpaceError(FedqError):
+    """The directory where a client keeps its state on disk (the received version, error-feedback residuals:
+    ``fedq.scratch``) has no room for it. A file problem (exit 4): the message names the directory; give
+    ``Client(scratch_dir=...)`` one with room."""
+
+    reason = "no_space"
+    exit_code = 4
+
+
 class BenchError(FedqError):
     """A benchmark's run failed: a process it started, or a count it checks (the message says where its log
     is). One line and exit 1, as any failed command, not a traceback: the bench did what it was asked and the

@@ -200,9 +200,11 @@ def _receive_reconstruction(
     a client does (``fedq.Client.receive_file``: the newest snapshot and the deltas since) and written in
     float32, the models stream read within the same prefetch and memory budget as a whole version. The
     snapshot and the deltas come as one read of the models stream with no manifest to size a progress bar by
-    (``on_manifest`` is not called), so the bar counts up."""
+    (``on_manifest`` is not called), so the bar counts up. x̂ is rebuilt in a temporary file beside ``out``:
+    that directory needs room for the model twice."""
     from fedq.client import Client, Reading
 
-    client = Client("receive", namespace=names.namespace, transport=transport)
+    # x̂ is rebuilt beside OUT, where room for a model was asked for, not in $TMPDIR (often a tmpfs: memory)
+    client = Client("receive", namespace=names.namespace, transport=transport, scratch_dir=Path(out).parent)
     reading = Reading(prefetch, memory_budget, on_message)
     return client.receive_file(out, announcement, meta, timeout=timeout, reading=reading)

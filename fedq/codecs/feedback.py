@@ -14,13 +14,13 @@ bfloat16, and 7.06 / 7.11 without feedback (growing like sqrt(rounds)); see test
 
 from __future__ import annotations
 
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from fedq import scratch
 from fedq.codecs.base import Codec
 from fedq.codecs.batch import Layout, payload_spans
 from fedq.codecs.registry import get_codec
@@ -109,11 +109,11 @@ class EncodedErrorFeedback(ErrorFeedback):
     in layout.
     """
 
-    def __init__(self, codec: Codec | None = None) -> None:
+    def __init__(self, codec: Codec | None = None, directory: str | None = None) -> None:
         super().__init__(torch.float32)
         self.codec = codec if codec is not None else get_codec("nf4")
         self._encoded: dict[tuple[str, int], tuple[dict[str, Any], _Place, int]] = {}
-        self._file = _ResidualFile()
+        self._file = _ResidualFile(directory)
         self._slabs = _Slabs()
 
     def compensate(self, name: str, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -220,13 +220,14 @@ class _Place(Protocol):
 
 
 class _ResidualFile:
-    """Encoded residuals of CPU tensors at fixed offsets of an unlinked temporary file (under ``$TMPDIR``).
+    """Encoded residuals of CPU tensors at fixed offsets of an unlinked temporary file (in ``directory``, else
+    under ``$TMPDIR``: ``fedq.scratch``).
 
     Chunks are encoded on several threads at once: each reads and writes its own place (``pread``/``pwrite``
     need no lock); places are taken under a lock."""
 
-    def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the feedback)
+    def __init__(self, directory: str | None) -> None:
+        self._file = scratch.temporary_file(scratch.directory(directory))
         self._end = 0
         self._lock = threading.Lock()
 
