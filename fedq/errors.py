@@ -62,10 +62,10 @@ class StateError(FedqError):
     exit_code = 4
 
 
-class ScratchSpaceError(FedqError):
-    """The directory where a client keeps its state on disk (the received version, error-feedback residuals:
-    ``fedq.scratch``) has no room for it. A file problem (exit 4): the message names the directory; give
-    ``Client(scratch_dir=...)`` one with room."""
+class NoSpaceError(FedqError):
+    """A directory where fedq keeps its state (a client's scratch directory: ``fedq.scratch``; an aggregator's
+    state directory) has no room left. A file problem (exit 4): the message names the directory and what to
+    do."""
 
     reason = "no_space"
     exit_code = 4

@@ -7,8 +7,13 @@ Linux moves at most about 2 GiB per ``pwrite``/``preadv`` call and may move less
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from fedq.errors import NoSpaceError
 
 _IO_BYTES = 1 << 30  # per call
 
@@ -31,3 +36,15 @@ def pread_into(fd: int, out: memoryview, offset: int) -> None:
         if n == 0:
             raise OSError(f"short read at byte {offset + done} of a fedq store")
         done += n
+
+
+@contextmanager
+def room_in(where: str | os.PathLike[str], advice: Callable[[], str]) -> Iterator[None]:
+    """Writes into ``where`` that find no room raise ``NoSpaceError`` naming it and ``advice()`` (asked only
+    then): a bare ``OSError`` from deep inside a write names neither the directory nor what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise NoSpaceError(f"no room in {os.fspath(where)}: {exc.strerror or 'full'}. {advice()}") from None

@@ -10,21 +10,21 @@ which directory and what to do, and a large store in memory is said once.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
 
-from fedq.errors import ConfigError, ScratchSpaceError
+from fedq.errors import ConfigError, NoSpaceError
+from fedq.fileio import room_in
 from fedq.units import human_bytes
 
 log = logging.getLogger(__name__)
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+_ADVICE = "Give Client(scratch_dir=...) a directory on a disk with room, or set TMPDIR"
 WARN_BYTES = 1 << 30  # a store this large in memory is worth a warning; a small model's is not
 _warned: set[str] = set()  # directories said to be in memory, once per process
 
@@ -48,32 +48,27 @@ def check_room(where: str, nbytes: int, what: str) -> None:
     """Refuse, before anything is written, a store of ``nbytes`` that ``where`` has no room for."""
     stat = os.statvfs(where)
     free = stat.f_bavail * stat.f_frsize
-    kind = filesystem_type(where)
     if nbytes > free:
-        raise ScratchSpaceError(
-            _no_room(where, kind, f"{what} needs {human_bytes(nbytes)}; {human_bytes(free)} free")
+        raise NoSpaceError(
+            f"no room in {where} for the client's state: {what} needs {human_bytes(nbytes)}, "
+            f"{human_bytes(free)} free. {_ADVICE}{_in_memory(where)}"
         )
+    kind = filesystem_type(where)
     if kind in MEMORY_FILESYSTEMS and nbytes >= WARN_BYTES and where not in _warned:
         _warned.add(where)
         log.warning(
-            "%s (%s) is kept in %s, a %s: in memory, not on disk; give Client(scratch_dir=...) a directory "
-            "on a disk, or set TMPDIR",
+            "%s (%s) is kept in %s, a %s: in memory, not on disk. %s",
             what,
             human_bytes(nbytes),
             where,
             kind,
+            _ADVICE,
         )
 
 
-@contextmanager
-def writing(where: str) -> Iterator[None]:
-    """A write into ``where`` that runs out of room raises ``ScratchSpaceError`` naming it."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise ScratchSpaceError(_no_room(where, filesystem_type(where), exc.strerror or "full")) from None
+def writing(where: str) -> AbstractContextManager[None]:
+    """A write into ``where`` that runs out of room raises ``NoSpaceError`` naming it and the fix."""
+    return room_in(where, lambda: _ADVICE + _in_memory(where))
 
 
 def filesystem_type(path: str) -> str | None:
@@ -95,9 +90,6 @@ def filesystem_type(path: str) -> str | None:
     return None if best is None else best[1]
 
 
-def _no_room(where: str, kind: str | None, detail: str) -> str:
-    on = f" (a {kind}: memory)" if kind in MEMORY_FILESYSTEMS else ""
-    return (
-        f"no room for the client's state in {where}{on}: {detail}. Give Client(scratch_dir=...) a directory "
-        "on a disk with room, or set TMPDIR"
-    )
+def _in_memory(where: str) -> str:
+    kind = filesystem_type(where)
+    return f" ({where} is a {kind}: memory)" if kind in MEMORY_FILESYSTEMS else ""

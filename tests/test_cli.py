@@ -107,6 +107,32 @@ def test_a_missing_file_is_one_line_and_exit_4(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"fedq send: error: {missing}: No such file or directory"
 
 
+def test_a_full_state_directory_stops_the_aggregator_with_one_line_and_exit_4(tmp_path: Path) -> None:
+    """The kernel's ENOSPC from inside the aggregator names the state directory and what to do (it was a bare
+    'No space left on device'). Walked on a real 12 MiB tmpfs (docs/reliability.md): the shard stopped at a
+    version's checkpoint and, restarted once there was room, resumed and re-applied its journaled plan."""
+    init = tmp_path / "init.safetensors"
+    state = tmp_path / "state"
+    code = (
+        "import errno, sys, torch\n"
+        "from fedq.safetensors import save_file\n"
+        "from fedq.aggregation import service\n"
+        "from fedq.cli import main\n"
+        f"save_file({{'w': torch.zeros(8)}}, {str(init)!r})\n"
+        "def full(self, stop):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "service.Aggregator.run = full\n"
+        f"sys.exit(main(['aggregator', '--amqp-url', 'memory://full', '--init', {str(init)!r}, "
+        f"'--state-dir', {str(state)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"fedq aggregator: error: no room in {state}: No space left on device. The shard stopped; make room "
+        "there and start it again: it resumes from its last checkpoint"
+    )
+
+
 @pytest.mark.parametrize("command", ["receive", "export"])
 def test_an_output_file_that_cannot_be_written_is_refused_before_anything_is_received(
     command: str, tmp_path: Path

@@ -14,7 +14,7 @@ import torch
 
 from fedq import scratch
 from fedq.client import Client
-from fedq.errors import ConfigError, ScratchSpaceError
+from fedq.errors import ConfigError, NoSpaceError
 from tests.aggregation_helpers import every_update
 from tests.test_client import federation, memory_url, perturb, tiny_gpt
 
@@ -70,7 +70,7 @@ def test_a_download_without_room_is_refused_before_anything_is_written(
     with (
         federation(url, "ns", tmp_path / "fed", every_update()),
         Client("a", amqp_url=url, namespace="ns", scratch_dir=where) as c,
-        pytest.raises(ScratchSpaceError) as info,
+        pytest.raises(NoSpaceError) as info,
     ):
         c.receive(model, timeout=30)
     message = str(info.value)
@@ -81,7 +81,7 @@ def test_a_download_without_room_is_refused_before_anything_is_written(
 
 def test_a_full_directory_while_writing_names_it() -> None:
     with (
-        pytest.raises(ScratchSpaceError, match="no room for the client's state in /somewhere"),
+        pytest.raises(NoSpaceError, match=r"no room in /somewhere: No space left on device\. Give Client"),
         scratch.writing("/somewhere"),
     ):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -289,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     from fedq import metrics
     from fedq.aggregation.lock import StateLock
     from fedq.aggregation.service import Aggregator
+    from fedq.fileio import room_in
     from fedq.transport import connect
 
     settings = settings_from(args)
@@ -324,7 +325,10 @@ def run(args: argparse.Namespace) -> int:
         lock.release()
         log.info("shard %d stopped before its broker answered", settings.shard)
         return 0
-    with transport:
+    # A full state directory stops the shard (it cannot stage, checkpoint or journal): its last checkpoint and
+    # journal stay whole, and a restart once there is room resumes from them (walked: docs/reliability.md).
+    resume = "The shard stopped; make room there and start it again: it resumes from its last checkpoint"
+    with transport, room_in(settings.state_dir, lambda: resume):
         Aggregator(transport, settings).run(stop.event)
     lock.release()
     log.info("shard %d stopped; peak RSS %d bytes", settings.shard, _peak_rss())
