@@ -168,6 +168,8 @@ def configure_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("pika").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # matplotlib says "generated new fontManager" at INFO on a machine's first plot: noise under a results table
+    logging.getLogger("matplotlib").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
