@@ -218,6 +218,7 @@ class Aggregator:
         delta = is_delta_codec(settings.model_codec)
         self.recon = Reconstruction(self.dir, self.shapes) if delta else None
         self.prepared: Prepared | None = None  # a fold waiting for the leader's commit
+        self._check_topology()  # before _load writes a fresh shard's version 0
         self._load()
         self.folder = Folder(
             self.model,
@@ -260,6 +261,7 @@ class Aggregator:
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
         else:
             tensors, self.state = loaded
+            self._check_resumed_shards()
             self.state.all_shapes = list(self.all_shapes.items())
             if not self.state.dtype_limits and self.s.init is not None:  # a checkpoint older than the field
                 self.state.dtype_limits = _dtype_limits(self.s.init)
@@ -281,6 +283,16 @@ class Aggregator:
         # the stalled-version alert had no series until the first step
         made = (self.dir / checkpoint.model_file(self.state.version)).stat().st_mtime
         metrics.MODEL_VERSION_TIME.labels(self.shard_label).set(made)
+
+    def _check_resumed_shards(self) -> None:
+        """A checkpoint holds the tensors of its own split of the model: resumed under another --shards, the
+        shard would fold a split its peers do not share (it resumed silently until the walk of 2026-11-29)."""
+        if self.state.shards != self.s.shards:
+            raise ConfigError(
+                f"{self.dir} holds shard {self.state.shard} of {self.state.shards} shards, not of "
+                f"--shards {self.s.shards}: start it with --shards {self.state.shards}, as every shard of "
+                "its federation, or give a new federation a new --state-dir"
+            )
 
     def _initial_digest(self) -> str:
         """This shard's digest of version 0 as clients will decode it (``fedq.initial_digest``), once at the
@@ -343,6 +355,24 @@ class Aggregator:
         if self.state.published < self.state.version:
             self._publish_model()
         self._report_stepped()
+
+    def _check_topology(self) -> None:
+        """Refuse a worker whose --shards differs from the namespace's declared shards, before it writes or
+        declares anything: it splits the tensors differently from its peers, and it ran silently beside them,
+        publishing a version 0 of a shard no announcement names and leaving queues no client feeds (walk of
+        2026-11-29)."""
+        names, shards = self.s.names, self.s.shards
+        beyond, last = names.updates_queue(shards), names.updates_queue(shards - 1)
+        if self.t.queue_exists(beyond):
+            declared = f"more than {shards}: queue {beyond} exists"
+        elif shards > 1 and self.t.queue_exists(names.updates_queue(0)) and not self.t.queue_exists(last):
+            declared = f"fewer than {shards}: there is no queue {last}"
+        else:
+            return
+        raise ConfigError(
+            f"--shards {shards}: namespace {names.namespace} was declared with {declared}; start every shard "
+            "with the --shards given to `fedq broker apply` (a new shard count needs a new namespace)"
+        )
 
     # main loop ----------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:

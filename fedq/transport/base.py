@@ -123,6 +123,11 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
+    def queue_exists(self, name: str) -> bool:
+        """Whether the broker has a queue of that name (a passive declare, which needs no permission on it):
+        lets a worker compare the topology it was started for with the one declared before it."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Flush what is in flight and close the connection."""
 

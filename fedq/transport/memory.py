@@ -407,6 +407,11 @@ class MemoryTransport(Transport):
             for binding in spec["bindings"]:
                 self.broker.bind(binding["source"], binding["destination"], binding["routing_key"])
 
+    def queue_exists(self, name: str) -> bool:
+        self._check_open()
+        with self.broker.cond:
+            return name in self.broker.queues
+
     def close(self) -> None:
         if self._closed:
             return

@@ -488,6 +488,9 @@ class RabbitTransport(Transport):
                     exc,
                 )
 
+    def queue_exists(self, name: str) -> bool:
+        return bool(self._call(partial(self._queue_exists, name), f"look up queue {name}"))
+
     def close(self) -> None:
         if not self._thread.is_alive():
             return
@@ -927,6 +930,26 @@ class RabbitTransport(Transport):
         def on_open(channel: Channel) -> None:
             channel.add_on_close_callback(lambda _c, exc: call.finish(error=_error_from(exc, "declare")))
             next_step(channel)
+
+        self._connection.channel(on_open_callback=on_open)
+
+    def _queue_exists(self, name: str, call: _Call) -> None:
+        """A passive declare on a channel of its own: the broker closes it with 404 when there is no queue."""
+        assert self._connection is not None
+
+        def on_closed(_channel: Channel, exc: BaseException) -> None:
+            if getattr(exc, "reply_code", None) == 404:
+                call.finish(result=False)
+            else:
+                call.finish(error=_error_from(exc, f"look up queue {name}"))
+
+        def on_declared(channel: Channel) -> None:
+            call.finish(result=True)
+            channel.close()
+
+        def on_open(channel: Channel) -> None:
+            channel.add_on_close_callback(on_closed)
+            channel.queue_declare(name, passive=True, callback=lambda _frame: on_declared(channel))
 
         self._connection.channel(on_open_callback=on_open)
 
