@@ -372,3 +372,23 @@ def _version_time() -> float | None:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value("fedq_model_version_timestamp_seconds", {"shard": "0"})
+
+
+def test_the_leader_exports_the_updates_waiting_for_a_version(tmp_path: Path) -> None:
+    # The walk of 2026-11-29: fewer clients than --buffer-size never make a version; `fedq status` shows why.
+    broker, names = memory_broker(1)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    strategy = FedBuff(buffer_size=3, server_lr=1.0, staleness="constant")
+    worker = Worker(f"memory://aggregator@{broker}", settings(names, strategy, init, tmp_path / "state"))
+    try:
+        with connect(f"memory://alice@{broker}") as alice, connect(f"memory://bob@{broker}") as bob:
+            send_update(alice, names, delta_for(0, x0), shards=1, update_id="a", base_version=0)
+            send_update(bob, names, delta_for(1, x0), shards=1, update_id="b", base_version=0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and metrics.UPDATES_WAITING._value.get() != 2:
+            time.sleep(0.05)
+        assert metrics.UPDATES_WAITING._value.get() == 2  # two of the three a version takes
+    finally:
+        worker.stop.set()
+        worker.join(30)

@@ -769,6 +769,9 @@ class Aggregator:
             announced=self.state.announced,
             max_versions=self.s.max_versions,
         )
+        # what `fedq status` shows: with fewer clients than --buffer-size a version never came and nothing
+        # said why (walk of 2026-11-29: three clients, K = 4, the default)
+        metrics.UPDATES_WAITING.set(len(self.leader.planner.order))
         if plan is not None:
             self._step(plan)
             return
