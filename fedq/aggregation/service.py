@@ -357,22 +357,25 @@ class Aggregator:
         self._report_stepped()
 
     def _check_topology(self) -> None:
-        """Refuse a worker whose --shards differs from the namespace's declared shards, before it writes or
-        declares anything: it splits the tensors differently from its peers, and it ran silently beside them,
-        publishing a version 0 of a shard no announcement names and leaving queues no client feeds (walk of
-        2026-11-29)."""
+        """Refuse a worker whose --shards differs from its namespace's, before it writes or declares anything:
+        it splits the tensors differently from its peers, and it ran silently beside them, publishing a
+        version 0 of a shard no announcement names and leaving queues no client feeds (walk of 2026-11-29).
+        A topology with fewer shards is refused only while shard 0 consumes it: a fresh one (a broker loaded
+        with broker_config/definitions.json, one shard) grows to the worker's --shards, as it always did."""
         names, shards = self.s.names, self.s.shards
         beyond, last = names.updates_queue(shards), names.updates_queue(shards - 1)
-        if self.t.queue_exists(beyond):
-            declared = f"more than {shards}: queue {beyond} exists"
-        elif shards > 1 and self.t.queue_exists(names.updates_queue(0)) and not self.t.queue_exists(last):
-            declared = f"fewer than {shards}: there is no queue {last}"
+        fix = "give every shard the --shards of `fedq broker apply`"
+        if self.t.queue_consumers(beyond) is not None:
+            declared = f"more than {shards} shards: queue {beyond} exists; {fix}"
+        elif (
+            shards > 1
+            and self.t.queue_consumers(last) is None
+            and self.t.queue_consumers(names.updates_queue(0))
+        ):
+            declared = f"fewer than {shards} shards, and runs: there is no queue {last}; {fix}"
         else:
             return
-        raise ConfigError(
-            f"--shards {shards}: namespace {names.namespace} was declared with {declared}; start every shard "
-            "with the --shards given to `fedq broker apply` (a new shard count needs a new namespace)"
-        )
+        raise ConfigError(f"--shards {shards}: namespace {names.namespace} was declared with {declared}")
 
     # main loop ----------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:

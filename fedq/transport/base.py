@@ -123,9 +123,9 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    def queue_exists(self, name: str) -> bool:
-        """Whether the broker has a queue of that name (a passive declare, which needs no permission on it):
-        lets a worker compare the topology it was started for with the one declared before it."""
+    def queue_consumers(self, name: str) -> int | None:
+        """How many consumers the queue ``name`` has, None when there is no such queue (a passive declare,
+        which needs no permission on it): lets a worker compare its topology with the one declared and run."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -407,10 +407,11 @@ class MemoryTransport(Transport):
             for binding in spec["bindings"]:
                 self.broker.bind(binding["source"], binding["destination"], binding["routing_key"])
 
-    def queue_exists(self, name: str) -> bool:
+    def queue_consumers(self, name: str) -> int | None:
         self._check_open()
         with self.broker.cond:
-            return name in self.broker.queues
+            queue = self.broker.queues.get(name)
+            return None if queue is None else queue.consumers
 
     def close(self) -> None:
         if self._closed:

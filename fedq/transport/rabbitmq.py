@@ -488,8 +488,9 @@ class RabbitTransport(Transport):
                     exc,
                 )
 
-    def queue_exists(self, name: str) -> bool:
-        return bool(self._call(partial(self._queue_exists, name), f"look up queue {name}"))
+    def queue_consumers(self, name: str) -> int | None:
+        found: int | None = self._call(partial(self._queue_consumers, name), f"look up queue {name}")
+        return found
 
     def close(self) -> None:
         if not self._thread.is_alive():
@@ -933,23 +934,23 @@ class RabbitTransport(Transport):
 
         self._connection.channel(on_open_callback=on_open)
 
-    def _queue_exists(self, name: str, call: _Call) -> None:
+    def _queue_consumers(self, name: str, call: _Call) -> None:
         """A passive declare on a channel of its own: the broker closes it with 404 when there is no queue."""
         assert self._connection is not None
 
         def on_closed(_channel: Channel, exc: BaseException) -> None:
             if getattr(exc, "reply_code", None) == 404:
-                call.finish(result=False)
+                call.finish(result=None)
             else:
                 call.finish(error=_error_from(exc, f"look up queue {name}"))
 
-        def on_declared(channel: Channel) -> None:
-            call.finish(result=True)
+        def on_declared(channel: Channel, frame: Any) -> None:
+            call.finish(result=int(frame.method.consumer_count))
             channel.close()
 
         def on_open(channel: Channel) -> None:
             channel.add_on_close_callback(on_closed)
-            channel.queue_declare(name, passive=True, callback=lambda _frame: on_declared(channel))
+            channel.queue_declare(name, passive=True, callback=lambda frame: on_declared(channel, frame))
 
         self._connection.channel(on_open_callback=on_open)
 
