@@ -194,8 +194,8 @@ def add_samples(report: WorkerReport, text: str) -> None:
             elif sample.name == "fedq_client_last_update_timestamp_seconds":
                 client = report.clients.setdefault(labels["client"], ClientState(labels["client"], 0.0))
                 client.last_update = max(client.last_update, sample.value)
-            elif sample.name == "fedq_updates_waiting":
-                report.waiting = int(sample.value)
+            elif sample.name == "fedq_updates_waiting":  # the leader's; every other process exports 0
+                report.waiting = max(report.waiting or 0, int(sample.value))
             elif sample.name in ("fedq_dp_epsilon", "fedq_dp_delta", "fedq_dp_epsilon_budget"):
                 report.privacy[sample.name] = sample.value
             elif sample.name == "fedq_client_metric":

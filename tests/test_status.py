@@ -133,6 +133,7 @@ def test_updates_waiting_for_a_version_are_shown() -> None:
     # `fedq status` showed nothing amiss; the leader now exports how many complete updates wait.
     report = status.WorkerReport()
     status.add_samples(report, 'fedq_model_version{shard="0"} 0\nfedq_updates_waiting 3\n')
+    status.add_samples(report, 'fedq_model_version{shard="1"} 0\nfedq_updates_waiting 0\n')  # a follower
     out = io.StringIO()
     status.print_report(out, "ns", [], status.DeadLetters(0, Counter()), report, top=5, now=0.0)
     assert "updates waiting for a version: 3 (a fedbuff version takes --buffer-size of" in out.getvalue()
