@@ -266,17 +266,28 @@ def remove_user(management: Management, name: str, role: str | None = None) -> i
     if owner is None or (role is not None and owner[0] != role):
         what = f"a fedq {owner[0]}" if owner else "not created by fedq"
         raise ConfigError(f"user {name!r} is {what}: fedq removes only the {role or 'fedq'} users it created")
+    before = _connections_of(management, name)
     management.delete(f"/users/{q(name)}")
-    closed = 0
-    for connection in management.get("/connections?columns=name,user"):
-        if connection.get("user") == name:
-            try:
-                management.delete(f"/connections/{q(connection['name'])}")
-                closed += 1
-            except TransportError as exc:
-                if exc.reason != "http_404":
-                    raise
-    return closed
+    # RabbitMQ closes a deleted user's connections itself (3.10 does): those listed before count as closed,
+    # else the command reported "0 open connections closed" for a client it had just cut off (walk 2026-11-29)
+    after = _connections_of(management, name)
+    for connection in after:
+        _close_connection(management, connection)
+    return len(before | after)
+
+
+def _connections_of(management: Management, user: str) -> set[str]:
+    rows = management.get("/connections?columns=name,user")
+    return {row["name"] for row in rows if row.get("user") == user}
+
+
+def _close_connection(management: Management, name: str) -> None:
+    """Close one connection; one that closed meanwhile (404) is what was wanted."""
+    try:
+        management.delete(f"/connections/{q(name)}")
+    except TransportError as exc:
+        if exc.reason != "http_404":
+            raise
 
 
 def remove_client(management: Management, name: str) -> int:

@@ -74,6 +74,10 @@ MODEL_VERSION_TIME = Gauge(
 UPDATES_PER_VERSION = Gauge(
     "fedq_updates_per_version", "Updates folded into the last version step.", ["shard"]
 )
+UPDATES_WAITING = Gauge(
+    "fedq_updates_waiting",
+    "Complete updates the leader holds that no version has taken yet (a version that never comes shows).",
+)
 VERSION_SECONDS = Histogram(
     "fedq_version_duration_seconds",
     "Time between consecutive model versions.",

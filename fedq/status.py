@@ -61,6 +61,7 @@ class WorkerReport:
     versions: list[VersionState] = field(default_factory=list)
     clients: dict[str, ClientState] = field(default_factory=dict)
     privacy: dict[str, float] = field(default_factory=dict)  # fedq_dp_epsilon, _delta, _epsilon_budget
+    waiting: int | None = None  # complete updates no version has taken yet (the leader's)
     errors: list[str] = field(default_factory=list)
 
 
@@ -193,6 +194,8 @@ def add_samples(report: WorkerReport, text: str) -> None:
             elif sample.name == "fedq_client_last_update_timestamp_seconds":
                 client = report.clients.setdefault(labels["client"], ClientState(labels["client"], 0.0))
                 client.last_update = max(client.last_update, sample.value)
+            elif sample.name == "fedq_updates_waiting":  # the leader's; every other process exports 0
+                report.waiting = max(report.waiting or 0, int(sample.value))
             elif sample.name in ("fedq_dp_epsilon", "fedq_dp_delta", "fedq_dp_epsilon_budget"):
                 report.privacy[sample.name] = sample.value
             elif sample.name == "fedq_client_metric":
@@ -236,6 +239,12 @@ def print_report(
             print(f"model version {v.version} (shard {v.shard}), made {ago(v.made_at, now)}", file=out)
     else:
         print("model version: unknown (give an aggregator's --metrics-url)", file=out)
+    if workers.waiting is not None:
+        print(
+            f"updates waiting for a version: {workers.waiting} (a fedbuff version takes --buffer-size of "
+            "them, a client sends one per version: more than the clients never comes)",
+            file=out,
+        )
     if workers.privacy.get("fedq_dp_delta"):  # only a leader with central DP sets delta
         p = workers.privacy
         spent, delta, budget = (

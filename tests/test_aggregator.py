@@ -34,7 +34,7 @@ from tests.aggregation_helpers import (
 
 
 def test_fedbuff_two_versions_with_staleness_and_server_lr(tmp_path: Path) -> None:
-    broker, names = memory_broker(2)
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     strategy = FedBuff(buffer_size=2, server_lr=0.5, staleness="polynomial:0.5")
@@ -67,7 +67,7 @@ def test_fedbuff_two_versions_with_staleness_and_server_lr(tmp_path: Path) -> No
 
 
 def test_incomplete_update_is_dropped_and_contributes_nothing(tmp_path: Path) -> None:
-    broker, names = memory_broker(2)
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=1, update_timeout=0.5)
@@ -101,7 +101,7 @@ def _publish_slowly(t: Transport, names: Names, bodies: list[bytes], gap: float)
 def test_update_timeout_counts_inactivity_and_late_messages_are_dead_lettered(tmp_path: Path) -> None:
     """A stream that takes longer than the timeout but never pauses that long is folded; one that goes quiet
     for longer is dropped, and what comes of it later is dead-lettered ("expired"), not acked silently."""
-    broker, names = memory_broker(2)
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     timeout, gap = 0.8, 0.25
@@ -137,7 +137,7 @@ def test_update_timeout_counts_inactivity_and_late_messages_are_dead_lettered(tm
 
 
 def test_stale_update_is_dead_lettered_with_its_reason(tmp_path: Path) -> None:
-    broker, names = memory_broker(2)
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -171,7 +171,7 @@ def test_stale_update_is_dead_lettered_with_its_reason(tmp_path: Path) -> None:
 
 
 def test_full_updates_fedavg_and_duplicates_count_once(tmp_path: Path) -> None:
-    broker, names = memory_broker(2)
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = Worker(
@@ -188,7 +188,7 @@ def test_full_updates_fedavg_and_duplicates_count_once(tmp_path: Path) -> None:
 
 
 def test_bad_input_is_dead_lettered_and_the_model_is_untouched(tmp_path: Path) -> None:
-    broker, names = memory_broker(2)
+    broker, names = memory_broker(1)
     x0 = small_model()
     init = write_init(tmp_path, x0)
     worker = one_step_worker(broker, names, init, tmp_path / "state", max_versions=1)
@@ -253,7 +253,7 @@ def _sharded_run(url_for, names: Names, tmp: Path, shards: int) -> dict[str, tor
 def test_two_shards_equal_one_in_memory(tmp_path: Path) -> None:
     models = []
     for shards in (1, 2):
-        broker, names = memory_broker(2)
+        broker, names = memory_broker(shards)
         run_dir = tmp_path / f"run{shards}"
         run_dir.mkdir()
         models.append(_sharded_run(lambda user, b=broker: f"memory://{user}@{b}", names, run_dir, shards))
@@ -372,3 +372,23 @@ def _version_time() -> float | None:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value("fedq_model_version_timestamp_seconds", {"shard": "0"})
+
+
+def test_the_leader_exports_the_updates_waiting_for_a_version(tmp_path: Path) -> None:
+    # The walk of 2026-11-29: fewer clients than --buffer-size never make a version; `fedq status` shows why.
+    broker, names = memory_broker(1)
+    x0 = small_model()
+    init = write_init(tmp_path, x0)
+    strategy = FedBuff(buffer_size=3, server_lr=1.0, staleness="constant")
+    worker = Worker(f"memory://aggregator@{broker}", settings(names, strategy, init, tmp_path / "state"))
+    try:
+        with connect(f"memory://alice@{broker}") as alice, connect(f"memory://bob@{broker}") as bob:
+            send_update(alice, names, delta_for(0, x0), shards=1, update_id="a", base_version=0)
+            send_update(bob, names, delta_for(1, x0), shards=1, update_id="b", base_version=0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and metrics.UPDATES_WAITING._value.get() != 2:
+            time.sleep(0.05)
+        assert metrics.UPDATES_WAITING._value.get() == 2  # two of the three a version takes
+    finally:
+        worker.stop.set()
+        worker.join(30)

@@ -107,7 +107,12 @@ def test_client_cannot_impersonate_another(
 
 def test_remove_client_revokes(amqp_url: str, management: Management, alice: str, topology: Names) -> None:
     live = connect(alice, reconnect_timeout=5.0)
-    remove_client(management, f"{topology.namespace}-alice")
+    user = f"{topology.namespace}-alice"
+    deadline = time.monotonic() + 30  # the management API lists a connection once its stats come (5 s)
+    while not any(c.get("user") == user for c in management.get("/connections?columns=user")):
+        assert time.monotonic() < deadline, "the live connection never appeared in the management API"
+        time.sleep(0.5)
+    assert remove_client(management, user) == 1  # the broker closes it itself: counted (was 0)
     with pytest.raises(TransportError) as excinfo:
         connect(alice)
     assert excinfo.value.reason == "auth"

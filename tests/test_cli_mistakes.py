@@ -56,6 +56,22 @@ def test_a_wrong_bench_value_is_one_line_and_exit_2(
 @pytest.mark.parametrize(
     "argv",
     [
+        ["aggregator", "--shards", "2", "--sate-dir", "/var/lib/fedq"],
+        ["broker", "add-client", "alice", "--rotaet"],
+    ],
+    ids=lambda v: " ".join(v),
+)
+def test_a_typo_in_an_option_names_the_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The walk of 2026-11-29: a typo'd option ended in `fedq: error: ...` after the top-level usage."""
+    status, line = fedq(capsys, *argv)
+    command = " ".join(argv[: 2 if argv[0] == "broker" else 1])
+    assert status == 2 and line.startswith(f"fedq {command}: error: unrecognized arguments: "), line
+    assert argv[-1] in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
         ["bench", "round", "--shapes", "tiny", "--clients", "1"],
         ["bench", "stream", "--shapes", "tiny"],
         ["bench", "scale", "--clients", "2"],

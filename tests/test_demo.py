@@ -82,3 +82,24 @@ def test_the_last_line_counts_the_updates_that_made_the_last_version(tmp_path: P
     assert [(r.wire_bytes, r.fp32_bytes) for r in rows] == [(1000, 7000), (1500, 10500)]
     assert rows[1].client_peak_rss > 10 << 20  # the final page's peak RSS too
     assert endpoints_only.row(2, 2.0, 2.5).wire_bytes == 1000  # what the table showed before
+
+
+def test_a_demo_client_starts_from_the_version_0_demo_init_writes(tmp_path: Path) -> None:
+    # The walk of 2026-11-29: every client logged "the model differs from version 0: downloading", since
+    # demo_init seeded the model and the client did not.
+    import torch
+    from safetensors.torch import load_file
+
+    from fedq import cli
+    from workers import demo_init, shakespeare
+    from workers.demo_client import initial_model
+
+    options = ["--n-embd", "32", "--n-layer", "1", "--n-head", "2"]
+    assert demo_init.main([str(tmp_path / "v0.safetensors"), *options]) == 0
+    written = load_file(tmp_path / "v0.safetensors")
+    torch.rand(7)  # whatever the process drew before
+    args = cli._parse(["client", *options])
+    vocab = shakespeare.build_corpus(args.clients, args.split, args.seed).vocab
+    client = initial_model(args, vocab.size).state_dict()
+    assert written.keys() == client.keys()
+    assert all(torch.equal(written[name], client[name]) for name in written)

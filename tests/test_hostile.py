@@ -357,6 +357,8 @@ def test_a_followers_refused_fold_is_refused_on_every_shard_and_the_version_come
     m = {n: torch.full(t.shape, 50.0 if on[n] == 0 else 2e5) for n, t in x0.items()}
     a, b = delta_for(1, small_model()), delta_for(2, small_model())
     init = save_file(x0, fed["tmp"] / "init.safetensors")
+    with connect(fed["amqp_url"]) as operator:
+        operator.declare(names, 2)  # `fedq broker apply --shards 2`: the fixture declared one shard
     workers = [
         Running(
             fed["amqp_url"],

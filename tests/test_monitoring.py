@@ -128,6 +128,14 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_each_alert_fires_for_the_federation_in_trouble_named_by_its_namespace() -> None:
+    # alerts_test.yml: two federations on one Prometheus. Until the walk of 2026-11-29 the staleness,
+    # blocked-publisher and stalled-version alerts summed the namespace away.
+    command = [promtool(), "test", "rules", "alerts_test.yml"]
+    result = subprocess.run(command, cwd=MONITORING, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
 def test_every_fedq_metric_in_dashboard_and_alerts_is_one_fedq_exports() -> None:
     rules = (MONITORING / "alerts.yml").read_text()
     used = set(re.findall(r"\bfedq_[a-z0-9_]+", rules + DASHBOARD.read_text()))

@@ -16,10 +16,14 @@ import pytest
 import torch
 
 from fedq import cli
+from fedq.aggregation import checkpoint
+from fedq.aggregation.service import Aggregator
 from fedq.broker import Management, q
+from fedq.errors import ConfigError
 from fedq.safetensors import save_file
 from fedq.topology import Names
 from fedq.transport import connect
+from tests.aggregation_helpers import every_update, memory_broker, settings, small_model, write_init
 
 ROOT = Path(__file__).parent.parent
 
@@ -171,6 +175,67 @@ def test_one_aggregator_per_shard_and_a_clean_stop_on_sigterm(
         _, err = resumed.communicate(timeout=60)
     err = "".join(lines) + err
     assert resumed.returncode == 0 and "shard 0: resumed at version 0" in err, err
+
+
+def _shard(broker: str, names: Names, init: Path | None, state: Path, shard: int, shards: int) -> None:
+    """Construct (and so load or create) one in-memory shard; the constructor is where a shard is refused."""
+    options = {"shard": shard, "shards": shards}
+    with connect(f"memory://aggregator@{broker}") as transport:
+        Aggregator(transport, settings(names, every_update(), init, state, **options))  # type: ignore[arg-type]
+
+
+def test_a_shard_started_with_another_shard_count_than_its_topology_is_refused(tmp_path: Path) -> None:
+    # The walk of 2026-11-29: `--shard 2 --shards 3` beside a running two-shard federation ran silently,
+    # published a version 0 of a shard no one announces and left two queues behind; and a checkpoint written
+    # under --shards 3 resumed under --shards 4.
+    init, state = write_init(tmp_path, small_model()), tmp_path / "state"
+    broker, names = memory_broker(shards=2)
+    with connect(f"memory://shard0@{broker}") as running:
+        running.consume(names.updates_queue(0), prefetch=1)  # shard 0 of the federation
+        for shard, shards, declared in (
+            (2, 3, "fewer than 3 shards, and runs"),
+            (0, 1, "more than 1 shards"),
+        ):
+            with pytest.raises(ConfigError) as refused:
+                _shard(broker, names, init, state, shard, shards)
+            assert f"--shards {shards}: namespace {names.namespace} was declared with {declared}" in str(
+                refused.value
+            )
+            assert not (state / f"shard-{shard}" / checkpoint.STATE).exists()  # nothing written
+    _shard(broker, names, init, state, 0, 2)  # writes version 0 of shard 0 of 2
+    wider, wider_names = memory_broker(shards=3)
+    with pytest.raises(ConfigError) as refused:
+        _shard(wider, wider_names, None, state, 0, 3)
+    assert "shard-0 holds shard 0 of 2 shards, not of --shards 3: start it with --shards 2" in str(
+        refused.value
+    )
+    # a topology nobody runs yet grows to the worker's shards, as broker_config/definitions.json (one shard)
+    # under workers/compose.yml (two) needs
+    fresh, fresh_names = memory_broker(shards=1)
+    _shard(fresh, fresh_names, init, tmp_path / "fresh", 1, 2)
+
+
+@pytest.mark.broker
+def test_a_shard_count_that_differs_from_broker_apply_is_one_line_and_exit_2(
+    amqp_url: str, names: Names, tmp_path: Path
+) -> None:
+    init = tmp_path / "init.safetensors"
+    save_file({"w": torch.zeros(64, 64), "b": torch.zeros(64)}, init)
+    shard = ["--init", str(init), "--state-dir", str(tmp_path / "s"), "--shard", "2", "--shards", "3"]
+    command = [sys.executable, "-m", "fedq", "aggregator", "--namespace", names.namespace, *shard]
+    env = os.environ | {"FEDQ_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
+    with connect(amqp_url) as operator:
+        operator.declare(names, 2)  # what `fedq broker apply --shards 2` declares
+        assert operator.queue_consumers(names.updates_queue(2)) is None
+        operator.consume(names.updates_queue(0), prefetch=1)  # shard 0 runs
+        assert operator.queue_consumers(names.updates_queue(0)) == 1
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and "error: --shards 3: namespace" in last and "no queue" in last, (
+            done.stderr
+        )
+        assert "Traceback" not in done.stderr
+        assert operator.queue_consumers(names.updates_queue(2)) is None  # it declared nothing
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -124,6 +126,17 @@ def test_shards_of_several_aggregators_are_all_reported() -> None:
     )
     status.add_samples(report, 'fedq_model_version{shard="1"} 3\n')
     assert report.versions == [status.VersionState("0", 3, 100.0), status.VersionState("1", 3, 0.0)]
+
+
+def test_updates_waiting_for_a_version_are_shown() -> None:
+    # The walk of 2026-11-29: three clients and --buffer-size 4 (the default) never made version 1, and
+    # `fedq status` showed nothing amiss; the leader now exports how many complete updates wait.
+    report = status.WorkerReport()
+    status.add_samples(report, 'fedq_model_version{shard="0"} 0\nfedq_updates_waiting 3\n')
+    status.add_samples(report, 'fedq_model_version{shard="1"} 0\nfedq_updates_waiting 0\n')  # a follower
+    out = io.StringIO()
+    status.print_report(out, "ns", [], status.DeadLetters(0, Counter()), report, top=5, now=0.0)
+    assert "updates waiting for a version: 3 (a fedbuff version takes --buffer-size of" in out.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import torch
-
 from fedq.broker import Management, management_url_for, q, vhost_of
 from fedq.cli import main as fedq_main
 from fedq.client import Client
@@ -43,7 +41,7 @@ from fedq.safetensors import save_file
 from fedq.topology import Names
 from fedq.transport import connect, default_url
 from workers import gpt, shakespeare
-from workers.demo_client import model_config
+from workers.demo_client import initial_model, model_config
 
 NO_BROKER = (
     "No RabbitMQ broker answers at {where}. Get one with either\n"
@@ -195,9 +193,7 @@ def _client_log_to(path: Path) -> None:
 
 
 def _write_initial_model(args: argparse.Namespace, vocab_size: int, workdir: Path) -> Path:
-    torch.manual_seed(args.seed)
-    model = gpt.GPT(model_config(args, vocab_size))
-    return save_file(model.state_dict(), workdir / "init.safetensors")
+    return save_file(initial_model(args, vocab_size).state_dict(), workdir / "init.safetensors")
 
 
 def _param_count(args: argparse.Namespace, vocab_size: int) -> int:

@@ -30,6 +30,13 @@ from workers import gpt, shakespeare
 log = logging.getLogger("fedq.demo_client")
 
 
+def initial_model(args: argparse.Namespace, vocab_size: int) -> gpt.GPT:
+    """Version 0, seeded as ``workers.demo_init`` writes it, so that a client's first receive finds it holds
+    version 0 and does not download it; unseeded, every client downloaded it (walk of 2026-11-29)."""
+    torch.manual_seed(args.seed)
+    return gpt.GPT(model_config(args, vocab_size))
+
+
 def model_config(args: argparse.Namespace, vocab_size: int) -> gpt.GPTConfig:
     return gpt.GPTConfig(
         vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd
@@ -42,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     metrics.serve(args.metrics_port, args.namespace)
     corpus = shakespeare.build_corpus(args.clients, args.split, args.seed)
     tokens = corpus.clients[args.index]
-    model = gpt.GPT(model_config(args, corpus.vocab.size))
+    model = initial_model(args, corpus.vocab.size)
     optimizer = gpt.make_optimizer(model, args.lr)
     generator = torch.Generator().manual_seed(args.seed * 1000 + args.index + 2)
     held_out = shakespeare.validation_batches(

@@ -12,12 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from fedq.cli.client import add_model_arguments
 from fedq.safetensors import save_file
-from workers import gpt, shakespeare
-from workers.demo_client import model_config
+from workers import shakespeare
+from workers.demo_client import initial_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out} exists; kept")
         return 0
     vocab = shakespeare.build_corpus(args.clients, args.split, args.seed).vocab
-    torch.manual_seed(args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(gpt.GPT(model_config(args, vocab.size)).state_dict(), args.out)
+    save_file(initial_model(args, vocab.size).state_dict(), args.out)
     print(f"wrote the demo's version 0 to {args.out}")
     return 0
 

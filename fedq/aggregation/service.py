@@ -218,6 +218,7 @@ class Aggregator:
         delta = is_delta_codec(settings.model_codec)
         self.recon = Reconstruction(self.dir, self.shapes) if delta else None
         self.prepared: Prepared | None = None  # a fold waiting for the leader's commit
+        self._check_topology()  # before _load writes a fresh shard's version 0
         self._load()
         self.folder = Folder(
             self.model,
@@ -260,6 +261,7 @@ class Aggregator:
             log.info("shard %d: version 0 from %s (%d tensors)", self.s.shard, self.s.init, len(self.shapes))
         else:
             tensors, self.state = loaded
+            self._check_resumed_shards()
             self.state.all_shapes = list(self.all_shapes.items())
             if not self.state.dtype_limits and self.s.init is not None:  # a checkpoint older than the field
                 self.state.dtype_limits = _dtype_limits(self.s.init)
@@ -281,6 +283,16 @@ class Aggregator:
         # the stalled-version alert had no series until the first step
         made = (self.dir / checkpoint.model_file(self.state.version)).stat().st_mtime
         metrics.MODEL_VERSION_TIME.labels(self.shard_label).set(made)
+
+    def _check_resumed_shards(self) -> None:
+        """A checkpoint holds the tensors of its own split of the model: resumed under another --shards, the
+        shard would fold a split its peers do not share (it resumed silently until the walk of 2026-11-29)."""
+        if self.state.shards != self.s.shards:
+            raise ConfigError(
+                f"{self.dir} holds shard {self.state.shard} of {self.state.shards} shards, not of "
+                f"--shards {self.s.shards}: start it with --shards {self.state.shards}, as every shard of "
+                "its federation, or give a new federation a new --state-dir"
+            )
 
     def _initial_digest(self) -> str:
         """This shard's digest of version 0 as clients will decode it (``fedq.initial_digest``), once at the
@@ -343,6 +355,27 @@ class Aggregator:
         if self.state.published < self.state.version:
             self._publish_model()
         self._report_stepped()
+
+    def _check_topology(self) -> None:
+        """Refuse a worker whose --shards differs from its namespace's, before it writes or declares anything:
+        it splits the tensors differently from its peers, and it ran silently beside them, publishing a
+        version 0 of a shard no announcement names and leaving queues no client feeds (walk of 2026-11-29).
+        A topology with fewer shards is refused only while shard 0 consumes it: a fresh one (a broker loaded
+        with broker_config/definitions.json, one shard) grows to the worker's --shards, as it always did."""
+        names, shards = self.s.names, self.s.shards
+        beyond, last = names.updates_queue(shards), names.updates_queue(shards - 1)
+        fix = "give every shard the --shards of `fedq broker apply`"
+        if self.t.queue_consumers(beyond) is not None:
+            declared = f"more than {shards} shards: queue {beyond} exists; {fix}"
+        elif (
+            shards > 1
+            and self.t.queue_consumers(last) is None
+            and self.t.queue_consumers(names.updates_queue(0))
+        ):
+            declared = f"fewer than {shards} shards, and runs: there is no queue {last}; {fix}"
+        else:
+            return
+        raise ConfigError(f"--shards {shards}: namespace {names.namespace} was declared with {declared}")
 
     # main loop ----------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
@@ -739,6 +772,9 @@ class Aggregator:
             announced=self.state.announced,
             max_versions=self.s.max_versions,
         )
+        # what `fedq status` shows: with fewer clients than --buffer-size a version never came and nothing
+        # said why (walk of 2026-11-29: three clients, K = 4, the default)
+        metrics.UPDATES_WAITING.set(len(self.leader.planner.order))
         if plan is not None:
             self._step(plan)
             return

@@ -156,7 +156,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser, commands = _build(config, os.environ)
     if path is not None:
         check_keys(config, {words: set(options_of(sub)) for words, sub in commands.items()}, path)
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse leaves these to the top parser, whose line named `fedq`, not the command
+        commands[tuple(args._command.split())].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def configure_logging(verbose: bool) -> None:

@@ -17,5 +17,5 @@ def run(args: argparse.Namespace) -> int:
     from fedq.broker import remove_client
 
     closed = remove_client(management(args), args.name)
-    print(f"removed {args.name} ({closed} open connections closed)")
+    print(f"removed {args.name} ({closed} open connection{'' if closed == 1 else 's'} closed)")
     return 0

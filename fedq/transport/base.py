@@ -123,6 +123,11 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
+    def queue_consumers(self, name: str) -> int | None:
+        """How many consumers the queue ``name`` has, None when there is no such queue (a passive declare,
+        which needs no permission on it): lets a worker compare its topology with the one declared and run."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Flush what is in flight and close the connection."""
 

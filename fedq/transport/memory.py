@@ -407,6 +407,12 @@ class MemoryTransport(Transport):
             for binding in spec["bindings"]:
                 self.broker.bind(binding["source"], binding["destination"], binding["routing_key"])
 
+    def queue_consumers(self, name: str) -> int | None:
+        self._check_open()
+        with self.broker.cond:
+            queue = self.broker.queues.get(name)
+            return None if queue is None else queue.consumers
+
     def close(self) -> None:
         if self._closed:
             return

@@ -488,6 +488,10 @@ class RabbitTransport(Transport):
                     exc,
                 )
 
+    def queue_consumers(self, name: str) -> int | None:
+        found: int | None = self._call(partial(self._queue_consumers, name), f"look up queue {name}")
+        return found
+
     def close(self) -> None:
         if not self._thread.is_alive():
             return
@@ -927,6 +931,26 @@ class RabbitTransport(Transport):
         def on_open(channel: Channel) -> None:
             channel.add_on_close_callback(lambda _c, exc: call.finish(error=_error_from(exc, "declare")))
             next_step(channel)
+
+        self._connection.channel(on_open_callback=on_open)
+
+    def _queue_consumers(self, name: str, call: _Call) -> None:
+        """A passive declare on a channel of its own: the broker closes it with 404 when there is no queue."""
+        assert self._connection is not None
+
+        def on_closed(_channel: Channel, exc: BaseException) -> None:
+            if getattr(exc, "reply_code", None) == 404:
+                call.finish(result=None)
+            else:
+                call.finish(error=_error_from(exc, f"look up queue {name}"))
+
+        def on_declared(channel: Channel, frame: Any) -> None:
+            call.finish(result=int(frame.method.consumer_count))
+            channel.close()
+
+        def on_open(channel: Channel) -> None:
+            channel.add_on_close_callback(on_closed)
+            channel.queue_declare(name, passive=True, callback=lambda frame: on_declared(channel, frame))
 
         self._connection.channel(on_open_callback=on_open)
 
