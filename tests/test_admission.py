@@ -183,6 +183,49 @@ def test_a_budget_below_two_deliveries_holds_nothing(tmp_path: Path) -> None:
     area.close()
 
 
+def test_staging_leaves_the_reserve_and_no_user_takes_more_than_half_the_room(tmp_path: Path) -> None:
+    """A message that would take the state directory below its reserve is refused (``no_room``); one that
+    would give its user more than half the room (what is left above the reserve + what is staged) is refused
+    (``quota_room``) even while the disk has room: the other half stays for everyone else."""
+    area = StagingArea(tmp_path)
+    body = messages("alice/u/s0")[1]
+    size = len(body)
+
+    def verdict(user: str, staged_by_user: int, room: admission.Room) -> admission.Decision:
+        return admission.admit(
+            wire.decode(body),
+            user,
+            shapes=SHAPES,
+            staged=area.streams,
+            finished=set(),
+            expired=set(),
+            update_timeout=60.0,
+            size=size,
+            usage=(1, staged_by_user),
+            room=room,
+        )
+
+    full = verdict("alice", 0, admission.Room(left=size - 1, staged=0))
+    assert full.reason == "no_room" and "--disk-reserve" in full.detail
+    assert verdict("alice", 0, admission.Room(left=-5, staged=1000)).reason == "no_room"
+    assert verdict("mallory", 500, admission.Room(left=500, staged=500)).reason == "quota_room"
+    assert verdict("mallory", 500 - size, admission.Room(left=500, staged=500)).action == admission.STAGE
+    assert verdict("alice", 0, admission.Room(left=500, staged=500)).action == admission.STAGE
+
+
+def test_the_disk_reserve_is_set_from_the_command_line() -> None:
+    from fedq.cli import build_parser
+    from fedq.cli.aggregator import settings_from
+
+    def reserve(*argv: str) -> int:
+        return settings_from(
+            build_parser().parse_args(["aggregator", "--init", "m.safetensors", *argv])
+        ).disk_reserve
+
+    assert reserve() == 0  # 0: the next checkpoint's size + 64 MiB, sized when the model is known
+    assert reserve("--disk-reserve", "10GiB") == 10 << 30
+
+
 def test_the_per_user_quota_is_set_from_the_command_line() -> None:
     """Where many clients share one broker user (a relay, the scale bench), the operator raises its quota."""
     from fedq.cli import build_parser

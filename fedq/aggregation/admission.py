@@ -31,6 +31,9 @@ STAGE, IGNORE, REFUSE = "stage", "ignore", "refuse"
 # The most samples one update may claim: FedAvg weighs updates by this claim, so an unbounded one lets a
 # single client make the step its own delta. A million local samples per round covers honest fine-tuning.
 MAX_SAMPLES = 1_000_000
+# The most of the state directory's staging room one user may hold: the rest stays for everyone else's
+# updates, so a client that fills its share leaves room for the others instead of stopping the shard.
+USER_ROOM_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,22 @@ class Quota:
 
     streams: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class Room:
+    """The state directory's room for staging, looked at as a message arrives: ``left``, the bytes staging may
+    still add before the directory's free space falls to its reserve (what the next checkpoint needs), and
+    ``staged``, what all users have staged. Writing into a full directory stops the shard (``NoSpaceError``),
+    so staging never takes the reserve, and no user takes more than ``USER_ROOM_SHARE`` of the room
+    (``left + staged``): one client's incomplete streams can neither stop the shard nor crowd out the
+    others'."""
+
+    left: int
+    staged: int
+
+    def user_limit(self) -> int:
+        return int(USER_ROOM_SHARE * (self.left + self.staged))
 
 
 @dataclass
@@ -85,6 +104,7 @@ def admit(
     quota: Quota | None = None,
     size: int = 0,
     usage: tuple[int, int] = (0, 0),
+    room: Room | None = None,
 ) -> Decision:
     """The decision for one decoded update message sent by broker user ``user`` (see ``sender``).
 
@@ -123,6 +143,10 @@ def admit(
             return Decision(
                 REFUSE, "quota_bytes", f"{user} has {nbytes} bytes staged; {size} more exceed {quota.nbytes}"
             )
+    if room is not None:
+        refused = _no_room(user, size, usage[1], room)
+        if refused is not None:
+            return refused
     try:
         if msg.kind == wire.CHUNK:
             check_tensor(shapes, msg.name, msg.shape)
@@ -132,6 +156,25 @@ def admit(
         # a stream whose manifest is refused is refused whole: it can never complete (it is the sender's own)
         return _refuse(exc, forget=msg.kind == wire.MANIFEST)
     return Decision(STAGE)
+
+
+def _no_room(user: str, size: int, nbytes: int, room: Room) -> Decision | None:
+    """The refusal of ``size`` more bytes from ``user`` (``nbytes`` staged) that ``room`` cannot take."""
+    if size > room.left:
+        return Decision(
+            REFUSE,
+            "no_room",
+            f"the state directory has {room.left} bytes left above its reserve; {size} more do not fit "
+            "(free disk, or lower --disk-reserve)",
+        )
+    if nbytes + size > room.user_limit():
+        return Decision(
+            REFUSE,
+            "quota_room",
+            f"{user} has {nbytes} bytes staged; {size} more exceed its share of the state directory's room "
+            f"({room.user_limit()} of {room.left + room.staged} bytes)",
+        )
+    return None
 
 
 def check_size(size: int, limit: int) -> None:

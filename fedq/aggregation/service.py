@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -100,6 +101,9 @@ log = logging.getLogger(__name__)
 ROLE = "aggregator"
 MAX_BATCH = 64
 POLL_SECONDS = 0.25  # the longest the loop takes deliveries before it completes, expires and plans
+# Beyond the next version's files, the state directory's reserve keeps room for what else it writes:
+# state.json and records (bounded), staging's record headers and a batch's unsynced writes.
+DISK_MARGIN = 64 << 20
 __all__ = ["MAX_CLIENT_METRICS", "Aggregator", "Settings"]
 
 
@@ -142,6 +146,9 @@ class Settings:
     hold_bytes: int = HOLD_BYTES
     max_streams_per_user: int = 16  # incomplete or waiting streams one user may have staged
     max_user_bytes: int = 0  # bytes one user may have staged; 0: 4 x this shard's model in fp32 + 64 MiB
+    # Free space staging leaves in the state directory (admission.Room); 0: what the next checkpoint writes
+    # (``checkpoint_bytes``) + DISK_MARGIN.
+    disk_reserve: int = 0
 
 
 @dataclass
@@ -219,6 +226,14 @@ class Aggregator:
         self.recon = Reconstruction(self.dir, self.shapes) if delta else None
         self.prepared: Prepared | None = None  # a fold waiting for the leader's commit
         self._load()
+        self.reserve = settings.disk_reserve or self._checkpoint_bytes() + DISK_MARGIN
+        log.info(
+            "shard %d: staging leaves %d MiB free in %s (%d MiB of room above that; one user may take half)",
+            settings.shard,
+            self.reserve >> 20,
+            self.dir,
+            max(0, self._room().left) >> 20,
+        )
         self.folder = Folder(
             self.model,
             self.staging,
@@ -515,6 +530,7 @@ class Aggregator:
             quota=self.quota,
             size=size,
             usage=self.staging.usage(user),
+            room=self._room(),
         )
 
     def _stage(self, msg: wire.Message, user: str, body: memoryview, arrived: Arrivals) -> Staged | None:
@@ -1001,6 +1017,19 @@ class Aggregator:
             "codecs": self.codec_stats if current else {},
             "dropped": [list(d) for d in plan.dropped] if plan is not None and current else [],
         }
+
+    def _checkpoint_bytes(self) -> int:
+        """What the next version writes into the state directory before the previous one's files go: its
+        checkpoint (model and server optimizer state, in float32) and, with a delta codec, x̂'s new file."""
+        saved = 4 * sum(t.numel() for t in self._tensors().values())
+        recon = 4 * sum(t.numel() for t in self.model.values()) if self.recon is not None else 0
+        return saved + recon
+
+    def _room(self) -> admission.Room:
+        """The state directory's room for staging now (its free space is looked at: other shards and other
+        programs may share the file system)."""
+        free = shutil.disk_usage(self.staging.directory).free
+        return admission.Room(free - self.reserve, self.staging.nbytes)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """What the checkpoint file holds: the model, and the server optimizer's state next to it."""

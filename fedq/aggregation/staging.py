@@ -146,6 +146,7 @@ class StagingArea:
         directory.mkdir(parents=True, exist_ok=True)
         self.streams: dict[str, Staged] = {}
         self.by_user: dict[str, list[int]] = {}  # user -> [streams staged, bytes staged] (quotas)
+        self.nbytes = 0  # bytes staged by all users (message bodies, as ``by_user`` counts them)
         self._dirty: set[str] = set()
         self._open: dict[str, _Appending] = {}  # files appended to since the last sync, by stream
         self.held = 0  # bytes of chunks held in memory (``ChunkRef.held``)
@@ -159,10 +160,6 @@ class StagingArea:
         """(streams, bytes) ``user`` has staged here."""
         streams, nbytes = self.by_user.get(user, (0, 0))
         return streams, nbytes
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.streams.values())
 
     def append(self, user: str, msg: wire.Message, body: bytes | memoryview) -> Staged | None:
         """Stage one validated message of ``user``'s stream; None when it duplicates what is already staged
@@ -191,6 +188,7 @@ class StagingArea:
         if msg.kind == wire.CHUNK:
             self._hold(staged.chunks[msg.index], msg, len(body))
         self.by_user[user][1] += len(body)
+        self.nbytes += len(body)
         staged.last_seen = time.monotonic()
         self._dirty.add(key)
         return staged
@@ -254,6 +252,7 @@ class StagingArea:
             usage = self.by_user[staged.user]
             usage[0] -= 1
             usage[1] -= staged.nbytes
+            self.nbytes -= staged.nbytes
             if usage[0] <= 0:
                 del self.by_user[staged.user]
             self._disk.submit(staged.path.unlink, missing_ok=True)
@@ -296,6 +295,7 @@ class StagingArea:
             usage = self.by_user.setdefault(staged.user, [0, 0])
             usage[0] += 1
             usage[1] += staged.nbytes
+            self.nbytes += staged.nbytes
 
 
 def is_duplicate(staged: Staged, msg: wire.Message) -> bool:
