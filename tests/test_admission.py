@@ -183,6 +183,18 @@ def test_a_budget_below_two_deliveries_holds_nothing(tmp_path: Path) -> None:
     area.close()
 
 
+def test_a_manifest_listing_more_tensors_than_the_shard_has_is_refused_unparsed(tmp_path: Path) -> None:
+    """Its rows are not looked at (1,900 of them took 11 ms per message to refuse); its stream is refused
+    whole."""
+    area = StagingArea(tmp_path)
+    meta = UpdateMeta("u", 0).to_meta()
+    meta["tensors"] = [[f"t{i}", "float32", [1], "fp32", 1, 1] for i in range(1900)]
+    meta["chunks"] = 1900
+    d = decide(area, wire.encode_control(wire.MANIFEST, "alice/u/s0", meta))
+    assert (d.action, d.reason, d.forget) == (admission.REFUSE, "bad_manifest", True)
+    assert "1900 tensors listed, this shard has 2" in d.detail
+
+
 def test_staging_leaves_the_reserve_and_no_user_takes_more_than_half_the_room(tmp_path: Path) -> None:
     """A message that would take the state directory below its reserve is refused (``no_room``); one that
     would give its user more than half the room (what is left above the reserve + what is staged) is refused

@@ -207,6 +207,15 @@ def parse_manifest(stream: str, meta: dict[str, Any]) -> tuple[Manifest, UpdateM
 
 
 def check_manifest(shapes: dict[str, tuple[int, ...]], stream: str, meta: dict[str, Any]) -> None:
+    rows = meta.get("tensors")
+    if isinstance(rows, list) and len(rows) > len(shapes):
+        # Each row names a distinct tensor of this shard, so more rows cannot be valid; refused unparsed: a
+        # 64 KiB header lists ~1,900 rows, which took 11 ms each to refuse (the version behind 1,000 of them
+        # came 11.5 s late; behind 1,000 junk messages 0.4 s)
+        raise StreamError(
+            f"stream {stream}: bad manifest: {len(rows)} tensors listed, this shard has {len(shapes)}",
+            reason="bad_manifest",
+        )
     manifest, info = parse_manifest(stream, meta)
     if info.update_tensors == 0 or (info.update_tensors is None and not manifest.tensors):
         # An empty update would count (a FedAvg weight, a FedBuff slot) and dilute everyone else's. Emptiness
