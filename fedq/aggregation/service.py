@@ -227,13 +227,7 @@ class Aggregator:
         self.prepared: Prepared | None = None  # a fold waiting for the leader's commit
         self._load()
         self.reserve = settings.disk_reserve or self._checkpoint_bytes() + DISK_MARGIN
-        log.info(
-            "shard %d: staging leaves %d MiB free in %s (%d MiB of room above that; one user may take half)",
-            settings.shard,
-            self.reserve >> 20,
-            self.dir,
-            max(0, self._room().left) >> 20,
-        )
+        self._say_room(shard_bytes)
         self.folder = Folder(
             self.model,
             self.staging,
@@ -1024,6 +1018,21 @@ class Aggregator:
         saved = 4 * sum(t.numel() for t in self._tensors().values())
         recon = 4 * sum(t.numel() for t in self.model.values()) if self.recon is not None else 0
         return saved + recon
+
+    def _say_room(self, shard_bytes: int) -> None:
+        """Log the state directory's room for staging; warn when one user's half of it cannot hold one fp32
+        update of this shard: honest updates would then be refused (``quota_room``, ``no_room``)."""
+        room = self._room()
+        say = log.warning if room.user_limit() < shard_bytes else log.info
+        say(
+            "shard %d: staging leaves %d MiB free in %s, %d MiB of room above that, one user may stage half "
+            "(an fp32 update of this shard: %d MiB; --disk-reserve)",
+            self.s.shard,
+            self.reserve >> 20,
+            self.dir,
+            max(0, room.left + room.staged) >> 20,
+            shard_bytes >> 20,
+        )
 
     def _room(self) -> admission.Room:
         """The state directory's room for staging now (its free space is looked at: other shards and other
