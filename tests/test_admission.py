@@ -213,7 +213,7 @@ def test_staging_leaves_the_reserve_and_no_user_takes_more_than_half_the_room(tm
             expired=set(),
             update_timeout=60.0,
             size=size,
-            usage=(1, staged_by_user),
+            usage=(1, staged_by_user, 1),
             room=room,
         )
 
@@ -223,6 +223,33 @@ def test_staging_leaves_the_reserve_and_no_user_takes_more_than_half_the_room(tm
     assert verdict("mallory", 500, admission.Room(left=500, staged=500)).reason == "quota_room"
     assert verdict("mallory", 500 - size, admission.Room(left=500, staged=500)).action == admission.STAGE
     assert verdict("alice", 0, admission.Room(left=500, staged=500)).action == admission.STAGE
+
+
+def test_a_users_staged_messages_are_bounded_by_count(tmp_path: Path) -> None:
+    """A message beyond the user's message quota is refused (``quota_messages``); the default quota is the
+    byte quota at 64 KiB a message, and never below a chunk per tensor for every stream the user may stage."""
+    area = StagingArea(tmp_path)
+    body = messages("alice/u/s0")[1]
+
+    def verdict(messages_staged: int) -> str:
+        d = admission.admit(
+            wire.decode(body),
+            "alice",
+            shapes=SHAPES,
+            staged=area.streams,
+            finished=set(),
+            expired=set(),
+            update_timeout=60.0,
+            quota=admission.Quota(streams=16, nbytes=1 << 30, messages=100),
+            size=len(body),
+            usage=(1, 0, messages_staged),
+        )
+        return d.reason or d.action
+
+    assert verdict(99) == admission.STAGE
+    assert verdict(100) == "quota_messages"
+    assert admission.message_quota(64 << 20, 16, 4) == 1024
+    assert admission.message_quota(1 << 20, 16, 300) == 16 * 302
 
 
 def test_the_disk_reserve_is_set_from_the_command_line() -> None:
@@ -236,6 +263,8 @@ def test_the_disk_reserve_is_set_from_the_command_line() -> None:
 
     assert reserve() == 0  # 0: the next checkpoint's size + 64 MiB, sized when the model is known
     assert reserve("--disk-reserve", "10GiB") == 10 << 30
+    args = build_parser().parse_args(["aggregator", "--init", "m.safetensors", "--max-user-messages", "5000"])
+    assert settings_from(args).max_user_messages == 5000
 
 
 def test_the_per_user_quota_is_set_from_the_command_line() -> None:

@@ -546,6 +546,35 @@ def test_a_clients_incomplete_streams_never_fill_the_state_directory(
     assert senders == {f"{names.namespace}-mallory"}
 
 
+def test_a_stream_of_tiny_chunks_is_held_to_the_message_quota(federation: dict[str, Any]) -> None:
+    """Each staged message is an entry of the staging index in memory (~525 bytes, whatever its size), so a
+    user's staged messages are bounded too: mallory's one-element chunks (4,096 of them, 0.6 MiB, far within
+    her byte quota) are staged up to her message quota (her byte quota / 64 KiB: 1,025), the rest refused
+    (``quota_messages``); alice's update makes the version."""
+    fed, names = federation, federation["names"]
+    x0 = {"w": torch.zeros(4096)}
+    worker = start(fed, fedbuff(1), x0)
+    tiny = messages({"w": torch.randn(4096)}, "m", chunk_bytes=4)
+    a = {"w": torch.full((4096,), 0.01)}
+    refused = _rejected("quota_messages")
+    try:
+        with connect(fed["urls"]["mallory"]) as mallory:
+            publish(mallory, names, tiny)
+        most = worker.aggregator.quota.messages
+        _wait(lambda: _rejected("quota_messages") - refused == len(tiny) - most, 60, "mallory refused")
+        staged = worker.aggregator.staging.usage(f"{names.namespace}-mallory")
+        with connect(fed["urls"]["alice"]) as alice:
+            publish(alice, names, messages(a, "a"))
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        assert worker.alive()
+    finally:
+        worker.close()
+    assert most == (4 * 4 * 4096 + (64 << 20)) // (64 << 10) == staged[2]
+    assert_close(model_of(fed["tmp"] / "state"), a)
+    senders = {s for r, s in dead_letters(fed["amqp_url"], names) if r == "quota_messages"}
+    assert senders == {f"{names.namespace}-mallory"}
+
+
 def test_finding_12_a_client_can_bind_nothing(federation: dict[str, Any]) -> None:
     """Exchange-to-exchange bindings from the models/versions exchanges into the updates exchange (1,000 made
     in 1.1 s before) are refused: the exchanges are named apart from the streams a client may read."""

@@ -31,6 +31,11 @@ STAGE, IGNORE, REFUSE = "stage", "ignore", "refuse"
 # The most samples one update may claim: FedAvg weighs updates by this claim, so an unbounded one lets a
 # single client make the step its own delta. A million local samples per round covers honest fine-tuning.
 MAX_SAMPLES = 1_000_000
+# What each staged message counts for, at least, in the default message quota: a staged message's index
+# entry takes ~525 bytes of memory whatever its size (measured: 200,000 one-element chunks, 29 MiB on disk,
+# 100 MiB of index), so a byte quota alone let a client of tiny chunks grow the aggregator's memory by ~3.5x
+# its staged bytes (a 1B model's default byte quota is ~20 GiB).
+MESSAGE_CHARGE = 64 << 10
 # The most of the state directory's staging room one user may hold: the rest stays for everyone else's
 # updates, so a client that fills its share leaves room for the others instead of stopping the shard.
 USER_ROOM_SHARE = 0.5
@@ -50,11 +55,13 @@ class Decision:
 
 @dataclass(frozen=True)
 class Quota:
-    """What one broker user may hold in a shard's staging: streams (incomplete or waiting for a plan) and
-    bytes. A client over its quota has its new messages refused; other clients' never are."""
+    """What one broker user may hold in a shard's staging: streams (incomplete or waiting for a plan), bytes
+    and messages (each is an entry of the staging index in memory). A client over its quota has its new
+    messages refused; other clients' never are."""
 
     streams: int
     nbytes: int
+    messages: int
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ def admit(
     update_timeout: float,
     quota: Quota | None = None,
     size: int = 0,
-    usage: tuple[int, int] = (0, 0),
+    usage: tuple[int, int, int] = (0, 0, 0),
     room: Room | None = None,
 ) -> Decision:
     """The decision for one decoded update message sent by broker user ``user`` (see ``sender``).
@@ -132,7 +139,7 @@ def admit(
             REFUSE, "stream_complete", f"stream {msg.stream} is complete; a {msg.kind} cannot change it"
         )
     if quota is not None:
-        streams, nbytes = usage
+        streams, nbytes, messages = usage
         if current is None and streams >= quota.streams:
             return Decision(
                 REFUSE,
@@ -142,6 +149,13 @@ def admit(
         if nbytes + size > quota.nbytes:
             return Decision(
                 REFUSE, "quota_bytes", f"{user} has {nbytes} bytes staged; {size} more exceed {quota.nbytes}"
+            )
+        if messages >= quota.messages:
+            return Decision(
+                REFUSE,
+                "quota_messages",
+                f"{user} has {messages} messages staged, the most allowed ({quota.messages}; "
+                "--max-user-messages)",
             )
     if room is not None:
         refused = _no_room(user, size, usage[1], room)
@@ -156,6 +170,13 @@ def admit(
         # a stream whose manifest is refused is refused whole: it can never complete (it is the sender's own)
         return _refuse(exc, forget=msg.kind == wire.MANIFEST)
     return Decision(STAGE)
+
+
+def message_quota(nbytes: int, streams: int, tensors: int) -> int:
+    """The default message quota: as many messages as ``nbytes`` of the byte quota holds at
+    ``MESSAGE_CHARGE`` each, and never fewer than ``streams`` updates of a chunk per tensor (+ manifest and
+    commit), so small updates of many tensors are never refused."""
+    return max(nbytes // MESSAGE_CHARGE, streams * (tensors + 2))
 
 
 def _no_room(user: str, size: int, nbytes: int, room: Room) -> Decision | None:

@@ -146,6 +146,7 @@ class Settings:
     hold_bytes: int = HOLD_BYTES
     max_streams_per_user: int = 16  # incomplete or waiting streams one user may have staged
     max_user_bytes: int = 0  # bytes one user may have staged; 0: 4 x this shard's model in fp32 + 64 MiB
+    max_user_messages: int = 0  # messages one user may have staged; 0: admission.message_quota
     # Free space staging leaves in the state directory (admission.Room); 0: what the next checkpoint writes
     # (``checkpoint_bytes``) + DISK_MARGIN.
     disk_reserve: int = 0
@@ -200,8 +201,12 @@ class Aggregator:
         self.shapes = _shard_shapes(self.all_shapes, settings.shard, settings.shards)
         self.staging = StagingArea(self.dir / "staging", settings.hold_bytes)
         shard_bytes = 4 * sum(math.prod(shape) for shape in self.shapes.values())
+        user_bytes = settings.max_user_bytes or 4 * shard_bytes + (64 << 20)
         self.quota = admission.Quota(
-            settings.max_streams_per_user, settings.max_user_bytes or 4 * shard_bytes + (64 << 20)
+            settings.max_streams_per_user,
+            user_bytes,
+            settings.max_user_messages
+            or admission.message_quota(user_bytes, settings.max_streams_per_user, len(self.shapes)),
         )
         self.complete: dict[str, Admitted] = {}  # update id -> complete stream
         self.client_metrics: dict[str, set[str]] = {}  # client -> metric names exported for it

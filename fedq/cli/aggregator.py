@@ -137,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes one broker user may have staged (default 0: 4x this shard's model in fp32 + 64 MiB)",
     )
     a(
+        "--max-user-messages",
+        type=int,
+        default=0,
+        help="messages one broker user may have staged, each an entry of the staging index in memory "
+        "(default 0: --max-user-bytes / 64 KiB, at least --max-streams-per-user x (shard tensors + 2))",
+    )
+    a(
         "--disk-reserve",
         type=size,
         default=0,
@@ -288,6 +295,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_share=args.max_share,
         max_streams_per_user=args.max_streams_per_user,
         max_user_bytes=args.max_user_bytes,
+        max_user_messages=args.max_user_messages,
         disk_reserve=args.disk_reserve,
     )
 
