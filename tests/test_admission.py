@@ -183,6 +183,90 @@ def test_a_budget_below_two_deliveries_holds_nothing(tmp_path: Path) -> None:
     area.close()
 
 
+def test_a_manifest_listing_more_tensors_than_the_shard_has_is_refused_unparsed(tmp_path: Path) -> None:
+    """Its rows are not looked at (1,900 of them took 11 ms per message to refuse); its stream is refused
+    whole."""
+    area = StagingArea(tmp_path)
+    meta = UpdateMeta("u", 0).to_meta()
+    meta["tensors"] = [[f"t{i}", "float32", [1], "fp32", 1, 1] for i in range(1900)]
+    meta["chunks"] = 1900
+    d = decide(area, wire.encode_control(wire.MANIFEST, "alice/u/s0", meta))
+    assert (d.action, d.reason, d.forget) == (admission.REFUSE, "bad_manifest", True)
+    assert "1900 tensors listed, this shard has 2" in d.detail
+
+
+def test_staging_leaves_the_reserve_and_no_user_takes_more_than_half_the_room(tmp_path: Path) -> None:
+    """A message that would take the state directory below its reserve is refused (``no_room``); one that
+    would give its user more than half the room (what is left above the reserve + what is staged) is refused
+    (``quota_room``) even while the disk has room: the other half stays for everyone else."""
+    area = StagingArea(tmp_path)
+    body = messages("alice/u/s0")[1]
+    size = len(body)
+
+    def verdict(user: str, staged_by_user: int, room: admission.Room) -> admission.Decision:
+        return admission.admit(
+            wire.decode(body),
+            user,
+            shapes=SHAPES,
+            staged=area.streams,
+            finished=set(),
+            expired=set(),
+            update_timeout=60.0,
+            size=size,
+            usage=(1, staged_by_user, 1),
+            room=room,
+        )
+
+    full = verdict("alice", 0, admission.Room(left=size - 1, staged=0))
+    assert full.reason == "no_room" and "--disk-reserve" in full.detail
+    assert verdict("alice", 0, admission.Room(left=-5, staged=1000)).reason == "no_room"
+    assert verdict("mallory", 500, admission.Room(left=500, staged=500)).reason == "quota_room"
+    assert verdict("mallory", 500 - size, admission.Room(left=500, staged=500)).action == admission.STAGE
+    assert verdict("alice", 0, admission.Room(left=500, staged=500)).action == admission.STAGE
+
+
+def test_a_users_staged_messages_are_bounded_by_count(tmp_path: Path) -> None:
+    """A message beyond the user's message quota is refused (``quota_messages``); the default quota is the
+    byte quota at 64 KiB a message, and never below a chunk per tensor for every stream the user may stage."""
+    area = StagingArea(tmp_path)
+    body = messages("alice/u/s0")[1]
+
+    def verdict(messages_staged: int) -> str:
+        d = admission.admit(
+            wire.decode(body),
+            "alice",
+            shapes=SHAPES,
+            staged=area.streams,
+            finished=set(),
+            expired=set(),
+            update_timeout=60.0,
+            quota=admission.Quota(streams=16, nbytes=1 << 30, messages=100),
+            size=len(body),
+            usage=(1, 0, messages_staged),
+        )
+        return d.reason or d.action
+
+    assert verdict(99) == admission.STAGE
+    assert verdict(100) == "quota_messages"
+    assert admission.message_quota(64 << 20, 16, 4) == 1024
+    assert admission.message_quota(1 << 20, 16, 300) == 16 * 302
+
+
+def test_the_disk_reserve_is_set_from_the_command_line() -> None:
+    from fedq.cli import build_parser
+    from fedq.cli.aggregator import settings_from
+
+    def reserve(*argv: str) -> int:
+        return settings_from(
+            build_parser().parse_args(["aggregator", "--init", "m.safetensors", *argv])
+        ).disk_reserve
+
+    assert reserve() == 0  # 0: the next checkpoint's size + 64 MiB, sized when the model is known
+    assert reserve("--disk-reserve", "10GiB") == 10 << 30
+    args = build_parser().parse_args(["aggregator", "--init", "m.safetensors", "--max-user-messages", "5000"])
+    assert settings_from(args).max_user_messages == 5000
+
+
 def test_the_per_user_quota_is_set_from_the_command_line() -> None:
     """Where many clients share one broker user (a relay, the scale bench), the operator raises its quota."""
     from fedq.cli import build_parser

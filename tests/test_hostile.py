@@ -6,7 +6,9 @@ strategies, state), the test is in test_admission.py."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -57,6 +59,7 @@ def messages(
     stream: str | None = None,
     base: int = 0,
     num_samples: int = 1,
+    chunk_bytes: int = 4096,
 ) -> list[bytes]:
     meta = UpdateMeta(update_id, base, num_samples).to_meta()
     return list(
@@ -65,7 +68,7 @@ def messages(
             stream=stream or f"s/{update_id}",
             meta=meta,
             codec_for=lambda n, t: get_codec("fp32"),
-            chunk_bytes=4096,
+            chunk_bytes=chunk_bytes,
         )
     )
 
@@ -476,6 +479,102 @@ def test_finding_9_junk_behind_an_honest_update_does_not_hold_its_version(federa
     print(f"\nversion {took:.2f} s after 5,000 junk messages were queued behind its update")
     assert took < 5.0
     del dead
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 128 MiB tmpfs: a state directory whose disk a client's default quota exceeds (root only)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_clients_incomplete_streams_never_fill_the_state_directory(
+    federation: dict[str, Any], small_disk: Path
+) -> None:
+    """Staging leaves the state directory its reserve (the next checkpoint + 64 MiB), and no user holds more
+    than half of the room above it: on a 128 MiB disk (about 56 MiB of room), mallory opens 16 incomplete
+    streams of 4 MiB (64 MiB, within her default quota of 4 x the model + 64 MiB); what she sends beyond
+    half the room is refused (``quota_room``), the disk never fills, alice's update is staged and makes the
+    version.
+    Walked on a 160 MiB tmpfs (docs/security.md), such streams filled the directory in 1.2 s and the shard
+    stopped (``NoSpaceError``, exit 4) for everyone."""
+    fed, names = federation, federation["names"]
+    x0 = {"w": torch.zeros(1 << 20)}
+    init = save_file(x0, fed["tmp"] / "init.safetensors")
+    state_dir = small_disk / "state"
+    worker = Running(
+        fed["amqp_url"], Settings(names=names, strategy=fedbuff(1), init=init, state_dir=state_dir)
+    )
+    g = torch.Generator().manual_seed(0)
+    hostile = [
+        messages({"w": torch.randn(1 << 20, generator=g)}, f"m{i}", chunk_bytes=1 << 20)[:-1]
+        for i in range(16)
+    ]
+    a = {"w": 0.01 * torch.randn(1 << 20, generator=g)}
+    refused = _rejected("quota_room")
+    try:
+        room = shutil.disk_usage(small_disk).free - worker.aggregator.reserve
+        with connect(fed["urls"]["mallory"]) as mallory:
+            for stream in hostile:
+                publish(mallory, names, stream)
+        staging = worker.aggregator.staging
+        _wait(
+            lambda: (
+                _rejected("quota_room") - refused + sum(len(s.chunks) for s in staging.streams.values()) == 64
+            ),
+            30,
+            "mallory's 64 chunks staged or refused",
+        )
+        staged = staging.usage(f"{names.namespace}-mallory")[1]
+        least_free = shutil.disk_usage(small_disk).free
+        with connect(fed["urls"]["alice"]) as alice:
+            publish(alice, names, messages(a, "a", chunk_bytes=1 << 20))
+        wait_version(state_dir, 1, timeout=30)
+        assert worker.alive()
+    finally:
+        worker.close()
+    print(f"\nroom {room >> 20} MiB: mallory staged {staged >> 20} MiB, {least_free >> 20} MiB left free")
+    assert room // 2 - (5 << 20) <= staged <= room // 2
+    assert least_free >= worker.aggregator.reserve
+    assert_close(model_of(state_dir), {"w": a["w"]})
+    senders = {s for r, s in dead_letters(fed["amqp_url"], names) if r == "quota_room"}
+    assert senders == {f"{names.namespace}-mallory"}
+
+
+def test_a_stream_of_tiny_chunks_is_held_to_the_message_quota(federation: dict[str, Any]) -> None:
+    """Each staged message is an entry of the staging index in memory (~525 bytes, whatever its size), so a
+    user's staged messages are bounded too: mallory's one-element chunks (4,096 of them, 0.6 MiB, far within
+    her byte quota) are staged up to her message quota (her byte quota / 64 KiB: 1,025), the rest refused
+    (``quota_messages``); alice's update makes the version."""
+    fed, names = federation, federation["names"]
+    x0 = {"w": torch.zeros(4096)}
+    worker = start(fed, fedbuff(1), x0)
+    tiny = messages({"w": torch.randn(4096)}, "m", chunk_bytes=4)
+    a = {"w": torch.full((4096,), 0.01)}
+    refused = _rejected("quota_messages")
+    try:
+        with connect(fed["urls"]["mallory"]) as mallory:
+            publish(mallory, names, tiny)
+        most = worker.aggregator.quota.messages
+        _wait(lambda: _rejected("quota_messages") - refused == len(tiny) - most, 60, "mallory refused")
+        staged = worker.aggregator.staging.usage(f"{names.namespace}-mallory")
+        with connect(fed["urls"]["alice"]) as alice:
+            publish(alice, names, messages(a, "a"))
+        wait_version(fed["tmp"] / "state", 1, timeout=30)
+        assert worker.alive()
+    finally:
+        worker.close()
+    assert most == (4 * 4 * 4096 + (64 << 20)) // (64 << 10) == staged[2]
+    assert_close(model_of(fed["tmp"] / "state"), a)
+    senders = {s for r, s in dead_letters(fed["amqp_url"], names) if r == "quota_messages"}
+    assert senders == {f"{names.namespace}-mallory"}
 
 
 def test_finding_12_a_client_can_bind_nothing(federation: dict[str, Any]) -> None:

@@ -147,3 +147,21 @@ def test_chunks_are_held_as_they_arrived_within_the_budget_and_freed_with_their_
         float(v) for v in range(16)
     ]
     again.close()
+
+
+def test_the_bytes_staged_are_counted_through_removals_and_reopens(tmp_path: Path) -> None:
+    """``nbytes`` (all users' staged bytes, what admission's room is measured with) and each user's streams,
+    bytes and messages are kept as streams are staged and removed, and rebuilt when the directory is
+    reopened."""
+    area = StagingArea(tmp_path)
+    one = sum(len(body) for body in _messages("a/1/s0"))
+    _stage(area, "a/1/s0")
+    _stage(area, "b/1/s0")
+    assert area.nbytes == 2 * one == sum(s.nbytes for s in area.streams.values())
+    area.remove(A)
+    assert area.nbytes == one and area.usage("alice") == (1, one, len(_messages("b/1/s0")))
+    area.sync()
+    area.close()
+    again = StagingArea(tmp_path)
+    assert again.usage("alice") == (1, one, len(_messages("b/1/s0")))
+    again.close()

@@ -31,6 +31,14 @@ STAGE, IGNORE, REFUSE = "stage", "ignore", "refuse"
 # The most samples one update may claim: FedAvg weighs updates by this claim, so an unbounded one lets a
 # single client make the step its own delta. A million local samples per round covers honest fine-tuning.
 MAX_SAMPLES = 1_000_000
+# What each staged message counts for, at least, in the default message quota: a staged message's index
+# entry takes ~525 bytes of memory whatever its size (measured: 200,000 one-element chunks, 29 MiB on disk,
+# 100 MiB of index), so a byte quota alone let a client of tiny chunks grow the aggregator's memory by ~3.5x
+# its staged bytes (a 1B model's default byte quota is ~20 GiB).
+MESSAGE_CHARGE = 64 << 10
+# The most of the state directory's staging room one user may hold: the rest stays for everyone else's
+# updates, so a client that fills its share leaves room for the others instead of stopping the shard.
+USER_ROOM_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,29 @@ class Decision:
 
 @dataclass(frozen=True)
 class Quota:
-    """What one broker user may hold in a shard's staging: streams (incomplete or waiting for a plan) and
-    bytes. A client over its quota has its new messages refused; other clients' never are."""
+    """What one broker user may hold in a shard's staging: streams (incomplete or waiting for a plan), bytes
+    and messages (each is an entry of the staging index in memory). A client over its quota has its new
+    messages refused; other clients' never are."""
 
     streams: int
     nbytes: int
+    messages: int
+
+
+@dataclass(frozen=True)
+class Room:
+    """The state directory's room for staging, looked at as a message arrives: ``left``, the bytes staging may
+    still add before the directory's free space falls to its reserve (what the next checkpoint needs), and
+    ``staged``, what all users have staged. Writing into a full directory stops the shard (``NoSpaceError``),
+    so staging never takes the reserve, and no user takes more than ``USER_ROOM_SHARE`` of the room
+    (``left + staged``): one client's incomplete streams can neither stop the shard nor crowd out the
+    others'."""
+
+    left: int
+    staged: int
+
+    def user_limit(self) -> int:
+        return int(USER_ROOM_SHARE * (self.left + self.staged))
 
 
 @dataclass
@@ -84,7 +110,8 @@ def admit(
     update_timeout: float,
     quota: Quota | None = None,
     size: int = 0,
-    usage: tuple[int, int] = (0, 0),
+    usage: tuple[int, int, int] = (0, 0, 0),
+    room: Room | None = None,
 ) -> Decision:
     """The decision for one decoded update message sent by broker user ``user`` (see ``sender``).
 
@@ -112,7 +139,7 @@ def admit(
             REFUSE, "stream_complete", f"stream {msg.stream} is complete; a {msg.kind} cannot change it"
         )
     if quota is not None:
-        streams, nbytes = usage
+        streams, nbytes, messages = usage
         if current is None and streams >= quota.streams:
             return Decision(
                 REFUSE,
@@ -123,6 +150,17 @@ def admit(
             return Decision(
                 REFUSE, "quota_bytes", f"{user} has {nbytes} bytes staged; {size} more exceed {quota.nbytes}"
             )
+        if messages >= quota.messages:
+            return Decision(
+                REFUSE,
+                "quota_messages",
+                f"{user} has {messages} messages staged, the most allowed ({quota.messages}; "
+                "--max-user-messages)",
+            )
+    if room is not None:
+        refused = _no_room(user, size, usage[1], room)
+        if refused is not None:
+            return refused
     try:
         if msg.kind == wire.CHUNK:
             check_tensor(shapes, msg.name, msg.shape)
@@ -132,6 +170,32 @@ def admit(
         # a stream whose manifest is refused is refused whole: it can never complete (it is the sender's own)
         return _refuse(exc, forget=msg.kind == wire.MANIFEST)
     return Decision(STAGE)
+
+
+def message_quota(nbytes: int, streams: int, tensors: int) -> int:
+    """The default message quota: as many messages as ``nbytes`` of the byte quota holds at
+    ``MESSAGE_CHARGE`` each, and never fewer than ``streams`` updates of a chunk per tensor (+ manifest and
+    commit), so small updates of many tensors are never refused."""
+    return max(nbytes // MESSAGE_CHARGE, streams * (tensors + 2))
+
+
+def _no_room(user: str, size: int, nbytes: int, room: Room) -> Decision | None:
+    """The refusal of ``size`` more bytes from ``user`` (``nbytes`` staged) that ``room`` cannot take."""
+    if size > room.left:
+        return Decision(
+            REFUSE,
+            "no_room",
+            f"the state directory has {room.left} bytes left above its reserve; {size} more do not fit "
+            "(free disk, or lower --disk-reserve)",
+        )
+    if nbytes + size > room.user_limit():
+        return Decision(
+            REFUSE,
+            "quota_room",
+            f"{user} has {nbytes} bytes staged; {size} more exceed its share of the state directory's room "
+            f"({room.user_limit()} of {room.left + room.staged} bytes)",
+        )
+    return None
 
 
 def check_size(size: int, limit: int) -> None:
@@ -164,6 +228,15 @@ def parse_manifest(stream: str, meta: dict[str, Any]) -> tuple[Manifest, UpdateM
 
 
 def check_manifest(shapes: dict[str, tuple[int, ...]], stream: str, meta: dict[str, Any]) -> None:
+    rows = meta.get("tensors")
+    if isinstance(rows, list) and len(rows) > len(shapes):
+        # Each row names a distinct tensor of this shard, so more rows cannot be valid; refused unparsed: a
+        # 64 KiB header lists ~1,900 rows, which took 11 ms each to refuse (the version behind 1,000 of them
+        # came 11.5 s late; behind 1,000 junk messages 0.4 s)
+        raise StreamError(
+            f"stream {stream}: bad manifest: {len(rows)} tensors listed, this shard has {len(shapes)}",
+            reason="bad_manifest",
+        )
     manifest, info = parse_manifest(stream, meta)
     if info.update_tensors == 0 or (info.update_tensors is None and not manifest.tensors):
         # An empty update would count (a FedAvg weight, a FedBuff slot) and dilute everyone else's. Emptiness

@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -100,6 +101,9 @@ log = logging.getLogger(__name__)
 ROLE = "aggregator"
 MAX_BATCH = 64
 POLL_SECONDS = 0.25  # the longest the loop takes deliveries before it completes, expires and plans
+# Beyond the next version's files, the state directory's reserve keeps room for what else it writes:
+# state.json and records (bounded), staging's record headers and a batch's unsynced writes.
+DISK_MARGIN = 64 << 20
 __all__ = ["MAX_CLIENT_METRICS", "Aggregator", "Settings"]
 
 
@@ -142,6 +146,10 @@ class Settings:
     hold_bytes: int = HOLD_BYTES
     max_streams_per_user: int = 16  # incomplete or waiting streams one user may have staged
     max_user_bytes: int = 0  # bytes one user may have staged; 0: 4 x this shard's model in fp32 + 64 MiB
+    max_user_messages: int = 0  # messages one user may have staged; 0: admission.message_quota
+    # Free space staging leaves in the state directory (admission.Room); 0: what the next checkpoint writes
+    # (``checkpoint_bytes``) + DISK_MARGIN.
+    disk_reserve: int = 0
 
 
 @dataclass
@@ -193,8 +201,12 @@ class Aggregator:
         self.shapes = _shard_shapes(self.all_shapes, settings.shard, settings.shards)
         self.staging = StagingArea(self.dir / "staging", settings.hold_bytes)
         shard_bytes = 4 * sum(math.prod(shape) for shape in self.shapes.values())
+        user_bytes = settings.max_user_bytes or 4 * shard_bytes + (64 << 20)
         self.quota = admission.Quota(
-            settings.max_streams_per_user, settings.max_user_bytes or 4 * shard_bytes + (64 << 20)
+            settings.max_streams_per_user,
+            user_bytes,
+            settings.max_user_messages
+            or admission.message_quota(user_bytes, settings.max_streams_per_user, len(self.shapes)),
         )
         self.complete: dict[str, Admitted] = {}  # update id -> complete stream
         self.client_metrics: dict[str, set[str]] = {}  # client -> metric names exported for it
@@ -220,6 +232,8 @@ class Aggregator:
         self.prepared: Prepared | None = None  # a fold waiting for the leader's commit
         self._check_topology()  # before _load writes a fresh shard's version 0
         self._load()
+        self.reserve = settings.disk_reserve or self._checkpoint_bytes() + DISK_MARGIN
+        self._say_room(shard_bytes)
         self.folder = Folder(
             self.model,
             self.staging,
@@ -548,6 +562,7 @@ class Aggregator:
             quota=self.quota,
             size=size,
             usage=self.staging.usage(user),
+            room=self._room(),
         )
 
     def _stage(self, msg: wire.Message, user: str, body: memoryview, arrived: Arrivals) -> Staged | None:
@@ -1037,6 +1052,34 @@ class Aggregator:
             "codecs": self.codec_stats if current else {},
             "dropped": [list(d) for d in plan.dropped] if plan is not None and current else [],
         }
+
+    def _checkpoint_bytes(self) -> int:
+        """What the next version writes into the state directory before the previous one's files go: its
+        checkpoint (model and server optimizer state, in float32) and, with a delta codec, x̂'s new file."""
+        saved = 4 * sum(t.numel() for t in self._tensors().values())
+        recon = 4 * sum(t.numel() for t in self.model.values()) if self.recon is not None else 0
+        return saved + recon
+
+    def _say_room(self, shard_bytes: int) -> None:
+        """Log the state directory's room for staging; warn when one user's half of it cannot hold one fp32
+        update of this shard: honest updates would then be refused (``quota_room``, ``no_room``)."""
+        room = self._room()
+        say = log.warning if room.user_limit() < shard_bytes else log.info
+        say(
+            "shard %d: staging leaves %d MiB free in %s, %d MiB of room above that, one user may stage half "
+            "(an fp32 update of this shard: %d MiB; --disk-reserve)",
+            self.s.shard,
+            self.reserve >> 20,
+            self.dir,
+            max(0, room.left + room.staged) >> 20,
+            shard_bytes >> 20,
+        )
+
+    def _room(self) -> admission.Room:
+        """The state directory's room for staging now (its free space is looked at: other shards and other
+        programs may share the file system)."""
+        free = shutil.disk_usage(self.staging.directory).free
+        return admission.Room(free - self.reserve, self.staging.nbytes)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """What the checkpoint file holds: the model, and the server optimizer's state next to it."""

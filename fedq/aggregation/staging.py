@@ -103,6 +103,11 @@ class _Appending:
     end: int
 
 
+def _messages(staged: Staged) -> int:
+    """The messages a stream's index holds (manifest, chunks, commit)."""
+    return len(staged.chunks) + (staged.manifest is not None) + (staged.commit is not None)
+
+
 def stream_key(user: str, stream: str) -> str:
     """What a stream is known by on the aggregator: its sender's validated broker user and its id. Two users'
     streams never share a key whatever ids they write (the user's length comes first, so the split is
@@ -145,7 +150,8 @@ class StagingArea:
         self.hold_bytes = hold_bytes
         directory.mkdir(parents=True, exist_ok=True)
         self.streams: dict[str, Staged] = {}
-        self.by_user: dict[str, list[int]] = {}  # user -> [streams staged, bytes staged] (quotas)
+        self.by_user: dict[str, list[int]] = {}  # user -> [streams, bytes, messages] staged (quotas)
+        self.nbytes = 0  # bytes staged by all users (message bodies, as ``by_user`` counts them)
         self._dirty: set[str] = set()
         self._open: dict[str, _Appending] = {}  # files appended to since the last sync, by stream
         self.held = 0  # bytes of chunks held in memory (``ChunkRef.held``)
@@ -155,14 +161,10 @@ class StagingArea:
         for path in sorted(directory.glob(f"*{SUFFIX}")):
             self._load(path)
 
-    def usage(self, user: str) -> tuple[int, int]:
-        """(streams, bytes) ``user`` has staged here."""
-        streams, nbytes = self.by_user.get(user, (0, 0))
-        return streams, nbytes
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.streams.values())
+    def usage(self, user: str) -> tuple[int, int, int]:
+        """(streams, bytes, messages) ``user`` has staged here."""
+        streams, nbytes, messages = self.by_user.get(user, (0, 0, 0))
+        return streams, nbytes, messages
 
     def append(self, user: str, msg: wire.Message, body: bytes | memoryview) -> Staged | None:
         """Stage one validated message of ``user``'s stream; None when it duplicates what is already staged
@@ -175,7 +177,7 @@ class StagingArea:
             staged = Staged(msg.stream, path, user)
             self.streams[key] = staged
             self._created = True
-            self.by_user.setdefault(user, [0, 0])[0] += 1
+            self.by_user.setdefault(user, [0, 0, 0])[0] += 1
         if is_duplicate(staged, msg):
             return None
         user_bytes = user.encode()
@@ -191,6 +193,8 @@ class StagingArea:
         if msg.kind == wire.CHUNK:
             self._hold(staged.chunks[msg.index], msg, len(body))
         self.by_user[user][1] += len(body)
+        self.by_user[user][2] += 1
+        self.nbytes += len(body)
         staged.last_seen = time.monotonic()
         self._dirty.add(key)
         return staged
@@ -254,6 +258,8 @@ class StagingArea:
             usage = self.by_user[staged.user]
             usage[0] -= 1
             usage[1] -= staged.nbytes
+            usage[2] -= _messages(staged)
+            self.nbytes -= staged.nbytes
             if usage[0] <= 0:
                 del self.by_user[staged.user]
             self._disk.submit(staged.path.unlink, missing_ok=True)
@@ -293,9 +299,11 @@ class StagingArea:
             path.unlink(missing_ok=True)
         else:
             self.streams[staged.key] = staged
-            usage = self.by_user.setdefault(staged.user, [0, 0])
+            usage = self.by_user.setdefault(staged.user, [0, 0, 0])
             usage[0] += 1
             usage[1] += staged.nbytes
+            usage[2] += _messages(staged)
+            self.nbytes += staged.nbytes
 
 
 def is_duplicate(staged: Staged, msg: wire.Message) -> bool:

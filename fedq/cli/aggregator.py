@@ -137,6 +137,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes one broker user may have staged (default 0: 4x this shard's model in fp32 + 64 MiB)",
     )
     a(
+        "--max-user-messages",
+        type=int,
+        default=0,
+        help="messages one broker user may have staged, each an entry of the staging index in memory "
+        "(default 0: --max-user-bytes / 64 KiB, at least --max-streams-per-user x (shard tensors + 2))",
+    )
+    a(
+        "--disk-reserve",
+        type=size,
+        default=0,
+        help="free space staging leaves in the state directory, for the next version's files: a message "
+        "that would take it below is refused (no_room), and no user may stage more than half of the room "
+        "above it (quota_room) (default 0: the next checkpoint's size + 64 MiB)",
+    )
+    a(
         "--process-budget",
         type=size,
         default=None,
@@ -280,6 +295,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_share=args.max_share,
         max_streams_per_user=args.max_streams_per_user,
         max_user_bytes=args.max_user_bytes,
+        max_user_messages=args.max_user_messages,
+        disk_reserve=args.disk_reserve,
     )
 
 
