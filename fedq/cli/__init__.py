@@ -171,7 +171,7 @@ def configure_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("pika").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
-    # matplotlib says "generated new fontManager" at INFO on a machine's first plot: noise under a results table
+    # matplotlib logs "generated new fontManager" (INFO) at a machine's first plot: noise under a table
     logging.getLogger("matplotlib").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
