@@ -238,6 +238,8 @@ class Client:
                 f"version {version}: the model has no tensor for {len(binding.missing)} global tensor(s): "
                 f"{sorted(binding.missing)[:5]} ({missing_hint(binding)})"
             )
+        if isinstance(model, nn.Module) and self.version < 0:
+            self._warn_unsendable(model, shapes)
         initial = self._holds_initial(binding, announcement)
         if announcement.snapshot is None and initial:
             store = self._own_store(binding)  # version 0 itself, from the model
@@ -258,6 +260,21 @@ class Client:
         self.version = version
         self.final = announcement.final
         return Round(version, announcement.config, announcement.strategy, self.final)
+
+    def _warn_unsendable(self, model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Say at the first receive what ``send`` will refuse: a reader may hold more than the global (so no
+        refusal here), a sender learns it before training."""
+        if unbound := bind(model, shapes, trainable_only=self.trainable_only).unbound:
+            log.warning("send() will refuse this model: %s", unbound_refusal(unbound))
+
+    def check_sendable(self, model: Model) -> None:
+        """Raise the ``ConfigError`` that ``send`` would raise for tensors the global model lacks (an extra
+        layer, a different architecture), so that a training loop can fail right after its first
+        ``receive``, not after a round of training (``FedqCallback`` does)."""
+        if self.version < 0:
+            raise ConfigError("check_sendable() needs a version: call receive() first")
+        if unbound := bind(model, self._shapes, trainable_only=self.trainable_only).unbound:
+            raise ConfigError(unbound_refusal(unbound))
 
     def restore(self, model: Model) -> None:
         """Put the last received version back into ``model``, as ``receive`` left it.
@@ -642,10 +659,7 @@ class Client:
             )
         binding = bind(model, self._shapes, trainable_only=self.trainable_only)
         if binding.unbound:
-            raise ConfigError(
-                f"tensors the global model does not have: {binding.unbound[:5]}"
-                f"{' and more' if len(binding.unbound) > 5 else ''} ({HINTS})"
-            )
+            raise ConfigError(unbound_refusal(binding.unbound))
         if not binding.slots:
             why = (
                 "no tensor of the model requires grad (a plain state_dict() has none: pass the module, or "
@@ -673,6 +687,12 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unbound_refusal(unbound: list[str]) -> str:
+    """What ``send`` says of model tensors that match no global tensor."""
+    more = " and more" if len(unbound) > 5 else ""
+    return f"tensors the global model does not have: {unbound[:5]}{more} ({HINTS})"
 
 
 def _delta_slicer(base: BaseStore, name: str, local: torch.Tensor) -> Callable[[int, int], torch.Tensor]:

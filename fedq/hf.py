@@ -151,6 +151,7 @@ class FedqCallback(TrainerCallback):
     def _receive(self, model: torch.nn.Module, control: TrainerControl) -> None:
         assert self.client is not None
         self.round = self.client.receive(model, timeout=self.timeout)
+        self.client.check_sendable(model)  # a model the first send would refuse stops before training
         self.steps = 0
         self.on_round(self.round, model)
         if self.round.final:

@@ -92,6 +92,17 @@ def test_trainer_with_peft_adapters_joins_a_federation(amqp_url: str, namespace:
                 model=other, args=training_args(tmp_path), train_dataset=Pattern(), callbacks=[wrong]
             ).train()
         assert wrong.client is None
+        # adapters the global lacks: refused before a step, not at the first send
+        more = with_lora(tiny_llama(seed=0), target_modules=["q_proj", "k_proj", "v_proj"])
+        extra = transformers.Trainer(
+            model=more,
+            args=training_args(tmp_path),
+            train_dataset=Pattern(),
+            callbacks=[FedqCallback("extra", amqp_url=amqp_url, namespace=namespace)],
+        )
+        with pytest.raises(ConfigError, match=r"does not have.*k_proj\.lora_A"):
+            extra.train()
+        assert extra.state.global_step == 0
     assert trainer.state.global_step == 12  # three rounds of the aggregator's local_steps, then the end
     assert callback.round is not None and callback.round.version == 3 and callback.round.final
     assert callback.client is None  # closed at the end of training
