@@ -240,6 +240,7 @@ class Client:
             )
         if isinstance(model, nn.Module) and self.version < 0:
             self._warn_unsendable(model, shapes)
+            self._warn_frozen_traffic(binding, announcement)
         initial = self._holds_initial(binding, announcement)
         if announcement.snapshot is None and initial:
             store = self._own_store(binding)  # version 0 itself, from the model
@@ -266,6 +267,23 @@ class Client:
         refusal here), a sender learns it before training."""
         if unbound := bind(model, shapes, trainable_only=self.trainable_only).unbound:
             log.warning("send() will refuse this model: %s", unbound_refusal(unbound))
+
+    def _warn_frozen_traffic(self, binding: Binding, announcement: Announcement) -> None:
+        """Say at the first receive that every version will carry tensors this client never sends: versions
+        that travel whole hold every tensor, changed or not, so a global holding a LoRA model's frozen base
+        costs each client the whole model per version (41x the adapters in the 2026-11-29 walk-through)."""
+        frozen = [slot for slot in binding.slots.values() if not slot.trainable]
+        if not self.trainable_only or announcement.snapshot is not None or not frozen:
+            return
+        log.warning(
+            "every version carries %d tensor(s) this client does not train (%.1f M elements, e.g. %s), read "
+            "again at each receive: start the aggregator with --init the adapter directory (only the "
+            "adapters travel) or --model-codec int8/nf4 (versions as deltas: unchanged tensors are not "
+            "re-sent)",
+            len(frozen),
+            sum(slot.tensor.numel() for slot in frozen) / 1e6,
+            frozen[0].name,
+        )
 
     def check_sendable(self, model: Model) -> None:
         """Raise the ``ConfigError`` that ``send`` would raise for tensors the global model lacks (an extra

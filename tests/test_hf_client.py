@@ -5,6 +5,7 @@ federation. Every model is built from a config (tests/hf_models.py); nothing is 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -372,7 +373,7 @@ def test_peft_modules_to_save_travel_with_the_adapters(amqp_url: str, namespace:
 
 
 def test_dora_magnitudes_travel_under_their_saved_names(
-    amqp_url: str, namespace: str, tmp_path: Path
+    amqp_url: str, namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """DoRA: the model's ``lora_magnitude_vector.default.weight`` is ``lora_magnitude_vector`` in the saved
     adapter directory; it matches, travels and lands (it was refused as a missing tensor before)."""
@@ -382,7 +383,10 @@ def test_dora_magnitudes_travel_under_their_saved_names(
         aggregator(amqp_url, namespace, tmp_path / "adapter", tmp_path / "state") as state_dir,
         Client("dora", amqp_url=amqp_url, namespace=namespace, codec="fp32", trainable_only=True) as client,
     ):
-        client.receive(model, timeout=60)
+        with caplog.at_level(logging.WARNING, logger="fedq.client"):
+            client.receive(model, timeout=60)
+        # the adapter directory: nothing travels that this client does not train
+        assert not [r for r in caplog.records if r.name == "fedq.client"]
         perturb(model, 0.01, seed=1)
         assert client.send(model, num_samples=1).tensors == 6  # A, B and the magnitude of q_proj and v_proj
         client.receive(model, timeout=60)
@@ -400,7 +404,7 @@ def test_dora_magnitudes_travel_under_their_saved_names(
 
 
 def test_rounds_of_fedavg_give_the_weighted_mean_and_only_adapters_are_sent(
-    amqp_url: str, namespace: str, tmp_path: Path
+    amqp_url: str, namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two LoRA clients, three FedAvg rounds (fp32, no error feedback) against a global that holds the whole
     PeftModel: each version is the previous one plus the sample-weighted mean of the two deltas, both clients
@@ -417,8 +421,11 @@ def test_rounds_of_fedavg_give_the_weighted_mean_and_only_adapters_are_sent(
         for i in range(2)
     ]
     try:
-        for client, model in zip(clients, models, strict=True):
-            client.receive(model, timeout=60)
+        with caplog.at_level(logging.WARNING, logger="fedq.client"):
+            for client, model in zip(clients, models, strict=True):
+                client.receive(model, timeout=60)
+        # the global holds the frozen base, read again at every version: said once per client
+        assert sum("--init the adapter directory" in r.getMessage() for r in caplog.records) == 2
         extra = with_lora(tiny_llama(seed=0, width=64), target_modules=["q_proj", "k_proj", "v_proj"])
         with Client("extra", amqp_url=amqp_url, namespace=namespace, trainable_only=True) as mistaken:
             mistaken.receive(extra, timeout=60)
