@@ -15,7 +15,9 @@ the same tensor differently, and each difference is resolved here, before anythi
   trained copies of whole modules ``...lm_head.modules_to_save.default.weight``; its ``save_pretrained``
   writes ``...lora_A.weight`` and ``...lm_head.weight``. Where the exact name is not in the global, path
   segments equal to an adapter name (the model's ``peft_config`` keys, else ``default``) and
-  ``modules_to_save`` are ignored.
+  ``modules_to_save`` and ``base_layer`` (the layer a LoRA wraps) are ignored. DoRA's magnitude is
+  ``...lora_magnitude_vector.default.weight`` in the model and ``...lora_magnitude_vector`` in the saved
+  adapter (PEFT keeps its old checkpoint format).
 - **What does not travel.** Integer and bool tensors (position ids, step counters) are never federated: they
   stay as each client has them (the aggregator drops them from an initial model too). float64 tensors are
   refused: the wire and the aggregator carry float32, float16 and bfloat16.
@@ -35,9 +37,13 @@ from fedq.errors import ConfigError
 
 FEDERATED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WRAPPER_SEGMENTS = ("_orig_mod", "module")
-# ignored anywhere in a name: torch.compile's wrapper, PEFT's trained copy of a module (``modules_to_save``)
-IGNORED_SEGMENTS = frozenset({"_orig_mod", "modules_to_save"})
+# ignored anywhere in a name: torch.compile's wrapper, PEFT's trained copy of a module (``modules_to_save``),
+# the layer a LoRA wraps (``base_layer``: a PeftModel adapting more modules than the global's still matches
+# the base weights, and its extra adapters are named as such)
+IGNORED_SEGMENTS = frozenset({"_orig_mod", "modules_to_save", "base_layer"})
 DEFAULT_ADAPTERS = frozenset({"default"})
+# PEFT saves DoRA's magnitude (a Linear's ``.weight`` in the model) without the ``.weight``
+DORA_MAGNITUDE = ("lora_magnitude_vector", "weight")
 PEFT_PREFIX = "base_model.model."  # a PeftModel's names for its base model's tensors
 HINTS = (
     "names are matched exactly, then without torch.compile/DDP prefixes (_orig_mod., module.) and PEFT "
@@ -197,7 +203,10 @@ class _GlobalNames:
         parts = name.split(".")
         while len(parts) > 1 and parts[0] in WRAPPER_SEGMENTS:
             parts = parts[1:]
-        return ".".join(p for p in parts if p not in IGNORED_SEGMENTS and p not in self.adapters)
+        parts = [p for p in parts if p not in IGNORED_SEGMENTS and p not in self.adapters]
+        if tuple(parts[-2:]) == DORA_MAGNITUDE:
+            parts = parts[:-1]
+        return ".".join(parts)
 
     def find(self, name: str) -> str | None:
         if name in self.exact:

@@ -238,6 +238,9 @@ class Client:
                 f"version {version}: the model has no tensor for {len(binding.missing)} global tensor(s): "
                 f"{sorted(binding.missing)[:5]} ({missing_hint(binding)})"
             )
+        if isinstance(model, nn.Module) and self.version < 0:
+            self._warn_unsendable(model, shapes)
+            self._warn_frozen_traffic(binding, announcement)
         initial = self._holds_initial(binding, announcement)
         if announcement.snapshot is None and initial:
             store = self._own_store(binding)  # version 0 itself, from the model
@@ -258,6 +261,38 @@ class Client:
         self.version = version
         self.final = announcement.final
         return Round(version, announcement.config, announcement.strategy, self.final)
+
+    def _warn_unsendable(self, model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Say at the first receive what ``send`` will refuse: a reader may hold more than the global (so no
+        refusal here), a sender learns it before training."""
+        if unbound := bind(model, shapes, trainable_only=self.trainable_only).unbound:
+            log.warning("send() will refuse this model: %s", unbound_refusal(unbound))
+
+    def _warn_frozen_traffic(self, binding: Binding, announcement: Announcement) -> None:
+        """Say at the first receive that every version will carry tensors this client never sends: versions
+        that travel whole hold every tensor, changed or not, so a global holding a LoRA model's frozen base
+        costs each client the whole model per version (41x the adapters in the 2026-11-29 walk-through)."""
+        frozen = [slot for slot in binding.slots.values() if not slot.trainable]
+        if not self.trainable_only or announcement.snapshot is not None or not frozen:
+            return
+        log.warning(
+            "every version carries %d tensor(s) this client does not train (%.1f M elements, e.g. %s), read "
+            "again at each receive: start the aggregator with --init the adapter directory (only the "
+            "adapters travel) or --model-codec int8/nf4 (versions as deltas: unchanged tensors are not "
+            "re-sent)",
+            len(frozen),
+            sum(slot.tensor.numel() for slot in frozen) / 1e6,
+            frozen[0].name,
+        )
+
+    def check_sendable(self, model: Model) -> None:
+        """Raise the ``ConfigError`` that ``send`` would raise for tensors the global model lacks (an extra
+        layer, a different architecture), so that a training loop can fail right after its first
+        ``receive``, not after a round of training (``FedqCallback`` does)."""
+        if self.version < 0:
+            raise ConfigError("check_sendable() needs a version: call receive() first")
+        if unbound := bind(model, self._shapes, trainable_only=self.trainable_only).unbound:
+            raise ConfigError(unbound_refusal(unbound))
 
     def restore(self, model: Model) -> None:
         """Put the last received version back into ``model``, as ``receive`` left it.
@@ -642,10 +677,7 @@ class Client:
             )
         binding = bind(model, self._shapes, trainable_only=self.trainable_only)
         if binding.unbound:
-            raise ConfigError(
-                f"tensors the global model does not have: {binding.unbound[:5]}"
-                f"{' and more' if len(binding.unbound) > 5 else ''} ({HINTS})"
-            )
+            raise ConfigError(unbound_refusal(binding.unbound))
         if not binding.slots:
             why = (
                 "no tensor of the model requires grad (a plain state_dict() has none: pass the module, or "
@@ -673,6 +705,12 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unbound_refusal(unbound: list[str]) -> str:
+    """What ``send`` says of model tensors that match no global tensor."""
+    more = " and more" if len(unbound) > 5 else ""
+    return f"tensors the global model does not have: {unbound[:5]}{more} ({HINTS})"
 
 
 def _delta_slicer(base: BaseStore, name: str, local: torch.Tensor) -> Callable[[int, int], torch.Tensor]:

@@ -97,11 +97,14 @@ class FedqCallback(TrainerCallback):
                 "single-process Trainer"
             )
         model = kwargs["model"]
-        if self.client is None:
-            trainable_only = self.trainable_only
-            if trainable_only is None:
-                trainable_only = any(not p.requires_grad for p in model.parameters())
-            self.client = Client(self.label, trainable_only=trainable_only, **self.client_options)
+        # a client left open by a training run that failed outside the callback (the Trainer does not call
+        # on_train_end then) holds a version the model has trained away from: its receive would wait for a
+        # newer one, which a federation waiting for this client's update never makes. Start afresh.
+        self.close()
+        trainable_only = self.trainable_only
+        if trainable_only is None:
+            trainable_only = any(not p.requires_grad for p in model.parameters())
+        self.client = Client(self.label, trainable_only=trainable_only, **self.client_options)
         self._closing_on_error(lambda: self._receive(model, control))
 
     def on_log(
@@ -151,6 +154,7 @@ class FedqCallback(TrainerCallback):
     def _receive(self, model: torch.nn.Module, control: TrainerControl) -> None:
         assert self.client is not None
         self.round = self.client.receive(model, timeout=self.timeout)
+        self.client.check_sendable(model)  # a model the first send would refuse stops before training
         self.steps = 0
         self.on_round(self.round, model)
         if self.round.final:

@@ -5,6 +5,7 @@ federation. Every model is built from a config (tests/hf_models.py); nothing is 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import safetensors.torch
 import torch
 
 from fedq import wire
-from fedq.aggregation.strategies import FedBuff
+from fedq.aggregation.strategies import FedAvg, FedBuff
 from fedq.client import Client
 from fedq.errors import ConfigError, FederationEnded, TransportError
 from fedq.protocol import UpdateMeta
@@ -369,3 +370,83 @@ def test_peft_modules_to_save_travel_with_the_adapters(amqp_url: str, namespace:
     torch.testing.assert_close(global_model[head], trained, rtol=0, atol=1e-6)
     torch.testing.assert_close(model.base_model.model.lm_head.modules_to_save.default.weight, trained)
     assert torch.equal(model.base_model.model.lm_head.original_module.weight, original)
+
+
+def test_dora_magnitudes_travel_under_their_saved_names(
+    amqp_url: str, namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DoRA: the model's ``lora_magnitude_vector.default.weight`` is ``lora_magnitude_vector`` in the saved
+    adapter directory; it matches, travels and lands (it was refused as a missing tensor before)."""
+    with_lora(tiny_llama(seed=0), use_dora=True).save_pretrained(tmp_path / "adapter")  # type: ignore[operator]
+    model = with_lora(tiny_llama(seed=0), use_dora=True)
+    with (
+        aggregator(amqp_url, namespace, tmp_path / "adapter", tmp_path / "state") as state_dir,
+        Client("dora", amqp_url=amqp_url, namespace=namespace, codec="fp32", trainable_only=True) as client,
+    ):
+        with caplog.at_level(logging.WARNING, logger="fedq.client"):
+            client.receive(model, timeout=60)
+        # the adapter directory: nothing travels that this client does not train
+        assert not [r for r in caplog.records if r.name == "fedq.client"]
+        perturb(model, 0.01, seed=1)
+        assert client.send(model, num_samples=1).tensors == 6  # A, B and the magnitude of q_proj and v_proj
+        client.receive(model, timeout=60)
+        global_model = model_of(state_dir)
+    magnitude = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    local = model.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight
+    assert magnitude in global_model
+    torch.testing.assert_close(local.detach(), global_model[magnitude], rtol=0, atol=1e-6)
+    assert not torch.equal(
+        global_model[magnitude],
+        with_lora(tiny_llama(seed=0), use_dora=True).state_dict()[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight"
+        ],
+    )  # trained: the update carried it
+
+
+def test_rounds_of_fedavg_give_the_weighted_mean_and_only_adapters_are_sent(
+    amqp_url: str, namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two LoRA clients, three FedAvg rounds (fp32, no error feedback) against a global that holds the whole
+    PeftModel: each version is the previous one plus the sample-weighted mean of the two deltas, both clients
+    hold it bit for bit, and what they send is the adapters alone. A model with an extra trainable tensor
+    (LoRA on k_proj too) is told right after its first receive, not at its first send."""
+    init = tmp_path / "model.pt"
+    torch.save(with_lora(tiny_llama(seed=0, width=64)).state_dict(), init)
+    models = [with_lora(tiny_llama(seed=0, width=64)) for _ in range(2)]
+    adapter_bytes = sum(4 * p.numel() for p in models[0].parameters() if p.requires_grad)
+    strategy = FedAvg(min_clients=2, round_timeout=60.0)
+    worker = Worker(amqp_url, settings(Names(namespace), strategy, init, tmp_path / "state"))
+    clients = [
+        Client(f"c{i}", amqp_url=amqp_url, namespace=namespace, codec="fp32", trainable_only=True)
+        for i in range(2)
+    ]
+    try:
+        with caplog.at_level(logging.WARNING, logger="fedq.client"):
+            for client, model in zip(clients, models, strict=True):
+                client.receive(model, timeout=60)
+        # the global holds the frozen base, read again at every version: said once per client
+        assert sum("--init the adapter directory" in r.getMessage() for r in caplog.records) == 2
+        extra = with_lora(tiny_llama(seed=0, width=64), target_modules=["q_proj", "k_proj", "v_proj"])
+        with Client("extra", amqp_url=amqp_url, namespace=namespace, trainable_only=True) as mistaken:
+            mistaken.receive(extra, timeout=60)
+            with pytest.raises(ConfigError, match=r"does not have.*k_proj\.lora_A"):
+                mistaken.check_sendable(extra)
+        for round in range(3):
+            previous = {n: t.clone() for n, t in models[0].state_dict().items()}
+            deltas = []
+            for i, (client, model) in enumerate(zip(clients, models, strict=True)):
+                perturb(model, 0.01, seed=10 * round + i)
+                deltas.append({n: t - previous[n] for n, t in model.state_dict().items()})
+                sent = client.send(model, num_samples=1 + i)
+                assert sent.tensors == 4 and sent.fp32_bytes == adapter_bytes
+            for client, model in zip(clients, models, strict=True):
+                assert client.receive(model, timeout=60).version == round + 1
+            for name, tensor in models[0].state_dict().items():
+                expected = previous[name] + (deltas[0][name] + 2 * deltas[1][name]) / 3
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+                assert torch.equal(tensor, models[1].state_dict()[name])
+    finally:
+        for client in clients:
+            client.close()
+        worker.stop.set()
+        worker.join(30)

@@ -92,6 +92,17 @@ def test_trainer_with_peft_adapters_joins_a_federation(amqp_url: str, namespace:
                 model=other, args=training_args(tmp_path), train_dataset=Pattern(), callbacks=[wrong]
             ).train()
         assert wrong.client is None
+        # adapters the global lacks: refused before a step, not at the first send
+        more = with_lora(tiny_llama(seed=0), target_modules=["q_proj", "k_proj", "v_proj"])
+        extra = transformers.Trainer(
+            model=more,
+            args=training_args(tmp_path),
+            train_dataset=Pattern(),
+            callbacks=[FedqCallback("extra", amqp_url=amqp_url, namespace=namespace)],
+        )
+        with pytest.raises(ConfigError, match=r"does not have.*k_proj\.lora_A"):
+            extra.train()
+        assert extra.state.global_step == 0
     assert trainer.state.global_step == 12  # three rounds of the aggregator's local_steps, then the end
     assert callback.round is not None and callback.round.version == 3 and callback.round.final
     assert callback.client is None  # closed at the end of training
@@ -164,3 +175,46 @@ def test_a_trainer_on_several_processes_is_refused(amqp_url: str, tmp_path: Path
     assert done.returncode != 0
     refusals = [line for line in done.stderr.splitlines() if "runs in 2 (torchrun/DDP)" in line]
     assert {line.split("]")[0] for line in refusals} >= {"[rank0", "[rank1"}, done.stderr[-3000:]
+
+
+class Crash(transformers.TrainerCallback):
+    """The user's training fails after its first step (outside FedqCallback: on_train_end is not called)."""
+
+    def on_step_end(
+        self, args: object, state: transformers.TrainerState, control: object, **kwargs: object
+    ) -> None:
+        if state.global_step == 1:
+            raise RuntimeError("the user's training failed")
+
+
+def test_train_again_after_a_failure_outside_the_callback(
+    amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """``trainer.train()`` again (a notebook's retry) with the same callback after the training failed between
+    sends: the callback starts a fresh client, loads the newest version again and federates on. It reused the
+    client left open, whose receive waited for a version newer than the one it held, which no aggregator made
+    (this client's update was what it waited for): a StreamError after the callback's timeout."""
+    with_lora(tiny_llama(seed=0)).save_pretrained(tmp_path / "adapter")  # type: ignore[operator]
+    model = with_lora(tiny_llama(seed=0))
+    callback = FedqCallback("retry", amqp_url=amqp_url, namespace=namespace, codec="fp32", timeout=15)
+    crash = Crash()
+    trainer = transformers.Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=Pattern(), callbacks=[callback, crash]
+    )
+    with aggregator(
+        amqp_url,
+        namespace,
+        tmp_path / "adapter",
+        tmp_path / "state",
+        max_versions=2,
+        client_config={"local_steps": 2},
+    ) as state_dir:
+        with pytest.raises(RuntimeError, match="the user's training failed"):
+            trainer.train()
+        trainer.remove_callback(crash)
+        trainer.train()
+        global_model = model_of(state_dir)
+    assert callback.round is not None and callback.round.version == 2 and callback.round.final
+    local = {n.replace(".default", ""): t for n, t in model.state_dict().items() if "lora_" in n}
+    for name, tensor in global_model.items():
+        assert torch.equal(local[name], tensor), name
