@@ -71,6 +71,24 @@ def test_a_typo_in_an_option_names_the_command(argv: list[str], capsys: pytest.C
 
 @pytest.mark.parametrize(
     "argv",
+    [[], ["aggregator", "--shards", "x"], ["aggregator", "--sate-dir", "/x"], ["broker", "add-client"]],
+    ids=lambda v: " ".join(v) or "no command",
+)
+def test_a_usage_mistake_is_one_line_that_names_the_help(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The walk of 2026-11-29: argparse printed the command's whole usage (40 lines for the aggregator)
+    above the error; now stderr is the error alone, and where to read the options."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    prog = " ".join(["fedq", *argv[: 2 if argv[:1] == ["broker"] else 1]])
+    assert exited.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"{prog}: error: ") and lines[0].endswith(f"(see '{prog} --help')"), lines
+
+
+@pytest.mark.parametrize(
+    "argv",
     [
         ["bench", "round", "--shapes", "tiny", "--clients", "1"],
         ["bench", "stream", "--shapes", "tiny"],

@@ -29,7 +29,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedq import __version__
 from fedq.cli.config import CONFIG_FILE_ENV, check_keys, defaults_from, load_file, options_of, table_for
@@ -80,6 +80,14 @@ def module_name(words: tuple[str, ...]) -> str:
     return "fedq.cli." + "_".join(words).replace("-", "_")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the fix: argparse printed the command's whole usage
+    first (40 lines for ``fedq aggregator``), which buried the error under the options it did not name."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _common_options() -> argparse.ArgumentParser:
     """Options of every command, before or after its name (``fedq -v status``, ``fedq status -v``)."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -107,7 +115,7 @@ def _build(
     config: Mapping[str, Any], environ: Mapping[str, str]
 ) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
     common = _common_options()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedq",
         description="Federated learning of large models over RabbitMQ: quantized, streamed, asynchronous.",
         epilog="Exit codes: 0 done, 1 failed, 2 usage or configuration, 3 broker, 4 file or system, "
