@@ -88,9 +88,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _common_options() -> argparse.ArgumentParser:
+def _common_options() -> _Parser:
     """Options of every command, before or after its name (``fedq -v status``, ``fedq status -v``)."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     parent.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages"
     )
