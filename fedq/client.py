@@ -497,7 +497,10 @@ class Client:
                         return newest
                     if time.monotonic() >= deadline:
                         raise StreamError(
-                            f"no model version newer than {self.version} announced on {stream}",
+                            f"no model version newer than {self.version} announced on {stream} in time: "
+                            "the aggregator made none (fewer updates than its --buffer-size waiting, or a "
+                            "shard down: `fedq status` says which); receive again to keep waiting, or pass "
+                            "a longer timeout",
                             reason="timeout",
                         )
                     if time.monotonic() - attached >= REATTACH_SECONDS:
