@@ -202,6 +202,9 @@ def test_a_shard_started_with_another_shard_count_than_its_topology_is_refused(t
                 refused.value
             )
             assert not (state / f"shard-{shard}" / checkpoint.STATE).exists()  # nothing written
+    # the last refusal (a queue beyond the worker's shards): what to delete where a stray worker left it
+    assert f"rabbitmqctl delete_queue {names.updates_queue(1)}" in str(refused.value)
+    assert names.control_queue(1) in str(refused.value)
     _shard(broker, names, init, state, 0, 2)  # writes version 0 of shard 0 of 2
     wider, wider_names = memory_broker(shards=3)
     with pytest.raises(ConfigError) as refused:

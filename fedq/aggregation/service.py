@@ -380,7 +380,11 @@ class Aggregator:
         beyond, last = names.updates_queue(shards), names.updates_queue(shards - 1)
         fix = "give every shard the --shards of `fedq broker apply`"
         if self.t.queue_consumers(beyond) is not None:
-            declared = f"more than {shards} shards: queue {beyond} exists; {fix}"
+            declared = (
+                f"more than {shards} shards: queue {beyond} exists; {fix} (a worker started with a larger "
+                f"--shards leaves it: with no such shard running, delete it and "
+                f"{names.control_queue(shards)}, e.g. `rabbitmqctl delete_queue {beyond}`)"
+            )
         elif (
             shards > 1
             and self.t.queue_consumers(last) is None
