@@ -1,78 +1,77 @@
-"""Walk: one client keeps the (policy-bounded, 16 MiB) update queue full; when does an honest update fold?"""
-import json, subprocess, sys, threading, time, uuid, os
-from pathlib import Path
-import pika
-from fedq import wire
-from fedq.broker import Management, add_client, management_url_for
-from fedq.protocol import UpdateMeta
-from fedq.safetensors import save_file
-from fedq.topology import Names
-from fedq.transport import connect
-from tests.conftest import cleanup_namespace
-from tests.test_broker_security import client_url
-from tests.aggregation_helpers import small_model, delta_for, send_update
+"""Walk: one client keeps the update queue full (BOUND=1: under the 16 MiB queue policy of docs/operating.md);
+when does an honest update fold?
 
-URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-kind, FLOOD = sys.argv[1], float(sys.argv[2])
-ns = f"walksat{uuid.uuid4().hex[:8]}"; names = Names(ns)
-mgmt = Management(management_url_for(URL))
-tmp = Path(f"/tmp/fedq-hostile-walk/{ns}"); tmp.mkdir(parents=True)
-sd = tmp / "state" / "shard-0"
-def version():
-    try: return json.loads((sd / "state.json").read_text())["version"]
-    except Exception: return 0
-def manifest(i):
-    meta = UpdateMeta(f"j{i}", 0).to_meta()
-    meta["tensors"] = [[f"t{r:08d}", "float32", [1], "fp32", 1, 1] for r in range(1900)]
-    meta["chunks"] = 1900
-    return wire.encode_control(wire.MANIFEST, f"s/j{i:012d}", meta)
-try:
-    with connect(URL) as op: op.declare(names, 1)
-    if os.environ.get("BOUND"): mgmt.put(f"/policies/%2F/{ns}-bound", {"pattern": f"^{ns}\\.updates\\.", "apply-to": "queues", "definition": {"max-length-bytes": 16 << 20}})
-    urls = {}
-    for who in ("alice", "mallory"):
-        add_client(mgmt, f"{ns}-{who}", "pw", namespace=ns, vhost="/")
-        urls[who] = client_url(URL, f"{ns}-{who}", "pw")
-    x0 = small_model()
-    init = save_file(x0, tmp / "init.safetensors")
-    log = tmp / "agg.log"
-    cmd = [sys.executable, "-m", "workers.aggregator", "--amqp-url", URL, "--namespace", ns, "--buffer-size", "1",
-           "--init", str(init), "--state-dir", str(tmp / "state"), "--device", "cpu"]
-    w = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd="/work/wt-hostile")
-    while "version 0 from" not in log.read_text():
-        assert w.poll() is None, log.read_text(); time.sleep(0.2)
-    stop = threading.Event(); sent = [0]
-    body = manifest(0) if kind == "manifest" else os.urandom(53313)
-    template = b"s/j%012d" % 0
-    assert body.count(template) == 1 or kind != "manifest"
-    def flood():
-        c = pika.BlockingConnection(pika.URLParameters(urls["mallory"])); ch = c.channel()
-        props = pika.BasicProperties(user_id=f"{ns}-mallory")
-        while not stop.is_set():
-            sent[0] += 1
-            b = body.replace(template, b"s/j%012d" % sent[0]) if kind == "manifest" else body
-            ch.basic_publish(names.updates_exchange, names.shard_key(0), b, props)
-        c.close()
-    threads = [threading.Thread(target=flood) for _ in range(2)]
-    for t in threads: t.start()
-    time.sleep(3)
-    q = mgmt.get(f"/queues/%2F/{ns}.updates.shard.0")
-    print(f"after 3 s: queue {q.get('message_bytes', 0) >> 20} MiB, {q.get('messages')} messages; mallory sent {sent[0]}")
-    t0 = time.time(); done = [None]
-    def honest():
-        with connect(urls["alice"]) as a:
-            send_update(a, names, delta_for(1, x0), shards=1, update_id="a", base_version=0)
-        done[0] = time.time() - t0
-    h = threading.Thread(target=honest, daemon=True); h.start()
-    while version() < 1 and time.time() - t0 < FLOOD: time.sleep(0.1)
-    v1 = time.time() - t0 if version() >= 1 else None
-    stop.set()
-    for t in threads: t.join()
-    t1 = time.time()
-    while version() < 1 and time.time() - t1 < 120: time.sleep(0.1)
-    print(f"{kind}: alice's publish done after {done[0]} s; version 1 during the flood: {v1}; after the flood stopped: {time.time()-t1:.1f} s (version {version()}); mallory sent {sent[0]}; aggregator refused {log.read_text().count('refused a message')}")
-finally:
-    if 'w' in dir() and w.poll() is None: w.terminate(); w.wait(30)
-    try: mgmt.delete(f"/policies/%2F/{ns}-bound")
-    except Exception as e: print(e)
-    cleanup_namespace(mgmt, "/", ns)
+Usage: [BOUND=1] python saturate.py manifest|bigjunk SECONDS
+"""
+
+import os
+import sys
+import threading
+import time
+
+import pika
+from manifest_flood import manifest
+from walk import Walk, walk
+
+from fedq.safetensors import save_file
+from fedq.transport import connect
+from tests.aggregation_helpers import delta_for, send_update, small_model
+
+TEMPLATE = b"s/j%012d"
+
+
+def flood(w: Walk, body: bytes, stop: threading.Event, sent: list[int], manifests: bool) -> None:
+    """Publish as fast as the broker takes them (no confirms), each manifest under a stream id of its own."""
+    connection = pika.BlockingConnection(pika.URLParameters(w.urls["mallory"]))
+    channel = connection.channel()
+    props = pika.BasicProperties(user_id=f"{w.ns}-mallory")
+    while not stop.is_set():
+        sent[0] += 1
+        message = body.replace(TEMPLATE % 0, TEMPLATE % sent[0]) if manifests else body
+        channel.basic_publish(w.names.updates_exchange, w.names.shard_key(0), message, props)
+    connection.close()
+
+
+if __name__ == "__main__":
+    kind, seconds = sys.argv[1], float(sys.argv[2])
+    policy = None
+    with walk("walksat") as w:
+        if os.environ.get("BOUND"):
+            policy = f"/policies/%2F/{w.ns}-bound"
+            definition = {"max-length-bytes": 16 << 20}
+            w.mgmt.put(policy, {"pattern": f"^{w.ns}\\.updates\\.", "apply-to": "queues", "definition": definition})
+        try:
+            x0 = small_model()
+            w.start_aggregator(save_file(x0, w.tmp / "init.safetensors"), "--buffer-size", "1")
+            body = manifest(0, (TEMPLATE % 0).decode()) if kind == "manifest" else os.urandom(53313)
+            stop, sent = threading.Event(), [0]
+            threads = [threading.Thread(target=flood, args=(w, body, stop, sent, kind == "manifest")) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(3)
+            q = w.mgmt.get(f"/queues/%2F/{w.names.updates_queue(0)}")
+            print(f"after 3 s: queue {q.get('message_bytes', 0) >> 20} MiB, {q.get('messages')} messages; "
+                  f"mallory sent {sent[0]}")
+            t0, published = time.time(), [None]
+
+            def honest() -> None:
+                with connect(w.urls["alice"]) as a:
+                    send_update(a, w.names, delta_for(1, x0), shards=1, update_id="a", base_version=0)
+                published[0] = time.time() - t0
+
+            threading.Thread(target=honest, daemon=True).start()
+            while w.version() < 1 and time.time() - t0 < seconds:
+                time.sleep(0.1)
+            during = time.time() - t0 if w.version() >= 1 else None
+            stop.set()
+            for t in threads:
+                t.join()
+            t1 = time.time()
+            while w.version() < 1 and time.time() - t1 < 120:
+                time.sleep(0.1)
+            print(f"{kind}: alice's publish done after {published[0]} s; version 1 during the flood: {during}; "
+                  f"after the flood stopped: {time.time() - t1:.1f} s (version {w.version()}); "
+                  f"mallory sent {sent[0]}; aggregator refused {w.refused()}")
+        finally:
+            if policy is not None:
+                w.mgmt.delete(policy)

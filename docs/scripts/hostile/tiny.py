@@ -1,5 +1,5 @@
 """Walk: the staging index memory per message, 200,000 one-element chunks staged directly (no broker)."""
-import tempfile, time, os, resource
+import tempfile, time, os
 from pathlib import Path
 import torch
 from fedq import wire

@@ -1,71 +1,65 @@
-"""Walk: one client floods valid updates under FedBuff defaults; where do honest updates land?"""
-import json, subprocess, sys, time, uuid
-from pathlib import Path
-import torch
-from fedq.broker import Management, add_client, management_url_for
-from fedq.safetensors import save_file
-from fedq.topology import Names
-from fedq.transport import connect
-from tests.conftest import cleanup_namespace
-from tests.test_broker_security import client_url
-from tests.test_hostile import messages
-from tests.aggregation_helpers import small_model, delta_for
+"""Walk: one client floods valid updates under FedBuff's defaults; where do honest updates land?
 
-URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-extra = sys.argv[1:]
-ns = f"walkvol{uuid.uuid4().hex[:8]}"; names = Names(ns)
-mgmt = Management(management_url_for(URL))
-tmp = Path(f"/tmp/fedq-hostile-walk/{ns}"); tmp.mkdir(parents=True)
-sd = tmp / "state" / "shard-0"
-def version():
-    try: return json.loads((sd / "state.json").read_text())["version"]
-    except Exception: return 0
-try:
-    with connect(URL) as op: op.declare(names, 1)
-    urls = {}
-    for who in ("alice", "bob", "mallory"):
-        add_client(mgmt, f"{ns}-{who}", "pw", namespace=ns, vhost="/")
-        urls[who] = client_url(URL, f"{ns}-{who}", "pw")
-    x0 = small_model()
-    init = save_file(x0, tmp / "init.safetensors")
-    log = tmp / "agg.log"
-    cmd = [sys.executable, "-m", "workers.aggregator", "--amqp-url", URL, "--namespace", ns,
-           "--init", str(init), "--state-dir", str(tmp / "state"), "--device", "cpu", "--keep-versions", "100", *extra]
-    w = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd="/work/wt-hostile")
-    while "version 0 from" not in log.read_text():
-        assert w.poll() is None, log.read_text(); time.sleep(0.2)
-    d = delta_for(3, x0)
-    n = 0
-    t0 = time.time()
-    with connect(urls["mallory"]) as m, connect(urls["alice"]) as a, connect(urls["bob"]) as b:
-        def burst(k):
-            global n
-            v = version()
-            for _ in range(k):
-                for body in messages(d, f"m{n}", base=v):
-                    m.publish(names.updates_exchange, names.shard_key(0), body)
-                n += 1
-            m.flush()
-        burst(16)
-        time.sleep(0.5)
-        for body in messages(delta_for(1, x0), "a", base=version()):
-            a.publish(names.updates_exchange, names.shard_key(0), body)
-        a.flush()
-        for body in messages(delta_for(2, x0), "b", base=version()):
-            b.publish(names.updates_exchange, names.shard_key(0), body)
-        b.flush()
-        for _ in range(12):
-            burst(4); time.sleep(0.4)
-    time.sleep(2)
+Usage: python volume.py [AGGREGATOR OPTIONS, e.g. --distinct-clients --buffer-size 3]
+"""
+
+import json
+import sys
+import time
+
+from walk import Walk, walk
+
+from fedq.safetensors import save_file
+from fedq.transport import Transport, connect
+from tests.aggregation_helpers import delta_for, small_model
+from tests.test_hostile import messages
+
+
+def send(w: Walk, client: Transport, delta: dict, update_id: str) -> None:
+    for body in messages(delta, update_id, base=w.version()):
+        client.publish(w.names.updates_exchange, w.names.shard_key(0), body)
+
+
+def contributions(w: Walk) -> list[tuple[int, list[tuple[str, int, float]]]]:
+    """(version, [(client's initial, staleness, weight)]) of every version after 0, from the shard's records."""
     rows = []
-    for f in sorted(sd.glob("model-v*.json"), key=lambda p: int(p.stem.split("-v")[1])):
+    for f in sorted(w.shard_dir.glob("model-v*.json"), key=lambda p: int(p.stem.split("-v")[1])):
         r = json.loads(f.read_text())
-        if r["version"] == 0: continue
-        rows.append((r["version"], [(c["client"].rsplit("-", 1)[1][0], c["staleness"], round(c["weight"], 2)) for c in r["contributors"]]))
-    for v, cs in rows: print(v, cs)
-    tot = sum(len(cs) for _, cs in rows); mal = sum(1 for _, cs in rows for c in cs if c[0] == "m")
-    print(f"versions {len(rows)}, contributions {tot}, mallory's {mal} ({mal/tot:.0%}); refused:",
-          {k: log.read_text().count(k) for k in ("quota_streams", "stale", "quota_bytes")})
-finally:
-    if 'w' in dir() and w.poll() is None: w.terminate(); w.wait(30)
-    cleanup_namespace(mgmt, "/", ns)
+        if r["version"]:
+            who = [(c["client"].rsplit("-", 1)[1][0], c["staleness"], round(c["weight"], 2)) for c in r["contributors"]]
+            rows.append((r["version"], who))
+    return rows
+
+
+if __name__ == "__main__":
+    with walk("walkvol", ("alice", "bob", "mallory")) as w:
+        x0 = small_model()
+        w.start_aggregator(save_file(x0, w.tmp / "init.safetensors"), "--keep-versions", "100", *sys.argv[1:])
+        flood, sent = delta_for(3, x0), 0
+        with connect(w.urls["mallory"]) as m, connect(w.urls["alice"]) as a, connect(w.urls["bob"]) as b:
+
+            def burst(k: int) -> None:
+                global sent
+                for _ in range(k):
+                    send(w, m, flood, f"m{sent}")
+                    sent += 1
+                m.flush()
+
+            burst(16)
+            time.sleep(0.5)
+            send(w, a, delta_for(1, x0), "a")
+            a.flush()
+            send(w, b, delta_for(2, x0), "b")
+            b.flush()
+            for _ in range(12):
+                burst(4)
+                time.sleep(0.4)
+        time.sleep(2)
+        rows = contributions(w)
+        for version, who in rows:
+            print(version, who)
+        total = sum(len(who) for _, who in rows)
+        mallory = sum(1 for _, who in rows for c in who if c[0] == "m")
+        log = w.log.read_text()
+        print(f"versions {len(rows)}, contributions {total}, mallory's {mallory} ({mallory / total:.0%}); refused:",
+              {k: log.count(k) for k in ("quota_streams", "stale", "quota_bytes")})
