@@ -265,8 +265,8 @@ class Client:
     def _warn_unsendable(self, model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Say at the first receive what ``send`` will refuse: a reader may hold more than the global (so no
         refusal here), a sender learns it before training."""
-        if unbound := bind(model, shapes, trainable_only=self.trainable_only).unbound:
-            log.warning("send() will refuse this model: %s", unbound_refusal(unbound))
+        if refusal := self._send_refusal(model, shapes):
+            log.warning("send() will refuse this model: %s", refusal)
 
     def _warn_frozen_traffic(self, binding: Binding, announcement: Announcement) -> None:
         """Say at the first receive that every version will carry tensors this client never sends: versions
@@ -291,8 +291,13 @@ class Client:
         ``receive``, not after a round of training (``FedqCallback`` does)."""
         if self.version < 0:
             raise ConfigError("check_sendable() needs a version: call receive() first")
-        if unbound := bind(model, self._shapes, trainable_only=self.trainable_only).unbound:
-            raise ConfigError(unbound_refusal(unbound))
+        if refusal := self._send_refusal(model, self._shapes):
+            raise ConfigError(refusal)
+
+    def _send_refusal(self, model: Model, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+        """What ``send`` says of ``model``'s tensors that match no global tensor; None when all match."""
+        unbound = bind(model, shapes, trainable_only=self.trainable_only).unbound
+        return unbound_refusal(unbound) if unbound else None
 
     def restore(self, model: Model) -> None:
         """Put the last received version back into ``model``, as ``receive`` left it.

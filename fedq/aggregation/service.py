@@ -233,6 +233,7 @@ class Aggregator:
         self._check_topology()  # before _load writes a fresh shard's version 0
         self._load()
         self.reserve = settings.disk_reserve or self._checkpoint_bytes() + DISK_MARGIN
+        self._free_seen = (-math.inf, 0, 0)  # (when, the state directory's free bytes, staged bytes then)
         self._say_room(shard_bytes)
         self.folder = Folder(
             self.model,
@@ -1080,10 +1081,15 @@ class Aggregator:
         )
 
     def _room(self) -> admission.Room:
-        """The state directory's room for staging now (its free space is looked at: other shards and other
-        programs may share the file system)."""
-        free = shutil.disk_usage(self.staging.directory).free
-        return admission.Room(free - self.reserve, self.staging.nbytes)
+        """The state directory's room for staging now. Its free space is looked at (other shards and other
+        programs may share the file system) at most every ``POLL_SECONDS``, and what staging added since is
+        taken off it: admitting a message costs no system call (it was a statvfs per message)."""
+        now = time.monotonic()
+        if now - self._free_seen[0] >= POLL_SECONDS:
+            self._free_seen = (now, shutil.disk_usage(self.staging.directory).free, self.staging.nbytes)
+        _, free, staged = self._free_seen
+        added = max(0, self.staging.nbytes - staged)  # what was dropped since is not credited until looked at
+        return admission.Room(free - added - self.reserve, self.staging.nbytes)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """What the checkpoint file holds: the model, and the server optimizer's state next to it."""
